@@ -1,0 +1,80 @@
+"""Mamba-1 mixer, unmodified, with mamba_ssm's parameter names and shapes.
+
+    x, z = in_proj(u)                        d -> 2 * d_inner
+    x    = silu(conv1d(x))                   depthwise causal, kernel d_conv, with bias
+    dt, B, C = x_proj(x)                     d_inner -> dt_rank + 2 * d_state
+    y    = selective_scan(x, dt_proj.weight @ dt, -exp(A_log), B, C, D, z, dt_proj.bias)
+    out  = out_proj(y)                       d_inner -> d
+
+With a state, tokens at negative positions (left padding) are zeroed before and after the
+convolution, so a padded row's conv and SSM state are exactly those of its unpadded stream.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import causal_conv1d, selective_scan
+from ..state import MambaState
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model: int, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
+        self.dt_range = (dt_min, dt_max, dt_init_floor)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Mamba-1's own rules; the Linear/Conv1d defaults come from their reset_parameters()."""
+        dt_min, dt_max, floor = self.dt_range
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        u = torch.rand(self.d_inner, device=self.D.device)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
+        nn.init.ones_(self.D)
+
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return MambaState(
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype))
+
+    def forward(self, x, positions, state=None):
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        conv_state = ssm_state = None
+        if state is not None:
+            conv_state, ssm_state = state.read()
+            real = (positions >= 0)[..., None].to(x.dtype)
+            x = x * real
+        x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        if state is not None:
+            x = x * real
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, before softplus
+        A = -torch.exp(_fp32_or_wider(self.A_log))
+        y, ssm_state = selective_scan(x, dt, A, B, C, _fp32_or_wider(self.D), z,
+                                      _fp32_or_wider(self.dt_proj.bias), ssm_state)
+        if state is not None:
+            state.write(conv_state, ssm_state)
+        return self.out_proj(y)
+
+
+def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """A, D and the dt bias enter the scan in float32 even in a bf16 model (as mamba_ssm does)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

@@ -1,0 +1,143 @@
+"""SambaLM: token embedding -> pre-norm residual sub-layers -> final RMSNorm -> (tied) LM head.
+
+Each sub-layer computes h = h + mixer(RMSNorm(h)), the mixer being Mamba, sliding-window attention,
+full attention or a SwiGLU MLP, as `config.layers` lists them. The residual stream h is kept in
+float32 (float64 in a float64 model) whatever the compute dtype. Training, chunked prefill and
+token-by-token decode all run `forward`; they differ only in the state passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SambaConfig
+from .layers import Attention, Mamba, RMSNorm, SwiGLU
+from .state import SambaState
+
+
+@dataclass
+class SambaOutput:
+    logits: torch.Tensor  # [B, T, vocab] (or [B, logits_to_keep, vocab])
+    state: SambaState | None
+
+
+def build_mixer(kind: str, cfg: SambaConfig) -> nn.Module:
+    if kind == "mamba":
+        return Mamba(cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank,
+                     cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+    if kind in ("swa", "attn"):
+        window = cfg.window if kind == "swa" else 0
+        return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, window, cfg.rope_base)
+    return SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+
+class Residual(nn.Module):
+    def __init__(self, kind: str, cfg: SambaConfig):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(kind, cfg)
+
+    def forward(self, h, positions, state=None):
+        return h + self.mixer(self.norm(h), positions, state)
+
+
+class SambaLM(nn.Module):
+    def __init__(self, config: SambaConfig):
+        super().__init__()
+        if not isinstance(config, SambaConfig):
+            raise ValueError(f"config must be a SambaConfig, got {type(config).__name__}")
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Residual(kind, config) for kind in config.layers)
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """(Re)initialise every tensor; call after `to_empty()` when the model was built on meta.
+
+        | tensor                                       | rule                                        |
+        |----------------------------------------------|---------------------------------------------|
+        | embedding.weight                             | N(0, init_std)                              |
+        | every Linear and conv1d                      | PyTorch default (kaiming uniform, bias U)   |
+        | residual outputs: out_proj, mlp down_proj    | default, then / sqrt(number of sub-layers)  |
+        | untied lm_head                               | PyTorch default                             |
+        | mamba dt_proj.weight                         | U(+-dt_rank^-0.5)                           |
+        | mamba dt_proj.bias                           | softplus^-1(dt), dt log-U[dt_min, dt_max]   |
+        | mamba A_log, D                               | log(1..d_state) per channel, 1              |
+        | RMSNorm weights                              | 1                                           |
+
+        The residual scale is the official 1/sqrt(2 * n_blocks), with a block = mixer + MLP.
+        """
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d)):
+                m.reset_parameters()
+        for m in self.modules():
+            if isinstance(m, (Mamba, RMSNorm)):
+                m.reset_parameters()
+        nn.init.normal_(self.embedding.weight, std=self.config.init_std)
+        for layer in self.layers:
+            out = layer.mixer.down_proj if layer.kind == "mlp" else layer.mixer.out_proj
+            out.weight.div_(math.sqrt(self.config.n_layers))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> SambaState:
+        """Allocate the streaming state for `batch_size` rows (defaults: the model's device and dtype)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        device = device or self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        records = [layer.mixer.init_state(batch_size, device, dtype) for layer in self.layers]
+        return SambaState(records, torch.zeros(batch_size, dtype=torch.long, device=device), self.config)
+
+    def forward(self, input_ids: torch.Tensor, state: SambaState | None = None,
+                logits_to_keep: int = 0) -> SambaOutput:
+        """input_ids [B, T] -> logits [B, T, vocab]; with a state, continues its stream in place.
+
+        logits_to_keep > 0 computes logits for the last that many positions only (prefill)."""
+        batch, T = self._check_inputs(input_ids, state, logits_to_keep)
+        start = state.pos[:, None] if state is not None else 0
+        positions = (start + torch.arange(T, device=input_ids.device)[None]).expand(batch, T)
+        h = self.embedding(input_ids)
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, positions, state.layers[i] if state is not None else None)
+        if state is not None:
+            state.pos += T
+        h = self.norm_f(h[:, -logits_to_keep:] if logits_to_keep else h)
+        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embedding.weight)
+        return SambaOutput(logits, state)
+
+    def _check_inputs(self, input_ids, state, logits_to_keep):
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape [batch, time] with time >= 1, got {tuple(input_ids.shape)}")
+        if not (torch.compiler.is_compiling() or _capturing(input_ids.device)):
+            lo, hi = input_ids.min().item(), input_ids.max().item()
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got values in [{lo}, {hi}]")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+        if state is not None:
+            if not isinstance(state, SambaState):
+                raise ValueError(f"state must be a SambaState from model.init_state(), got {type(state).__name__}")
+            if state.config != self.config:
+                raise ValueError("state was made for a different model config; use this model's init_state()")
+            if state.batch_size != input_ids.shape[0]:
+                raise ValueError(f"state was made for batch size {state.batch_size}, "
+                                 f"input_ids has batch size {input_ids.shape[0]}")
+        return input_ids.shape
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,66 @@
+"""Call-time choice between an op's reference and its fast implementations.
+
+Each op registers named backends that share one signature. `resolve(op, device)` picks one per call:
+`SAMBA_LM_KERNELS` (read now, not at import) or the innermost `use_kernels(...)` context forces a
+backend; otherwise the first registered fast backend that supports the device, else the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+
+BACKEND_NAMES = ("reference", "triton")
+_registry: dict[str, dict[str, tuple[Callable, Callable[[torch.device], bool]]]] = {}
+_forced: list[str] = []
+
+
+def register(op: str, backend: str, fn: Callable, supports: Callable[[torch.device], bool] = lambda d: True):
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend {backend!r} is not one of {BACKEND_NAMES}")
+    _registry.setdefault(op, {})[backend] = (fn, supports)
+
+
+def backends(op: str) -> dict[str, Callable]:
+    return {name: fn for name, (fn, _) in _registry[op].items()}
+
+
+def _requested() -> str | None:
+    if _forced:
+        return _forced[-1]
+    env = os.environ.get("SAMBA_LM_KERNELS", "").strip().lower()
+    if env and env not in BACKEND_NAMES:
+        raise ValueError(f"SAMBA_LM_KERNELS={env!r}: must be one of {BACKEND_NAMES}")
+    return env or None
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    table = _registry[op]
+    want = _requested()
+    if want is not None:
+        if want not in table:
+            raise RuntimeError(f"kernel backend {want!r} was requested but op {op!r} has none "
+                               f"(available: {sorted(table)})")
+        fn, supports = table[want]
+        if not supports(device):
+            raise RuntimeError(f"kernel backend {want!r} for op {op!r} does not run on device {device}")
+        return fn
+    for name in BACKEND_NAMES[1:]:
+        if name in table and table[name][1](device):
+            return table[name][0]
+    return table["reference"][0]
+
+
+@contextlib.contextmanager
+def use_kernels(backend: str):
+    """Force one backend for every op inside the block (tests, benchmarks)."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend {backend!r} is not one of {BACKEND_NAMES}")
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+import samba_lm
+
+
+def small_config(**overrides) -> samba_lm.SambaConfig:
+    """Every sub-layer kind, GQA, a window of 8: small enough for float64 token-by-token checks."""
+    base = dict(d_model=32, vocab_size=97, layers=("mamba", "mlp", "swa", "mlp", "attn", "mlp"),
+                n_heads=4, n_kv_heads=2, head_dim=8, window=8, mlp_hidden=48, d_state=4)
+    base.update(overrides)
+    return samba_lm.SambaConfig(**base)
+
+
+def small_model(dtype=torch.float64, seed=0, **overrides) -> samba_lm.SambaLM:
+    torch.manual_seed(seed)
+    model = samba_lm.SambaLM(small_config(**overrides)).to(dtype)
+    # Random norms and D so that every parameter matters in the comparisons.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith(".D"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,224 @@
+"""Each reference op against an independent, naive float64 definition; gradients by gradcheck."""
+
+import importlib
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samba_lm import ops
+from samba_lm.ops import dispatch
+
+f64 = dict(dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ naive definitions
+def naive_scan(u, delta, A, B, C, D, z, bias, h0):
+    dt = F.softplus(delta + bias)
+    h = h0.clone()
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    y = torch.stack(ys, 1) + D * u
+    return y * F.silu(z), h
+
+
+def naive_conv(x, w, b, state):
+    K = w.shape[1]
+    xs = torch.cat([state.transpose(1, 2), x], dim=1)  # [B, K-1+T, E]
+    ys = [b + sum(w[:, k] * xs[:, t + k] for k in range(K)) for t in range(x.shape[1])]
+    return F.silu(torch.stack(ys, 1)), xs[:, -(K - 1):].transpose(1, 2)
+
+
+def naive_attention(q, k, v, q_pos, k_pos, window):
+    G = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    d = q_pos[:, :, None] - k_pos[:, None, :]
+    ok = (k_pos[:, None, :] >= 0) & (d >= 0) & ((d < window) if window else True)
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            if ok[b, i].any():
+                p = s[b, :, i, ok[b, i]].softmax(-1)
+                out[b, i] = torch.einsum("hk,khd->hd", p, v[b, ok[b, i]])
+    return out
+
+
+def scan_inputs(batch=2, T=37, E=5, N=3, dtype=torch.float64, grad=False):
+    t = dict(dtype=dtype)
+    args = [torch.randn(batch, T, E, **t), torch.randn(batch, T, E, **t) - 1, -torch.rand(E, N, **t) * 3,
+            torch.randn(batch, T, N, **t), torch.randn(batch, T, N, **t), torch.randn(E, **t),
+            torch.randn(batch, T, E, **t), torch.randn(E, **t) * 0.1,
+            torch.randn(batch, E, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)]
+    return [a.requires_grad_(grad) for a in args]
+
+
+# ------------------------------------------------------------------ selective scan
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 37])
+def test_scan_matches_naive(T):
+    args = scan_inputs(T=T)
+    y, h = ops.selective_scan(*args)
+    y0, h0 = naive_scan(*args)
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, h0, rtol=1e-12, atol=1e-12)
+
+
+def test_scan_optional_inputs_default_to_zero_and_none():
+    u, delta, A, B, C, D, z, bias, h0 = scan_inputs()
+    y, h = ops.selective_scan(u, delta, A, B, C)
+    y0, h0_ = naive_scan(u, delta, A, B, C, torch.zeros_like(D), torch.full_like(z, 50.0),
+                         torch.zeros_like(bias), torch.zeros_like(h0))
+    torch.testing.assert_close(y, y0 / 50, rtol=1e-10, atol=1e-12)  # silu(50) == 50: undo the gate
+    torch.testing.assert_close(h, h0_)
+
+
+def test_scan_chunked_equals_whole():
+    u, delta, A, B, C, D, z, bias, h0 = scan_inputs(T=41)
+    y, h = ops.selective_scan(u, delta, A, B, C, D, z, bias, h0)
+    ys, state = [], h0
+    for a, b in [(0, 1), (1, 18), (18, 40), (40, 41)]:
+        yc, state = ops.selective_scan(u[:, a:b], delta[:, a:b], A, B[:, a:b], C[:, a:b], D, z[:, a:b], bias, state)
+        ys.append(yc)
+    torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, h, rtol=1e-12, atol=1e-12)
+
+
+def test_scan_gradcheck():
+    args = scan_inputs(batch=1, T=19, E=2, N=2, grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.selective_scan(*a), args)
+
+
+def test_scan_low_precision_keeps_fp32_state_and_stays_close():
+    args64 = scan_inputs(T=40, E=8)
+    y64, h64 = ops.selective_scan(*args64)
+    args16 = [a.to(torch.bfloat16) if i < 8 else a.float() for i, a in enumerate(args64)]
+    y16, h16 = ops.selective_scan(*args16)
+    assert y16.dtype == torch.bfloat16 and h16.dtype == torch.float32
+    assert (y16.double() - y64).abs().max() < 0.05 * y64.abs().max()
+
+
+# ------------------------------------------------------------------ causal conv
+@pytest.mark.parametrize("K", [2, 4])
+def test_conv_matches_naive_and_chunks(K):
+    x, w, b, s = torch.randn(2, 23, 6, **f64), torch.randn(6, K, **f64), torch.randn(6, **f64), torch.randn(2, 6, K - 1, **f64)
+    y, state = ops.causal_conv1d(x, w, b, s)
+    y0, s0 = naive_conv(x, w, b, s)
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(state, s0)
+    ys, st = [], s
+    for a, c in [(0, 1), (1, 2), (2, 11), (11, 23)]:
+        yc, st = ops.causal_conv1d(x[:, a:c], w, b, st)
+        ys.append(yc)
+    torch.testing.assert_close(torch.cat(ys, 1), y)
+    torch.testing.assert_close(st, state)
+
+
+def test_conv_no_state_is_zero_history_and_gradcheck():
+    x, w, b = (torch.randn(2, 9, 3, **f64, requires_grad=True), torch.randn(3, 4, **f64, requires_grad=True),
+               torch.randn(3, **f64, requires_grad=True))
+    s = torch.randn(2, 3, 3, **f64, requires_grad=True)
+    y, _ = ops.causal_conv1d(x, w, b)
+    torch.testing.assert_close(y, naive_conv(x, w, b, torch.zeros(2, 3, 3, **f64))[0])
+    assert torch.autograd.gradcheck(lambda *a: ops.causal_conv1d(*a), (x, w, b, s))
+
+
+# ------------------------------------------------------------------ attention
+def attn_inputs(batch=2, Tq=11, Tk=11, H=4, Hkv=2, Dh=8, grad=False):
+    q = torch.randn(batch, Tq, H, Dh, **f64, requires_grad=grad)
+    k = torch.randn(batch, Tk, Hkv, Dh, **f64, requires_grad=grad)
+    v = torch.randn(batch, Tk, Hkv, Dh, **f64, requires_grad=grad)
+    return q, k, v
+
+
+@pytest.mark.parametrize("window", [0, 1, 4, 200])
+def test_attention_matches_naive_causal(window, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("samba_lm.ops.attention"), "QUERY_BLOCK", 4)
+    q, k, v = attn_inputs(Tq=13, Tk=13)
+    pos = torch.arange(13).expand(2, 13)
+    out = ops.attention(q, k, v, pos, pos, window)
+    torch.testing.assert_close(out, naive_attention(q, k, v, pos, pos, window))
+
+
+def test_attention_exact_window_edge():
+    """Query i sees i-W+1 .. i: with one-hot values, the output weights reveal exactly which keys."""
+    W, T = 4, 10
+    q = k = torch.zeros(1, T, 1, T, **f64)  # equal scores: uniform weights over the visible keys
+    v = torch.eye(T, **f64)[None, :, None, :]  # key j carries the one-hot vector e_j
+    pos = torch.arange(T)[None]
+    out = ops.attention(q, k, v, pos, pos, W)[0, :, 0]
+    for i in range(T):
+        seen = (out[i] > 0).nonzero().flatten().tolist()
+        assert seen == list(range(max(0, i - W + 1), i + 1))
+
+
+def test_attention_positions_not_order_and_empty_slots():
+    """Keys in ring order with empty slots (pos -1) give the same result as sorted keys."""
+    q, k, v = attn_inputs(Tq=3, Tk=9)
+    k_pos = torch.tensor([[5, 6, -1, 2, 3, 4, 7, 8, 9]] * 2)
+    q_pos = torch.tensor([[7, 8, 9]] * 2)
+    out = ops.attention(q, k, v, q_pos, k_pos, 5)
+    torch.testing.assert_close(out, naive_attention(q, k, v, q_pos, k_pos, 5))
+    perm = torch.randperm(9)
+    torch.testing.assert_close(ops.attention(q, k[:, perm], v[:, perm], q_pos, k_pos[:, perm], 5), out)
+
+
+def test_attention_fully_masked_rows_are_zero_without_nan():
+    q, k, v = attn_inputs(Tq=3, Tk=4, grad=True)
+    q_pos = torch.tensor([[-2, -1, 0]] * 2)  # padding queries see nothing
+    k_pos = torch.tensor([[-3, -2, -1, 0]] * 2)
+    out = ops.attention(q, k, v, q_pos, k_pos, 8)
+    assert torch.all(out[:, :2] == 0)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_attention_gradcheck():
+    q, k, v = attn_inputs(batch=1, Tq=5, Tk=7, H=2, Hkv=1, Dh=4, grad=True)
+    q_pos, k_pos = torch.arange(2, 7)[None], torch.arange(7)[None]
+    assert torch.autograd.gradcheck(lambda *a: ops.attention(*a, q_pos, k_pos, 3), (q, k, v))
+
+
+# ------------------------------------------------------------------ interfaces
+@pytest.mark.parametrize("name", ["selective_scan", "causal_conv1d", "attention"])
+def test_every_backend_shares_the_public_signature(name):
+    public = inspect.signature(getattr(ops, name))
+    assert inspect.signature(getattr(ops, name + "_reference")) == public
+    for backend, fn in dispatch.backends(name).items():
+        assert inspect.signature(fn) == public, backend
+
+
+def test_dispatch_env_and_context(monkeypatch):
+    x = torch.randn(1, 3, 2)
+    monkeypatch.setenv("SAMBA_LM_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="SAMBA_LM_KERNELS"):
+        ops.causal_conv1d(x, torch.randn(2, 4))
+    monkeypatch.setenv("SAMBA_LM_KERNELS", "reference")
+    ops.causal_conv1d(x, torch.randn(2, 4))
+    with ops.use_kernels("reference"):
+        assert dispatch.resolve("causal_conv1d", x.device) is ops.causal_conv1d_reference
+    with pytest.raises(ValueError, match="backend"):
+        with ops.use_kernels("cuda-magic"):
+            pass
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.selective_scan(torch.randn(2, 5), torch.randn(2, 5), torch.randn(5, 3),
+                                torch.randn(2, 5, 3), torch.randn(2, 5, 3)), "u must have layout"),
+    (lambda: ops.selective_scan(torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(4, 3),
+                                torch.randn(2, 5, 2), torch.randn(2, 5, 3)), "B has shape"),
+    (lambda: ops.selective_scan(torch.randn(2, 5, 4), torch.randn(2, 5, 4).long(), torch.randn(4, 3),
+                                torch.randn(2, 5, 3), torch.randn(2, 5, 3)), "delta must be a floating"),
+    (lambda: ops.causal_conv1d(torch.randn(2, 5, 4), torch.randn(3, 4)), "weight has shape"),
+    (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
+                           torch.zeros(1, 2).long(), torch.zeros(1, 2).long()), "must divide"),
+    (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
+                           torch.zeros(1, 2), torch.zeros(1, 2).long()), "q_pos must be an int64"),
+    (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
+                           torch.zeros(1, 2).long(), torch.zeros(1, 2).long(), -1), "window"),
+])
+def test_op_argument_errors_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

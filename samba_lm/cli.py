@@ -1,0 +1,177 @@
+"""`samba-lm` command line: data, train, generate, info, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def cmd_data(args):
+    from .data import build_shards
+
+    index = build_shards(args.source, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                         val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
+                         jsonl_field=args.jsonl_field, parquet_column=args.parquet_column,
+                         progress=not args.no_progress)
+    splits = ", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents"
+                       for name, s in index["splits"].items())
+    print(f"wrote {args.out} (vocab {index['vocab_size']}, {index['dtype']}): {splits}")
+
+
+def cmd_train(args):
+    from .train import train
+    from .train.config import config_from_args
+
+    train(config_from_args(args))
+
+
+def load_for_inference(path, device=None):
+    """(model, tokenizer or None) from a saved model, a training checkpoint or a run directory."""
+    from .checkpoint import load_pretrained, model_from_training_checkpoint, resolve_model_dir
+    from .data import load_tokenizer
+
+    where, kind = resolve_model_dir(path)
+    model = load_pretrained(where, device=device) if kind == "model" else model_from_training_checkpoint(where, device)
+    candidates = [where / "tokenizer.json", where.parent.parent / "tokenizer.json"]
+    tokenizer = next((load_tokenizer(p) for p in candidates if p.is_file()), None)
+    return model.eval(), tokenizer
+
+
+def cmd_generate(args):
+    from .data import eos_id
+    from .generation import generate_stream
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_inference(args.model, device)
+    if tokenizer is None:
+        raise SystemExit(f"no tokenizer.json beside {args.model}: cannot encode the prompt")
+    prompt = tokenizer.encode(args.prompt).ids or [eos_id(tokenizer)]
+    stream = generate_stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             args.seed, stop_tokens=[eos_id(tokenizer)])
+    sys.stdout.write(args.prompt)
+    new, shown = [], ""
+    for token in stream:
+        new.append(int(token[0]))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+
+
+def cmd_info(args):
+    from .checkpoint import load_config, resolve_model_dir, read_checkpoint_meta
+    from .config import SambaConfig
+    from .flops import flops_per_token
+    from .model import SambaLM
+
+    if args.model:
+        where, kind = resolve_model_dir(args.model)
+        cfg = load_config(where) if kind == "model" else SambaConfig.from_dict(read_checkpoint_meta(where)["model_config"])
+    else:
+        cfg = SambaConfig.from_preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+    with torch.device("meta"):
+        model = SambaLM(cfg)
+        state = model.init_state(args.batch_size, dtype=getattr(torch, args.dtype))
+    n = sum(p.numel() for p in model.parameters())
+    emb = cfg.vocab_size * cfg.d_model
+    kinds = ", ".join(f"{cfg.count(k)} {k}" for k in ("mamba", "swa", "attn", "mlp") if cfg.count(k))
+    fpt = flops_per_token(cfg, args.seq_len)
+    info = {
+        "config": cfg.name, "layers": kinds, "parameters": n, "non_embedding_parameters": n - emb,
+        f"state_bytes_batch_{args.batch_size}_{args.dtype}": state.nbytes(),
+        f"forward_flops_per_token_at_{args.seq_len}": fpt, "training_flops_per_token": 3 * fpt,
+    }
+    if cfg.count("attn"):
+        info["note"] = "full-attention layers keep a cache that grows with the stream; the state size shown is its start"
+    print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:>40}: {v:,}" if isinstance(v, int) else
+                                                                  f"{k:>40}: {v}" for k, v in info.items()))
+
+
+def cmd_export(args):
+    from .checkpoint import META_FILE, list_checkpoints, model_from_training_checkpoint, save_pretrained
+
+    where = Path(args.checkpoint)
+    if not (where / META_FILE).is_file():  # a run directory: its newest checkpoint
+        found = list_checkpoints(where / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"{where} is neither a training checkpoint nor a run directory with checkpoints/")
+        where = found[-1]
+    model = model_from_training_checkpoint(where)
+    save_pretrained(model, args.out)
+    tokenizer = where.parent.parent / "tokenizer.json"
+    if tokenizer.is_file():
+        import shutil
+
+        shutil.copyfile(tokenizer, Path(args.out) / "tokenizer.json")
+    print(f"exported {where} -> {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+    from .train.config import add_arguments
+
+    parser = argparse.ArgumentParser(prog="samba-lm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="tokenize a corpus into shards (trains a BPE tokenizer unless given one)")
+    p.add_argument("--source", nargs="+", default=["shakespeare"],
+                   help="'shakespeare', 'python-stdlib', or paths: text files/dirs, .jsonl, .parquet")
+    p.add_argument("--out", default="data/shakespeare")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-tokens", type=int, default=50_000_000)
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--parquet-column", default="text")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a model (one process, or under torchrun with DDP/FSDP2)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    p.add_argument("--model", required=True, help="a saved model, a training checkpoint or a run directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameters, state size and FLOPs per token of a preset or a model")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--model", help="a saved model, checkpoint or run directory (instead of --preset)")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write a training checkpoint as one safetensors model")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"samba-lm {args.command}: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

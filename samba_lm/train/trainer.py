@@ -1,0 +1,275 @@
+"""The training recipe: setup -> data -> build on meta -> init or resume -> parallelize -> loop.
+
+The same `train(cfg)` runs in one process or under `torchrun --nproc_per_node N` (DDP or FSDP2).
+A run lives in `cfg.out_dir`: tokenizer.json, train_config.json, metrics.jsonl, tensorboard/,
+checkpoints/step_*/ (resumable bit-exactly), and at the end model/ (save_pretrained + tokenizer)
+and loss.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, save_pretrained
+from ..config import SambaConfig
+from ..data import BlockLoader, TokenShards
+from ..flops import flops_per_token
+from ..model import SambaLM
+from . import distributed as D
+from .config import TrainConfig
+from .metrics import MetricsLogger, perplexity, plot_losses
+from .optim import build_optimizer, lr_at
+
+
+def train(cfg: TrainConfig) -> dict:
+    env = D.setup(cfg.device)
+    try:
+        return _run(cfg, env)
+    finally:
+        D.teardown()
+
+
+def _run(cfg: TrainConfig, env: D.DistEnv) -> dict:
+    out = Path(cfg.out_dir)
+    data = TokenShards(cfg.data)
+    model_cfg = model_config(cfg, data.vocab_size)
+    micro, accum = batch_plan(cfg, env.world_size)
+    train_loader = BlockLoader(data.split("train"), cfg.seq_len, cfg.seed, env.rank, env.world_size)
+    val_stream = data.split("val") if "val" in data.index["splits"] and cfg.eval_batches else None
+    resume = _resumable(cfg, model_cfg, train_loader)  # incompatible checkpoints fail here, before any work
+    log = MetricsLogger(out, env.is_main, cfg.tensorboard, resume_step=resume[1]["step"] if resume else None)
+    _announce(cfg, env, model_cfg, micro, accum, train_loader, resume, log)
+
+    model = build_model(model_cfg, env.device, cfg.seed)
+    model = D.parallelize(model, cfg.parallel, env, compile=cfg.compile)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.exempt_from_decay)
+    step = _restore(resume, model, optimizer, train_loader) if resume else _start_run(cfg, env, data, model_cfg)
+    autocast = _autocast(cfg, env.device)
+
+    bar = _progress(cfg, env, step)
+    tokens_per_step, last = cfg.batch_size * cfg.seq_len, {}
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.steps, cfg.lr, round(cfg.warmup_fraction * cfg.steps), cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm = train_step(model, optimizer, train_loader, micro, accum, autocast, env, cfg.grad_clip)
+        step += 1
+        dt = time.perf_counter() - t0
+        last = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * tokens_per_step, tok_per_s=tokens_per_step / dt)
+        log.log(step, **last)
+        if val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            last["val_loss"] = evaluate(model, val_stream, cfg, micro, autocast, env)
+            log.log(step, val_loss=last["val_loss"], val_ppl=perplexity(last["val_loss"]))
+        _report(bar, step, cfg, last, env.is_main)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            _save(out, step, model, optimizer, train_loader, model_cfg, cfg)
+    bar.close()
+    log.close()
+    export(model, model_cfg, out / "model", out / "tokenizer.json", env)
+    if env.is_main:
+        plot_losses(out / "metrics.jsonl", out / "loss.png", f"{cfg.model} on {Path(cfg.data).name}")
+    return last
+
+
+# ----------------------------------------------------------------------------- setup
+def model_config(cfg: TrainConfig, data_vocab: int) -> SambaConfig:
+    model_cfg = SambaConfig.from_preset(cfg.model, **{"vocab_size": data_vocab, **cfg.model_args})
+    if model_cfg.vocab_size < data_vocab:
+        raise ValueError(f"the tokenizer of {cfg.data} has {data_vocab} tokens but model vocab_size is "
+                         f"{model_cfg.vocab_size}: the vocabulary does not fit the model")
+    return model_cfg
+
+
+def batch_plan(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(micro batch per forward, accumulation steps) such that micro * accum * world = batch_size."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    per_rank = cfg.batch_size // world
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"micro_batch_size={micro} must divide batch_size / processes = {per_rank}")
+    return micro, per_rank // micro
+
+
+def build_model(model_cfg: SambaConfig, device: torch.device, seed: int) -> SambaLM:
+    """Build on meta, allocate on the device, initialise from the seed (identical on every rank)."""
+    with torch.device("meta"):
+        model = SambaLM(model_cfg)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+
+def _start_run(cfg, env, data, model_cfg) -> int:
+    if env.is_main:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
+        (out / "train_config.json").write_text(json.dumps(
+            {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2) + "\n")
+    D.barrier()
+    return 0
+
+
+def _announce(cfg, env, model_cfg, micro, accum, loader, resume, log):
+    if not env.is_main:
+        return
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in SambaLM(model_cfg).parameters())
+    fpt = flops_per_token(model_cfg, cfg.seq_len)
+    lines = [
+        f"samba-lm train: {cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.data}",
+        f"  processes {env.world_size} x {env.device} ({cfg.parallel if env.distributed else 'single'}), "
+        f"dtype {cfg.dtype}",
+        f"  batch {cfg.batch_size} x {cfg.seq_len} = {cfg.batch_size * cfg.seq_len} tokens/step "
+        f"(micro {micro} x accumulation {accum} x processes {env.world_size})",
+        f"  {cfg.steps} steps = {cfg.steps * cfg.batch_size * cfg.seq_len / 1e6:.2f}M tokens; "
+        f"the training split holds {loader.n_blocks} blocks ({loader.n_blocks / cfg.batch_size:.0f} steps/epoch)",
+        f"  training FLOPs/token {3 * fpt / 1e6:.1f}M (forward {fpt / 1e6:.1f}M)",
+        f"  config: {json.dumps(cfg.to_dict())}",
+        f"  model:  {json.dumps(model_cfg.to_dict())}",
+    ]
+    if resume:
+        done = resume[1]["step"] >= cfg.steps
+        lines.append(f"  {'already trained' if done else 'resuming'}: {resume[0]} (step {resume[1]['step']})"
+                     + ("; raise --steps to train further" if done else ""))
+    print("\n".join(lines), flush=True)
+
+
+def _progress(cfg, env, step):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, disable=not (env.is_main and cfg.progress), unit="step",
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def _report(bar, step, cfg, last, is_main):
+    bar.update(1)
+    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tok_per_s']:.0f}", refresh=False)
+    if step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in last:
+        msg = (f"step {step}/{cfg.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | "
+               f"grad {last['grad_norm']:.2f} | {last['tok_per_s']:.0f} tok/s")
+        if "val_loss" in last:
+            msg += f" | val loss {last['val_loss']:.4f} (ppl {perplexity(last['val_loss']):.1f})"
+        if is_main:
+            bar.write(msg) if not bar.disable else print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- the step
+def train_step(model, optimizer, loader, micro, accum, autocast, env, clip) -> tuple[float, float]:
+    batch = loader.next_batch(micro * accum * env.world_size)  # this rank's share of the global batch
+    total = torch.zeros((), device=env.device)
+    for i, block in enumerate(batch.split(micro)):
+        block = block.to(env.device, non_blocking=True)
+        with D.gradient_sync(model, i == accum - 1), autocast():
+            logits = model(block[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten()) / accum
+            loss.backward()
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return D.mean_across_ranks(total).item(), grad_norm.item()
+
+
+@torch.no_grad()
+def evaluate(model, stream, cfg, micro, autocast, env) -> float:
+    """Mean loss over the first eval_batches global micro-batches of the validation split (fixed)."""
+    loader = BlockLoader(stream, cfg.seq_len, cfg.seed, env.rank, env.world_size, shuffle=False)
+    n = max(1, min(cfg.eval_batches, loader.n_blocks // (micro * env.world_size)))
+    model.eval()
+    total = torch.zeros((), device=env.device)
+    for _ in range(n):
+        block = loader.next_batch(micro * env.world_size).to(env.device)
+        with autocast():
+            logits = model(block[:, :-1]).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten())
+    model.train()
+    return D.mean_across_ranks(total / n).item()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _stateful(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save(out, step, model, optimizer, loader, model_cfg, cfg):
+    meta = {"loader": loader.state_dict(), "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict()}
+    save_checkpoint(out / "checkpoints", step, _stateful(model, optimizer), _rng_state(), meta)
+    prune_checkpoints(out / "checkpoints", cfg.keep_last)
+
+
+def _resumable(cfg, model_cfg, loader):
+    """(path, meta) of the newest checkpoint to resume from, after checking it fits this run."""
+    from ..checkpoint import read_checkpoint_meta
+
+    found = list_checkpoints(Path(cfg.out_dir) / "checkpoints") if cfg.resume else []
+    if not found:
+        return None
+    meta = read_checkpoint_meta(found[-1])
+    saved, now = meta["model_config"], model_cfg.to_dict()
+    diff = {k: (saved.get(k), now[k]) for k in now if k != "name" and saved.get(k) != now[k]}
+    if diff:
+        raise ValueError(f"checkpoint {found[-1]} was written for another model ({diff}, saved vs now); "
+                         f"use another out_dir or --no-resume")
+    try:
+        loader.load_state_dict(meta["loader"])
+    except ValueError as e:
+        raise ValueError(f"checkpoint {found[-1]} cannot resume on this data: {e}") from None
+    return found[-1], meta
+
+
+def _restore(resume, model, optimizer, loader) -> int:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path, meta = resume
+    state = _stateful(model, optimizer)
+    meta, rng = load_checkpoint(path, state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    loader.load_state_dict(meta["loader"])
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return meta["step"]
+
+
+def export(model, model_cfg, directory: Path, tokenizer: Path, env):
+    """Gather the full weights (collective) and write one safetensors model on the main rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.is_main:
+        with torch.device("meta"):
+            plain = SambaLM(model_cfg)
+        plain.load_state_dict(full, assign=True)
+        save_pretrained(plain, directory)
+        if Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, Path(directory) / "tokenizer.json")
+    D.barrier()

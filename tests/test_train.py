@@ -1,0 +1,210 @@
+"""The trainer: loss falls, exact resume, crash-safe checkpoints, DDP/FSDP2 == one process, the CLI."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import samba_lm
+from samba_lm.checkpoint import list_checkpoints, model_from_training_checkpoint
+from samba_lm.cli import main as cli
+from samba_lm.data import build_shards
+from samba_lm.train import TrainConfig, train
+from samba_lm.train import trainer as trainer_module
+
+SMALL_MODEL = {"d_model": 32, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "mlp_hidden": 64, "window": 16,
+               "d_state": 4, "layers": ["mamba", "mlp", "swa", "mlp"]}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small patterned corpus (so that loss can fall fast) tokenized into shards."""
+    rng = random.Random(0)
+    subjects, verbs, objects = ["the cat", "a dog", "my bird", "the king"], ["sees", "eats", "finds"], ["a fish", "the moon", "bread"]
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "text").mkdir()
+    for d in range(24):
+        lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(120)]
+        (root / "text" / f"doc{d:02d}.txt").write_text(" ".join(lines))
+    build_shards(str(root / "text"), root / "shards", vocab_size=300, val_fraction=0.1, progress=False)
+    return root / "shards"
+
+
+def small_run(corpus, out, **kw) -> TrainConfig:
+    values = dict(model="tiny", model_args=SMALL_MODEL, data=str(corpus), seq_len=32, batch_size=4, steps=6,
+                  lr=3e-3, eval_every=3, eval_batches=2, save_every=3, log_every=1, out_dir=str(out),
+                  tensorboard=False, progress=False)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_loss_falls_and_a_run_leaves_everything_behind(corpus, tmp_path):
+    last = train(small_run(corpus, tmp_path, steps=30, save_every=30, eval_every=15))
+    curve = losses(tmp_path)
+    assert len(curve) == 30 and sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
+    assert last["val_loss"] < curve[0]
+    for name in ("tokenizer.json", "train_config.json", "metrics.jsonl", "loss.png", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer.json"):
+        assert (tmp_path / name).is_file(), name
+    exported = samba_lm.load_pretrained(tmp_path / "model")
+    from_ckpt = model_from_training_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    for (n, a), (_, b) in zip(exported.state_dict().items(), from_ckpt.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_after_a_crash_gives_the_same_losses(corpus, tmp_path, monkeypatch):
+    train(small_run(corpus, tmp_path / "straight", micro_batch_size=2))
+    calls = {"n": 0}
+    real_step = trainer_module.train_step
+
+    def crash_on_fifth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(trainer_module, "train_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_run(corpus, tmp_path / "crashed", micro_batch_size=2))
+    assert len(losses(tmp_path / "crashed")) == 4  # step 4 was logged, then the process died
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    train(small_run(corpus, tmp_path / "crashed", micro_batch_size=2))
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")  # bit-exact, step for step
+
+
+def test_killed_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps(small_run(corpus, tmp_path).to_dict()))
+    script = textwrap.dedent(f"""
+        import json, os, signal
+        from samba_lm.train import TrainConfig, train
+        real_replace, commits = os.replace, []
+        def dying_replace(src, dst):  # SIGKILL the second checkpoint after its files, before its commit
+            if str(src).endswith(".tmp") and "step_" in str(src):
+                commits.append(src)
+                if len(commits) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst)
+        os.replace = dying_replace
+        train(TrainConfig(**json.loads(open({str(tmp_path / "cfg.json")!r}).read())))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    committed = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in committed] == ["step_00000003"]
+    assert (tmp_path / "checkpoints" / "step_00000006.tmp").is_dir()
+    model_from_training_checkpoint(committed[0])  # intact and loadable
+    train(small_run(corpus, tmp_path))  # resumes from step 3 and finishes
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003", "step_00000006"]
+    assert not (tmp_path / "checkpoints" / "step_00000006.tmp").exists()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, tmp_path, parallel):
+    single = small_run(corpus, tmp_path / "one", steps=4, save_every=2)
+    train(single)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(29500 + os.getpid() % 1000 + (7 if parallel == "fsdp" else 0)), "-m", "samba_lm.cli", "train",
+            "--model-args", json.dumps(SMALL_MODEL), "--data", str(corpus), "--seq-len", "32", "--batch-size", "4",
+            "--steps", "4", "--lr", "3e-3", "--eval-every", "3", "--eval-batches", "2", "--save-every", "2",
+            "--out-dir", str(tmp_path / parallel), "--no-tensorboard", "--no-progress", "--parallel", parallel]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / parallel)), torch.tensor(losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-5)
+    one = samba_lm.load_pretrained(tmp_path / "one" / "model").state_dict()
+    two = samba_lm.load_pretrained(tmp_path / parallel / "model").state_dict()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    # the sharded checkpoint exports to the same single model
+    exported = model_from_training_checkpoint(list_checkpoints(tmp_path / parallel / "checkpoints")[-1])
+    assert all(torch.equal(exported.state_dict()[n], two[n]) for n in two)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="samba-lm data"):
+        train(small_run(tmp_path / "nothing", tmp_path / "out"))
+
+
+def test_seq_len_longer_than_the_data(corpus, tmp_path):
+    with pytest.raises(ValueError, match="seq_len"):
+        train(small_run(corpus, tmp_path, seq_len=1_000_000))
+
+
+def test_tokenizer_that_does_not_fit_the_model(corpus, tmp_path):
+    with pytest.raises(ValueError, match="does not fit"):
+        train(small_run(corpus, tmp_path, model_args={**SMALL_MODEL, "vocab_size": 100}))
+
+
+def test_incompatible_checkpoint_on_resume_fails_before_work(corpus, tmp_path):
+    train(small_run(corpus, tmp_path, steps=3))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="another model.*d_model"):
+        train(small_run(corpus, tmp_path, steps=6, model_args={**SMALL_MODEL, "d_model": 48}))
+    with pytest.raises(ValueError, match="seq_len"):
+        train(small_run(corpus, tmp_path, steps=6, seq_len=16))
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]
+
+
+@pytest.mark.parametrize("field, value", [("lr", -1.0), ("batch_size", 0), ("parallel", "zero3"),
+                                          ("dtype", "fp8"), ("model", "gpt2")])
+def test_bad_train_config(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_batch_not_divisible(corpus, tmp_path):
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        train(small_run(corpus, tmp_path, micro_batch_size=3))
+
+
+# ----------------------------------------------------------------------------- CLI and YAML
+def test_cli_yaml_and_flags(corpus, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: tiny\nmodel_args: {json.dumps(SMALL_MODEL)}\ndata: {corpus}\nseq_len: 32\n"
+                   f"batch_size: 4\nsteps: 50\nsave_every: 2\neval_every: 2\ntensorboard: false\nprogress: false\n")
+    cli(["train", "--config", str(cfg), "--steps", "2", "--out-dir", str(tmp_path / "run")])  # flag wins
+    assert len(losses(tmp_path / "run")) == 2
+    capsys.readouterr()
+    cli(["generate", "--model", str(tmp_path / "run"), "--prompt", "the cat", "--max-new-tokens", "8"])
+    assert capsys.readouterr().out.startswith("the cat")
+    cli(["info", "--model", str(tmp_path / "run"), "--batch-size", "2", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(p.numel() for p in samba_lm.load_pretrained(tmp_path / "run" / "model").parameters())
+    cli(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    cfg.write_text("model: tiny\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit, match="unknown TrainConfig fields \\['learning_rate'\\]"):
+        cli(["train", "--config", str(cfg)])
+
+
+def test_cli_info_on_presets(capsys):
+    cli(["info", "--preset", "samba-421m", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 421_793_280
+    # 6 Mamba layers: conv [3072, 3] + ssm [3072, 16] fp32; 6 SWA rings of 2047 x 12 heads x 128, bf16
+    mamba = 6 * (3072 * 3 * 2 + 3072 * 16 * 4)
+    ring = 6 * (2 * 2047 * 12 * 128 * 2 + 2047 * 8)
+    assert info["state_bytes_batch_1_bfloat16"] == mamba + ring + 8
+
+
+def test_shipped_yaml_recipes_are_valid():
+    from samba_lm.train.config import load_yaml, make_config
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        cfg = make_config(load_yaml(path))
+        assert cfg.batch_size % cfg.micro_batch_size == 0, path

@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
-import samba_lm
+if not torch.cuda.is_available():
+    # Triton kernels run (slowly) on the CPU through Triton's interpreter; it must be chosen before
+    # the kernels are defined, i.e. before samba_lm is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import samba_lm  # noqa: E402
 
 
 def small_config(**overrides) -> samba_lm.SambaConfig:

@@ -198,7 +198,7 @@ def test_dispatch_env_and_context(monkeypatch):
     monkeypatch.setenv("SAMBA_LM_KERNELS", "reference")
     ops.causal_conv1d(x, torch.randn(2, 4))
     with ops.use_kernels("reference"):
-        assert dispatch.resolve("causal_conv1d", x.device) is ops.causal_conv1d_reference
+        assert dispatch.resolve("causal_conv1d", x.device, x.dtype) is ops.causal_conv1d_reference
     with pytest.raises(ValueError, match="backend"):
         with ops.use_kernels("cuda-magic"):
             pass

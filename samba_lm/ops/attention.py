@@ -60,7 +60,7 @@ def attention(q, k, v, q_pos, k_pos, window=0):
     check_positions(op, "k_pos", k_pos, (batch, Tk))
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"{op}: window must be an int >= 0 (0 = full causal), got {window!r}")
-    fn = dispatch.resolve("attention", q.device)
+    fn = dispatch.resolve("attention", q.device, q.dtype)
     return fn(q, k, v, q_pos, k_pos, window)
 
 

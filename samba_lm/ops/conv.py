@@ -40,7 +40,7 @@ def causal_conv1d(x, weight, bias=None, initial_state=None):
     check_float(op, "weight", weight, (E, K))
     check_float(op, "bias", bias, (E,), optional=True)
     check_float(op, "initial_state", initial_state, (batch, E, K - 1), optional=True)
-    fn = dispatch.resolve("causal_conv1d", x.device)
+    fn = dispatch.resolve("causal_conv1d", x.device, x.dtype)
     return fn(x, weight, bias, initial_state)
 
 

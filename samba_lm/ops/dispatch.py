@@ -1,8 +1,10 @@
 """Call-time choice between an op's reference and its fast implementations.
 
-Each op registers named backends that share one signature. `resolve(op, device)` picks one per call:
-`SAMBA_LM_KERNELS` (read now, not at import) or the innermost `use_kernels(...)` context forces a
-backend; otherwise the first registered fast backend that supports the device, else the reference.
+Each op registers named backends that share one signature. `resolve(op, device, dtype)` picks one
+per call: `SAMBA_LM_KERNELS` (read now, not at import) or the innermost `use_kernels(...)` context
+forces a backend; otherwise a fast backend on CUDA when it supports the dtype, else the reference.
+(Triton kernels also run on CPU tensors under TRITON_INTERPRET=1, but only when forced: that is for
+tests.)
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Callable
 import torch
 
 BACKEND_NAMES = ("reference", "triton")
-_registry: dict[str, dict[str, tuple[Callable, Callable[[torch.device], bool]]]] = {}
+Supports = Callable[[torch.device, torch.dtype], bool]
+_registry: dict[str, dict[str, tuple[Callable, Supports]]] = {}
 _forced: list[str] = []
 
 
-def register(op: str, backend: str, fn: Callable, supports: Callable[[torch.device], bool] = lambda d: True):
+def register(op: str, backend: str, fn: Callable, supports: Supports = lambda device, dtype: True):
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend {backend!r} is not one of {BACKEND_NAMES}")
     _registry.setdefault(op, {})[backend] = (fn, supports)
@@ -37,7 +40,7 @@ def _requested() -> str | None:
     return env or None
 
 
-def resolve(op: str, device: torch.device) -> Callable:
+def resolve(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
     table = _registry[op]
     want = _requested()
     if want is not None:
@@ -45,11 +48,11 @@ def resolve(op: str, device: torch.device) -> Callable:
             raise RuntimeError(f"kernel backend {want!r} was requested but op {op!r} has none "
                                f"(available: {sorted(table)})")
         fn, supports = table[want]
-        if not supports(device):
-            raise RuntimeError(f"kernel backend {want!r} for op {op!r} does not run on device {device}")
+        if not supports(device, dtype):
+            raise RuntimeError(f"kernel backend {want!r} for op {op!r} does not run on {device} with {dtype}")
         return fn
     for name in BACKEND_NAMES[1:]:
-        if name in table and table[name][1](device):
+        if device.type == "cuda" and name in table and table[name][1](device, dtype):
             return table[name][0]
     return table["reference"][0]
 

@@ -80,7 +80,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
     check_float(op, "z", z, (batch, T, E), optional=True)
     check_float(op, "delta_bias", delta_bias, (E,), optional=True)
     check_float(op, "initial_state", initial_state, (batch, E, N), optional=True)
-    fn = dispatch.resolve("selective_scan", u.device)
+    fn = dispatch.resolve("selective_scan", u.device, u.dtype)
     return fn(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
 

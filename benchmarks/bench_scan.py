@@ -1,0 +1,213 @@
+"""Selective scan and causal conv1d on a GPU: our Triton kernels against mamba_ssm and causal_conv1d
+(CUDA, built from their sdists by build_peers.sh) and our PyTorch reference, in the same run.
+
+    python benchmarks/bench_scan.py --out results/          # the issue's table
+    python benchmarks/bench_scan.py --sweep                 # tile shapes of the Triton scan
+
+Reports median milliseconds (triton.testing.do_bench), the ratio to the peer, and the ratio to a
+floor: the larger of bytes / measured copy bandwidth and exponentials / measured exp rate.
+Layouts: ours [B, L, E] (what the Mamba layer produces), the peers' [B, E, L]; each gets its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from samba_lm import ops  # noqa: E402
+from samba_lm.ops import triton_scan  # noqa: E402
+
+E, N = 4096, 16
+
+
+def median_ms(fn, rep=200):
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x))
+    return 2 * x.nbytes / (ms * 1e-3)
+
+
+@triton.jit
+def _exp_kernel(x_ptr, n_rep: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    acc = x
+    for _ in tl.static_range(n_rep):
+        acc = tl.exp(acc * -0.5)
+    tl.store(x_ptr + offs, acc)
+
+
+def exp_rate() -> float:
+    x = torch.rand(2**24, device="cuda")
+    reps = 64
+    ms = median_ms(lambda: _exp_kernel[(x.numel() // 1024,)](x, reps, 1024))
+    return x.numel() * reps / (ms * 1e-3)
+
+
+def scan_inputs(batch, L, dtype=torch.bfloat16):
+    g = dict(device="cuda", dtype=dtype)
+    return dict(u=torch.randn(batch, L, E, **g), delta=torch.randn(batch, L, E, **g) * 0.5 - 1,
+                A=-torch.rand(E, N, device="cuda") * 8, B=torch.randn(batch, L, N, **g), C=torch.randn(batch, L, N, **g),
+                D=torch.randn(E, device="cuda"), z=torch.randn(batch, L, E, **g),
+                delta_bias=torch.randn(E, device="cuda") * 0.1)
+
+
+def fwd_bwd(fn, args, grads):
+    leaves = {k: v.requires_grad_(True) if k in grads else v for k, v in args.items()}
+
+    def go():
+        y = fn(**leaves)
+        y = y[0] if isinstance(y, tuple) else y
+        y.backward(dy_cache.setdefault(y.shape, torch.randn_like(y)))
+    dy_cache = {}
+    return go
+
+
+def peer_scan_args(args):
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731  [B, L, *] -> [B, *, L]
+    return dict(u=t(args["u"]), delta=t(args["delta"]), A=args["A"], B=t(args["B"]), C=t(args["C"]), D=args["D"],
+                z=t(args["z"]), delta_bias=args["delta_bias"], delta_softplus=True)
+
+
+def scan_floor(batch, L, bw, exps, backward):
+    """Forward: read u, delta, z (bf16), B, C; write y. Backward adds dy read and du, ddelta, dz
+    writes, and two exponentials per element (the recomputed and the shifted decay)."""
+    elems = batch * L * E
+    bytes_ = 2 * 4 * elems + 2 * 2 * batch * L * N * 2
+    n_exp = elems * N
+    if backward:
+        bytes_ += 2 * 4 * elems + 4 * 2 * batch * L * N
+        n_exp *= 3
+    return max(bytes_ / bw, n_exp / exps) * 1e3
+
+
+def run_scan(rows, bw, exps, peer):
+    for batch, L in [(1, 4096), (8, 4096), (1, 16384), (8, 16384)]:
+        args = scan_inputs(batch, L)
+        grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+        for mode in ("fwd", "fwd+bwd"):
+            floor = scan_floor(batch, L, bw, exps, mode == "fwd+bwd")
+            with ops.use_kernels("triton"):
+                ours = median_ms((lambda: ops.selective_scan(**args)) if mode == "fwd" else
+                                 fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads))
+            row = dict(op="selective_scan", B=batch, L=L, mode=mode, ours_ms=ours, floor_ms=floor)
+            if peer is not None:
+                pargs = peer_scan_args(args)
+                row["peer_ms"] = median_ms((lambda: peer(**pargs)) if mode == "fwd" else
+                                           fwd_bwd(peer, {k: v.clone() if torch.is_tensor(v) else v for k, v in pargs.items()},
+                                                   grads))
+            if batch == 1 and L == 4096:
+                with ops.use_kernels("reference"):
+                    row["reference_ms"] = median_ms((lambda: ops.selective_scan(**args)) if mode == "fwd" else
+                                                    fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()},
+                                                            grads), rep=50)
+            rows.append(row)
+            print(row, flush=True)
+            torch.cuda.empty_cache()
+
+
+def run_conv(rows, bw, peer):
+    K = 4
+    for batch, L in [(1, 4096), (8, 4096), (8, 16384)]:
+        g = dict(device="cuda", dtype=torch.bfloat16)
+        x, w, b = torch.randn(batch, L, E, **g), torch.randn(E, K, device="cuda"), torch.randn(E, device="cuda")
+        for mode in ("fwd", "fwd+bwd"):
+            bytes_ = 2 * 2 * batch * L * E * (2 if mode == "fwd" else 4)
+            args = dict(x=x, weight=w, bias=b)
+            with ops.use_kernels("triton"):
+                ours = median_ms((lambda: ops.causal_conv1d(**args)) if mode == "fwd" else
+                                 fwd_bwd(ops.causal_conv1d, {k: v.clone() for k, v in args.items()}, {"x", "weight", "bias"}))
+            row = dict(op="causal_conv1d", B=batch, L=L, mode=mode, ours_ms=ours, floor_ms=bytes_ / bw * 1e3)
+            if peer is not None:
+                pargs = dict(x=x.transpose(1, 2).contiguous(), weight=w, bias=b, activation="silu")
+                row["peer_ms"] = median_ms((lambda: peer(**pargs)) if mode == "fwd" else
+                                           fwd_bwd(peer, {k: v.clone() if torch.is_tensor(v) else v for k, v in pargs.items()},
+                                                   {"x", "weight", "bias"}))
+            rows.append(row)
+            print(row, flush=True)
+
+
+def sweep():
+    args = scan_inputs(8, 4096)
+    grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+    results = []
+    for block_t in (32, 64):
+        for be in (2, 4, 8):
+            for warps in (4, 8):
+                triton_scan.TILES.update(block_t=block_t, fwd=(be, warps), bwd=(be, warps))
+                try:
+                    with ops.use_kernels("triton"):
+                        f = median_ms(lambda: ops.selective_scan(**args), rep=50)
+                        fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=50)
+                except Exception as e:  # out of resources for some tiles
+                    print(f"block_t {block_t} block_e {be} warps {warps}: failed ({type(e).__name__})", flush=True)
+                    continue
+                results.append((block_t, be, warps, f, fb))
+                print(f"block_t {block_t:4d} block_e {be} warps {warps}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms", flush=True)
+    return results
+
+
+def table(rows, bw, exps, peer_names) -> str:
+    lines = [f"# Selective scan and causal conv1d: {torch.cuda.get_device_name()}, "
+             f"{datetime.date.today().isoformat()}",
+             "", f"torch {torch.__version__}, triton {triton.__version__}; peers: {peer_names}; "
+             f"measured copy bandwidth {bw / 1e12:.2f} TB/s, exp rate {exps / 1e12:.2f} T/s; "
+             f"E={E}, N={N}, bf16, median ms (triton.testing.do_bench)", "",
+             "| op | B | L | pass | ours ms | peer ms | ours / peer | floor ms | ours / floor | reference ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peer = r.get("peer_ms")
+        lines.append(f"| {r['op']} | {r['B']} | {r['L']} | {r['mode']} | {r['ours_ms']:.3f} | "
+                     f"{peer:.3f} | {r['ours_ms'] / peer:.2f} | " if peer else
+                     f"| {r['op']} | {r['B']} | {r['L']} | {r['mode']} | {r['ours_ms']:.3f} | - | - | ")
+        lines[-1] += f"{r['floor_ms']:.3f} | {r['ours_ms'] / r['floor_ms']:.1f} | {r.get('reference_ms', float('nan')):.1f} |"
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--sweep", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        (out / "scan_sweep.json").write_text(json.dumps(sweep()))
+        return
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError as e:
+        print(f"mamba_ssm unavailable ({e}): no peer column for the scan")
+        selective_scan_fn = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError as e:
+        print(f"causal_conv1d unavailable ({e}): no peer column for the conv")
+        causal_conv1d_fn = None
+    bw, exps = copy_bandwidth(), exp_rate()
+    rows = []
+    run_scan(rows, bw, exps, selective_scan_fn)
+    run_conv(rows, bw, causal_conv1d_fn)
+    md = table(rows, bw, exps, "mamba_ssm 2.3.2.post1, causal_conv1d 1.7.0 (CUDA, sm_90)")
+    (out / "bench_scan.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "exp_rate": exps,
+                                                     "tiles": triton_scan.TILES}, indent=1))
+    (out / "bench_scan.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

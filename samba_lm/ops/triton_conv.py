@@ -1,0 +1,181 @@
+"""Causal depthwise conv1d + bias + SiLU in Triton, forward and backward, with the carried state.
+
+Layout (as `conv.py`): x [B, T, E] with channels contiguous, weight [E, K], bias [E], initial_state
+[B, E, K-1] (the K-1 inputs before x). One program per (batch row, BLOCK_T steps, BLOCK_E channels):
+tiles are [BLOCK_T, BLOCK_E] with coalesced channel reads; the K taps are unrolled.
+
+Backward: the program owning positions s (from -(K-1), the state's slots, to T-1) recomputes the
+pre-activations it needs (K^2 cached loads for K <= 4), writes dx (or d initial_state for s < 0),
+and partial sums of d weight and d bias per (row, time block) that are added up afterwards in a
+fixed order (deterministic). What the reference covers that this does not: float64, CPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_xcat(x_ptr, s_ptr, b, src, e, tm, em, T, E, s_xb, s_xt, K: tl.constexpr, HAS_STATE: tl.constexpr):
+    """Input at time src (a [BLOCK_T] vector, may be negative: then from the state), [BLOCK_T, BLOCK_E]."""
+    inside = (src >= 0) & (src < T) & tm
+    v = tl.load(x_ptr + b * s_xb + src[:, None] * s_xt + e[None, :], mask=inside[:, None] & em[None, :], other=0.0)
+    v = v.to(tl.float32)
+    if HAS_STATE:
+        before = (src < 0) & (src >= -(K - 1)) & tm
+        slot = tl.where(before, src + K - 1, 0)
+        v += tl.load(s_ptr + (b * E + e[None, :]) * (K - 1) + slot[:, None], mask=before[:, None] & em[None, :],
+                     other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt,
+                    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr):
+    acc = tl.zeros([t.shape[0], e.shape[0]], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(K):
+        w = tl.load(w_ptr + e * K + k, mask=em, other=0.0).to(tl.float32)
+        acc += w[None, :] * _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, e, tm, em, T, E, s_xb, s_xt, K, HAS_STATE)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, T, E, s_xb, s_xt,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    tm, em = t < T, e < E
+    pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt, K, HAS_BIAS, HAS_STATE)
+    y = pre * tl.sigmoid(pre)
+    tl.store(y_ptr + (b * T + t[:, None]) * E + e[None, :], y.to(y_ptr.dtype.element_ty), mask=tm[:, None] & em[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, dy_ptr, dfinal_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
+                     T, E, s_xb, s_xt, s_yb, s_yt,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    s = pid_t * BLOCK_T - (K - 1) + tl.arange(0, BLOCK_T)  # input positions, the state's slots first
+    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    em = e < E
+    sm = s < T
+    dxcat = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for j in tl.static_range(K):
+        t = s + (K - 1) - j  # the output that sees input s through tap j
+        tm = (t >= 0) & (t < T) & sm
+        pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt, K, HAS_BIAS, HAS_STATE)
+        dy = tl.load(dy_ptr + b * s_yb + t[:, None] * s_yt + e[None, :], mask=tm[:, None] & em[None, :],
+                     other=0.0).to(tl.float32)
+        sig = tl.sigmoid(pre)
+        dpre = tl.where(tm[:, None] & em[None, :], dy * sig * (1.0 + pre * (1.0 - sig)), 0.0)
+        w = tl.load(w_ptr + e * K + j, mask=em, other=0.0).to(tl.float32)
+        dxcat += w[None, :] * dpre
+        if j == K - 1:  # t == s: this program owns output s, so it sums d weight and d bias over it
+            part = (b * tl.num_programs(1) + pid_t) * E + e
+            if HAS_BIAS:
+                tl.store(db_ptr + part, tl.sum(dpre, axis=0), mask=em)
+            for k in tl.static_range(K):
+                xk = _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, e, tm, em, T, E, s_xb, s_xt, K, HAS_STATE)
+                tl.store(dw_ptr + part * K + k, tl.sum(dpre * xk, axis=0), mask=em)
+    if HAS_DFINAL:  # the final state is the last K-1 inputs: its gradient lands on them directly
+        last = (s >= T - (K - 1)) & sm
+        slot = tl.where(last, s - (T - (K - 1)), 0)
+        dxcat += tl.load(dfinal_ptr + (b * E + e[None, :]) * (K - 1) + slot[:, None], mask=last[:, None] & em[None, :],
+                         other=0.0).to(tl.float32)
+    in_x = (s >= 0) & sm
+    tl.store(dx_ptr + (b * T + s[:, None]) * E + e[None, :], dxcat.to(dx_ptr.dtype.element_ty),
+             mask=in_x[:, None] & em[None, :])
+    if HAS_STATE:
+        in_state = s < 0
+        slot = tl.where(in_state, s + K - 1, 0)
+        tl.store(ds_ptr + (b * E + e[None, :]) * (K - 1) + slot[:, None], dxcat.to(ds_ptr.dtype.element_ty),
+                 mask=in_state[:, None] & em[None, :])
+
+
+BLOCK_T, BLOCK_E = 64, 64
+
+
+def conv_forward(x, weight, bias, initial_state):
+    batch, T, E = x.shape
+    K = weight.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
+    grid = (batch, triton.cdiv(T, BLOCK_T), triton.cdiv(E, BLOCK_E))
+    _conv_fwd_kernel[grid](x, weight.contiguous(), bias if bias is not None else y,
+                           initial_state.contiguous() if initial_state is not None else y, y, T, E,
+                           x.stride(0), x.stride(1), K=K, HAS_BIAS=bias is not None,
+                           HAS_STATE=initial_state is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+    past = initial_state.to(x.dtype) if initial_state is not None else x.new_zeros(batch, E, K - 1)
+    final = torch.cat([past, x[:, max(0, T - (K - 1)):].transpose(1, 2)], dim=-1)[..., -(K - 1):].contiguous()
+    return y, final
+
+
+def conv_backward(dy, d_final, x, weight, bias, initial_state):
+    batch, T, E = x.shape
+    K = weight.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    n_t = triton.cdiv(T + K - 1, BLOCK_T)
+    dx = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
+    ds = torch.empty(batch, E, K - 1, device=x.device, dtype=torch.float32)
+    dw = torch.empty(batch, n_t, E, K, device=x.device, dtype=torch.float32)
+    db = torch.empty(batch, n_t, E, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(batch, n_t, triton.cdiv(E, BLOCK_E))](
+        x, weight.contiguous(), bias if bias is not None else dx,
+        initial_state.contiguous() if initial_state is not None else dx, dy,
+        d_final.contiguous() if d_final is not None else dx, dx, ds, dw, db, T, E,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), K=K, HAS_BIAS=bias is not None,
+        HAS_STATE=initial_state is not None, HAS_DFINAL=d_final is not None,
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+    return dx, dw.sum((0, 1)), db.sum((0, 1)), ds
+
+
+@torch.library.custom_op("samba_lm::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_forward(x, weight, bias, initial_state)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, initial_state):
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], weight.shape[1] - 1)
+
+
+@torch.library.custom_op("samba_lm::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(dy: torch.Tensor, d_final: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, initial_state: torch.Tensor | None) -> list[torch.Tensor]:
+    return list(conv_backward(dy, d_final, x, weight, bias, initial_state))
+
+
+@_conv_bwd_op.register_fake
+def _(dy, d_final, x, weight, bias, initial_state):
+    f32 = dict(dtype=torch.float32)
+    return [torch.empty_like(x), weight.new_empty(weight.shape, **f32), x.new_empty(x.shape[2], **f32),
+            x.new_empty(x.shape[0], x.shape[2], weight.shape[1] - 1, **f32)]
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, initial_state = inputs
+    ctx.save_for_backward(x, weight, bias, initial_state)
+
+
+def _backward(ctx, dy, d_final):
+    x, weight, bias, initial_state = ctx.saved_tensors
+    dx, dw, db, ds = _conv_bwd_op(dy.contiguous(), d_final, x, weight, bias, initial_state)
+    return (dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None,
+            ds.to(initial_state.dtype) if initial_state is not None else None)
+
+
+torch.library.register_autograd("samba_lm::causal_conv1d_fwd", _backward, setup_context=_setup)
+
+
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None):
+    return _conv_fwd_op(x, weight, bias, initial_state)

@@ -1,0 +1,342 @@
+"""Selective scan in Triton: forward and backward, softplus / D skip / SiLU(z) gate fused, state in and out.
+
+Layout and limits (same shape alphabet as `scan.py`): u, delta, z [B, T, E] with the channel dim
+contiguous; B, C [B, T, N]; A [E, N]; D, delta_bias [E]; initial_state [B, E, N]. Inputs may be
+fp16, bf16 or fp32; state, accumulation and every gradient are fp32 (cast to the input's dtype at
+the end). float64 is the reference's job: the dispatcher never sends it here.
+
+Forward: one program per (batch row, BLOCK_E channels) walks time in chunks of BLOCK_T. A chunk is a
+[BLOCK_E, N, BLOCK_T] register tile: decays exp(dt*A) and inputs dt*u*B, combined by
+`tl.associative_scan` along time, plus the carried state times the cumulative decay. The state
+entering each chunk is saved (fp32, [B, chunks, E, N]) for the backward; nothing else is.
+
+Backward: one program per (batch row, superblock of channels) walks the chunks in reverse; inside a
+chunk it visits the superblock's channel blocks, recomputes the chunk's states from the saved carry,
+and runs the reverse scan g_t = dy'_t C_t + a_{t+1} g_{t+1} (the shifted decay a_{t+1} is recomputed
+from delta at t+1, so no register shift is needed). The sums over channels of dB and dC stay in
+registers across the superblock and are written once per (superblock, chunk); they, and the sums
+over batch of dA, dD and d(delta_bias), are added up afterwards in a fixed order: the backward is
+deterministic, run to run.
+
+What the reference covers that this does not: float64, and CPUs (except under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # torch's threshold: linear above 20
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, carry_ptr,
+    T, E, N, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SAVE_CARRIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    tt = tl.arange(0, BLOCK_T)
+    em, nm = e < E, n < N
+    en = em[:, None] & nm[None, :]
+    en_offs = e[:, None] * N + n[None, :]
+    A = tl.load(A_ptr + en_offs, mask=en, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * E * N + en_offs, mask=en, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    for c in range(0, n_chunks):
+        if SAVE_CARRIES:
+            tl.store(carry_ptr + (b * n_chunks + c) * E * N + en_offs, h, mask=en)
+        t = c * BLOCK_T + tt
+        tm = t < T
+        m = em[:, None] & tm[None, :]
+        uu = tl.load(u_ptr + b * s_ub + t[None, :] * s_ut + e[:, None], mask=m, other=0.0).to(tl.float32)
+        dt = tl.load(dl_ptr + b * s_db + t[None, :] * s_dt + e[:, None], mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[:, None]
+        dt = tl.where(m, _softplus(dt), 0.0)  # padding steps: decay 1, input 0, state unchanged
+        nt = nm[:, None] & tm[None, :]
+        Bt = tl.load(B_ptr + b * s_Bb + t[None, :] * s_Bt + n[:, None], mask=nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + b * s_Cb + t[None, :] * s_Ct + n[:, None], mask=nt, other=0.0).to(tl.float32)
+        decay = tl.exp(dt[:, None, :] * A[:, :, None])  # [E, N, T]
+        inputs = (dt * uu)[:, None, :] * Bt[None, :, :]
+        cum, hs = tl.associative_scan((decay, inputs), axis=2, combine_fn=_combine)
+        hs += cum * h[:, :, None]
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        h = tl.sum(tl.where((tt == BLOCK_T - 1)[None, None, :], hs, 0.0), axis=2)
+        if HAS_D:
+            y += Dv[:, None] * uu
+        if HAS_Z:
+            zz = tl.load(z_ptr + b * s_zb + t[None, :] * s_zt + e[:, None], mask=m, other=0.0).to(tl.float32)
+            y *= zz * tl.sigmoid(zz)
+        tl.store(y_ptr + (b * T + t[None, :]) * E + e[:, None], y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(hT_ptr + b * E * N + en_offs, h, mask=en)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, carry_ptr, dy_ptr, dhT_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, g_ptr,
+    T, E, N, N_SUB, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0)
+    sb = tl.program_id(1)
+    n_sb = tl.num_programs(1)
+    n = tl.arange(0, BLOCK_N)
+    tt = tl.arange(0, BLOCK_T)
+    nm = n < N
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t = c * BLOCK_T + tt
+        tm = t < T
+        tn = t + 1
+        tnm = tn < T
+        nt = nm[:, None] & tm[None, :]
+        Bt = tl.load(B_ptr + b * s_Bb + t[None, :] * s_Bt + n[:, None], mask=nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + b * s_Cb + t[None, :] * s_Ct + n[:, None], mask=nt, other=0.0).to(tl.float32)
+        acc_dB = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        acc_dC = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        for s in range(0, N_SUB):
+            e = (sb * N_SUB + s) * BLOCK_E + tl.arange(0, BLOCK_E)
+            em = e < E
+            en = em[:, None] & nm[None, :]
+            en_offs = e[:, None] * N + n[None, :]
+            m = em[:, None] & tm[None, :]
+            mn = em[:, None] & tnm[None, :]
+            A = tl.load(A_ptr + en_offs, mask=en, other=0.0).to(tl.float32)
+            h0 = tl.load(carry_ptr + (b * n_chunks + c) * E * N + en_offs, mask=en, other=0.0)
+            if i == 0:
+                if HAS_DHT:
+                    g_next = tl.load(dhT_ptr + b * E * N + en_offs, mask=en, other=0.0).to(tl.float32)
+                else:
+                    g_next = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+            else:
+                g_next = tl.load(g_ptr + b * E * N + en_offs, mask=en, other=0.0)
+            uu = tl.load(u_ptr + b * s_ub + t[None, :] * s_ut + e[:, None], mask=m, other=0.0).to(tl.float32)
+            raw = tl.load(dl_ptr + b * s_db + t[None, :] * s_dt + e[:, None], mask=m, other=0.0).to(tl.float32)
+            raw_next = tl.load(dl_ptr + b * s_db + tn[None, :] * s_dt + e[:, None], mask=mn, other=0.0).to(tl.float32)
+            dyy = tl.load(dy_ptr + b * s_yb + t[None, :] * s_yt + e[:, None], mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)
+                raw += bias[:, None]
+                raw_next += bias[:, None]
+            dt = tl.where(m, _softplus(raw), 0.0)
+            dt_next = tl.where(mn, _softplus(raw_next), 0.0)
+            decay = tl.exp(dt[:, None, :] * A[:, :, None])
+            decay_next = tl.exp(dt_next[:, None, :] * A[:, :, None])  # a_{t+1}
+            dtu = dt * uu
+            inputs = dtu[:, None, :] * Bt[None, :, :]
+            cum, hs = tl.associative_scan((decay, inputs), axis=2, combine_fn=_combine)
+            hs += cum * h0[:, :, None]
+            if HAS_D:
+                Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_ptr + b * s_zb + t[None, :] * s_zt + e[:, None], mask=m, other=0.0).to(tl.float32)
+                y_pre = tl.sum(hs * Ct[None, :, :], axis=1)
+                if HAS_D:
+                    y_pre += Dv[:, None] * uu
+                sig = tl.sigmoid(zz)
+                dz = dyy * y_pre * sig * (1.0 + zz * (1.0 - sig))
+                tl.store(dz_ptr + (b * T + t[None, :]) * E + e[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m)
+                dyy = dyy * zz * sig
+            # g_t = dy'_t C_t + a_{t+1} g_{t+1}; the chunk's last step takes g of the next chunk's first.
+            cc = dyy[:, None, :] * Ct[None, :, :]
+            cc += tl.where((tt == BLOCK_T - 1)[None, None, :], decay_next * g_next[:, :, None], 0.0)
+            _, g = tl.associative_scan((decay_next, cc), axis=2, combine_fn=_combine, reverse=True)
+            first = (tt == 0)[None, None, :]
+            tl.store(g_ptr + b * E * N + en_offs, tl.sum(tl.where(first, g, 0.0), axis=2), mask=en)
+            if c == 0:
+                tl.store(dh0_ptr + b * E * N + en_offs, tl.sum(tl.where(first, decay * g, 0.0), axis=2), mask=en)
+            acc_dC += tl.sum(dyy[:, None, :] * hs, axis=0)
+            acc_dB += tl.sum(g * dtu[:, None, :], axis=0)
+            d_dtu = tl.sum(g * Bt[None, :, :], axis=1)
+            g_ah = g * (hs - inputs)  # a_t h_{t-1} = h_t - b_t: no shifted state needed
+            ddt = d_dtu * uu + tl.sum(g_ah * A[:, :, None], axis=1)
+            dA = tl.sum(g_ah * dt[:, None, :], axis=2)
+            du = d_dtu * dt
+            if HAS_D:
+                du += dyy * Dv[:, None]
+                dD = tl.sum(dyy * uu, axis=1)
+                tl.store(dD_ptr + b * E + e, tl.load(dD_ptr + b * E + e, mask=em, other=0.0) + dD, mask=em)
+            ddl = tl.where(m, ddt * tl.sigmoid(raw), 0.0)
+            if HAS_BIAS:
+                db = tl.sum(ddl, axis=1)
+                tl.store(dbias_ptr + b * E + e, tl.load(dbias_ptr + b * E + e, mask=em, other=0.0) + db, mask=em)
+            dA_offs = dA_ptr + b * E * N + en_offs
+            tl.store(dA_offs, tl.load(dA_offs, mask=en, other=0.0) + dA, mask=en)
+            tl.store(du_ptr + (b * T + t[None, :]) * E + e[:, None], du.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddl_ptr + (b * T + t[None, :]) * E + e[:, None], ddl.to(ddl_ptr.dtype.element_ty), mask=m)
+        part = (b * n_sb + sb) * T * N + t[None, :] * N + n[:, None]
+        tl.store(dB_ptr + part, acc_dB, mask=nt)
+        tl.store(dC_ptr + part, acc_dC, mask=nt)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+# Tile shapes, measured on an H100 with benchmarks/bench_scan.py --sweep (see benchmarks/RESULTS.md).
+# BLOCK_T is shared by forward and backward: the forward saves one carried state per BLOCK_T steps.
+# The benchmark's sweep replaces this dict; nothing else should.
+TILES = {"block_t": 32, "fwd": (4, 4), "bwd": (4, 4)}  # (channels per tile for N=16, warps)
+
+
+def _config(E: int, N: int, which: str = "fwd"):
+    """(BLOCK_E, BLOCK_N, BLOCK_T, num_warps): a [BLOCK_E, BLOCK_N, BLOCK_T] fp32 tile."""
+    block_n = triton.next_power_of_2(N)
+    block_e, warps = TILES[which]
+    block_e = max(1, min(triton.next_power_of_2(E), block_e * 16 // block_n or 1))
+    return block_e, block_n, TILES["block_t"], warps
+
+
+def _row_stride(x: torch.Tensor) -> torch.Tensor:
+    """Kernels take batch and time strides but need the last dim contiguous."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries: bool):
+    batch, T, E = u.shape
+    N = A.shape[1]
+    u, delta, B, C = (_row_stride(x) for x in (u, delta, B, C))
+    z = _row_stride(z) if z is not None else None
+    block_e, block_n, block_t, warps = _config(E, N)
+    n_chunks = triton.cdiv(T, block_t)
+    y = torch.empty(batch, T, E, device=u.device, dtype=u.dtype)
+    final = torch.empty(batch, E, N, device=u.device, dtype=torch.float32)
+    carries = torch.empty(batch, n_chunks if save_carries else 0, E, N, device=u.device, dtype=torch.float32)
+    dummy = final
+    _scan_fwd_kernel[(batch, triton.cdiv(E, block_e))](
+        u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        initial_state.contiguous() if initial_state is not None else dummy, y, final, carries,
+        T, E, N, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries,
+        BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=warps)
+    return y, final, carries
+
+
+def _superblocks(batch: int, E: int, block_e: int, device) -> int:
+    """Channel blocks per backward program: enough programs to fill the GPU, no more."""
+    blocks = triton.cdiv(E, block_e)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    programs = min(blocks, max(1, triton.cdiv(8 * sms, batch)))
+    n_sub = triton.cdiv(blocks, programs)
+    return n_sub, triton.cdiv(blocks, n_sub)
+
+
+def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
+    batch, T, E = u.shape
+    N = A.shape[1]
+    u, delta, B, C, dy = (_row_stride(x) for x in (u, delta, B, C, dy))
+    z = _row_stride(z) if z is not None else None
+    block_e, block_n, block_t, warps = _config(E, N, "bwd")
+    n_sub, n_sb = _superblocks(batch, E, block_e, u.device)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    dA = torch.zeros(batch, E, N, **f32)
+    dD = torch.zeros(batch, E, **f32)
+    dbias = torch.zeros(batch, E, **f32)
+    dB = torch.empty(batch, n_sb, T, N, **f32)
+    dC = torch.empty(batch, n_sb, T, N, **f32)
+    dh0 = torch.empty(batch, E, N, **f32)
+    g = torch.empty(batch, E, N, **f32)
+    dummy = dh0
+    _scan_bwd_kernel[(batch, n_sb)](
+        u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, carries, dy,
+        d_final.contiguous() if d_final is not None else dummy,
+        du, ddelta, dz if dz is not None else dummy, dA, dD, dbias, dB, dC, dh0, g,
+        T, E, N, n_sub, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+        dy.stride(0), dy.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DHT=d_final is not None,
+        BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=warps)
+    return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dz, dbias.sum(0), dh0
+
+
+# ----------------------------------------------------------------------------- registration
+
+@torch.library.custom_op("samba_lm::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                 initial_state: torch.Tensor | None, save_carries: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries)
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries):
+    batch, T, E = u.shape
+    N = A.shape[1]
+    chunks = triton.cdiv(T, _config(E, N)[2]) if save_carries else 0
+    return (u.new_empty(batch, T, E), u.new_empty(batch, E, N, dtype=torch.float32),
+            u.new_empty(batch, chunks, E, N, dtype=torch.float32))
+
+
+@torch.library.custom_op("samba_lm::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(dy: torch.Tensor, d_final: torch.Tensor | None, u: torch.Tensor, delta: torch.Tensor,
+                 A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                 delta_bias: torch.Tensor | None, carries: torch.Tensor) -> list[torch.Tensor]:
+    grads = scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries)
+    return [g if g is not None else u.new_empty(0) for g in grads]
+
+
+@_scan_bwd_op.register_fake
+def _(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
+    f32 = dict(dtype=torch.float32)
+    E, N = A.shape
+    return [torch.empty_like(u), torch.empty_like(delta), A.new_empty(E, N, **f32), B.new_empty(B.shape, **f32),
+            C.new_empty(C.shape, **f32), u.new_empty(E, **f32) if D is not None else u.new_empty(0),
+            torch.empty_like(z) if z is not None else u.new_empty(0),
+            u.new_empty(E, **f32) if delta_bias is not None else u.new_empty(0), u.new_empty(u.shape[0], E, N, **f32)]
+
+
+def _setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.h0_meta = None if initial_state is None else initial_state.dtype
+
+
+def _backward(ctx, dy, d_final, _d_carries):
+    u, delta, A, B, C, D, z, delta_bias, carries = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
+        dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries)
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None,
+            dh0.to(ctx.h0_meta) if ctx.h0_meta is not None else None, None)
+
+
+torch.library.register_autograd("samba_lm::selective_scan_fwd", _backward, setup_context=_setup)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    y, final, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, needs_grad)
+    return y, final

@@ -1,0 +1,110 @@
+"""Triton kernels against the float64 reference (on CPUs through TRITON_INTERPRET=1, on GPUs natively).
+
+Tolerances follow flash-attention's rule: the kernel's error against float64 may be a small multiple
+of the error of the reference computed in the kernel's own dtype.
+"""
+
+import pytest
+import torch
+
+from samba_lm import ops
+
+triton = pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def scan_args(batch, T, E, N, dtype, seed, with_h0=True, with_z=True, with_D=True, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    args = dict(u=r(batch, T, E), delta=r(batch, T, E) - 1.0, A=-torch.rand(E, N, generator=g, dtype=torch.float64) * 4,
+                B=r(batch, T, N), C=r(batch, T, N), D=r(E) if with_D else None, z=r(batch, T, E) if with_z else None,
+                delta_bias=r(E) * 0.5 if with_bias else None, initial_state=r(batch, E, N) if with_h0 else None)
+    low = {k: None if v is None else v.to(DEVICE, torch.float32 if k in ("A", "D", "delta_bias", "initial_state") else dtype)
+           for k, v in args.items()}
+    return args, low
+
+
+def run(fn, args, grad_out, grad_final):
+    leaves = {k: v.detach().clone().requires_grad_(True) if v is not None else None for k, v in args.items()}
+    y, final = fn(**leaves)
+    loss = (y.double() * grad_out).sum() + (final.double() * grad_final).sum()
+    loss.backward()
+    return y.double(), final.double(), {k: v.grad.double() for k, v in leaves.items() if v is not None}
+
+
+def rel_err(a, ref):
+    return ((a.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("T, dtype, flags", [
+    (1, torch.float32, {}),
+    (37, torch.float32, {"with_h0": False}),
+    (130, torch.float32, {"with_z": False, "with_D": False, "with_bias": False}),
+    (70, torch.bfloat16, {}),
+])
+def test_scan_values_and_gradients(T, dtype, flags):
+    batch, E, N = 2, 6, 4
+    exact, low = scan_args(batch, T, E, N, dtype, seed=T, **flags)
+    g = torch.Generator().manual_seed(99)
+    gy = torch.randn(batch, T, E, generator=g, dtype=torch.float64)
+    gf = torch.randn(batch, E, N, generator=g, dtype=torch.float64)
+    y64, f64, d64 = run(ops.selective_scan_reference, exact, gy, gf)
+    with ops.use_kernels("reference"):
+        y_ref, f_ref, d_ref = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
+    with ops.use_kernels("triton"):
+        y_tri, f_tri, d_tri = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
+    slack = 1e-6 if dtype == torch.float32 else 1e-3
+    for name, tri, ref, exact_ in [("y", y_tri, y_ref, y64), ("final", f_tri, f_ref, f64)] + [
+            (f"d{k}", d_tri[k], d_ref[k], d64[k]) for k in d64]:
+        assert rel_err(tri, exact_) <= 3 * rel_err(ref, exact_) + slack, name
+
+
+def test_scan_chunked_equals_whole_and_backward_is_deterministic():
+    _, low = scan_args(2, 100, 8, 4, torch.float32, seed=3)
+    with ops.use_kernels("triton"):
+        y, final = ops.selective_scan(**low)
+        ys, state = [], low["initial_state"]
+        for a, b in [(0, 1), (1, 64), (64, 90), (90, 100)]:
+            part = {k: (v[:, a:b] if k in ("u", "delta", "B", "C", "z") else v) for k, v in low.items()}
+            yc, state = ops.selective_scan(**{**part, "initial_state": state})
+            ys.append(yc)
+        torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, final, rtol=1e-5, atol=1e-5)
+        gy = torch.randn_like(y)
+        grads = []
+        for _ in range(2):
+            leaves = {k: v.clone().requires_grad_(True) for k, v in low.items()}
+            out, _ = ops.selective_scan(**leaves)
+            out.backward(gy)
+            grads.append([v.grad for v in leaves.values()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("T, K, dtype, with_state", [(1, 4, torch.float32, True), (2, 4, torch.float32, True),
+                                                     (77, 4, torch.float32, False), (70, 3, torch.bfloat16, True)])
+def test_conv_values_and_gradients(T, K, dtype, with_state):
+    batch, E = 2, 70
+    g = torch.Generator().manual_seed(T + K)
+    exact = dict(x=torch.randn(batch, T, E, generator=g, dtype=torch.float64),
+                 weight=torch.randn(E, K, generator=g, dtype=torch.float64),
+                 bias=torch.randn(E, generator=g, dtype=torch.float64),
+                 initial_state=torch.randn(batch, E, K - 1, generator=g, dtype=torch.float64) if with_state else None)
+    low = {k: None if v is None else v.to(DEVICE, dtype if k in ("x", "initial_state") else torch.float32)
+           for k, v in exact.items()}
+    gy = torch.randn(batch, T, E, generator=g, dtype=torch.float64)
+    gf = torch.randn(batch, E, K - 1, generator=g, dtype=torch.float64)
+
+    def go(fn, args):
+        leaves = {k: v.detach().clone().requires_grad_(True) if v is not None else None for k, v in args.items()}
+        y, final = fn(**leaves)
+        ((y.double() * gy.to(y.device)).sum() + (final.double() * gf.to(y.device)).sum()).backward()
+        return [y.double(), final.double()] + [leaves[k].grad.double() for k in leaves if leaves[k] is not None]
+
+    exact_out = go(ops.causal_conv1d_reference, exact)
+    with ops.use_kernels("reference"):
+        ref_out = go(ops.causal_conv1d, low)
+    with ops.use_kernels("triton"):
+        tri_out = go(ops.causal_conv1d, low)
+    slack = 1e-6 if dtype == torch.float32 else 1e-3
+    for i, (tri, ref, ex) in enumerate(zip(tri_out, ref_out, exact_out)):
+        assert rel_err(tri, ex) <= 3 * rel_err(ref, ex) + slack, i

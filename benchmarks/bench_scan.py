@@ -141,12 +141,59 @@ def run_conv(rows, bw, peer):
             print(row, flush=True)
 
 
+def graphed_ms(fn):
+    """Median ms of one replay of `fn` captured in a CUDA graph (decode steps are launch-bound)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay)
+
+
+def run_decode(rows, bw, peer_step, peer_conv_update):
+    """One decode step of the scan and the conv, state updated in place, in a CUDA graph."""
+    K = 4
+    for batch in (1, 16, 64):
+        g = dict(device="cuda", dtype=torch.bfloat16)
+        args = dict(u=torch.randn(batch, 1, E, **g), delta=torch.randn(batch, 1, E, **g) - 1,
+                    A=-torch.rand(E, N, device="cuda") * 8, B=torch.randn(batch, 1, N, **g),
+                    C=torch.randn(batch, 1, N, **g), D=torch.randn(E, device="cuda"), z=torch.randn(batch, 1, E, **g),
+                    delta_bias=torch.randn(E, device="cuda") * 0.1)
+        state = torch.randn(batch, E, N, device="cuda")
+        floor = (2 * state.nbytes + E * N * 4 + 5 * batch * E * 2) / bw * 1e3
+        with torch.no_grad(), ops.use_kernels("triton"):
+            ours = graphed_ms(lambda: ops.selective_scan(**args, initial_state=state))
+        row = dict(op="scan decode step", B=batch, L=1, mode="graph", ours_ms=ours, floor_ms=floor)
+        if peer_step is not None:
+            pa = {k: v[:, 0] if v.dim() == 3 else v for k, v in args.items()}
+            row["peer_ms"] = graphed_ms(lambda: peer_step(state, pa["u"], pa["delta"], pa["A"], pa["B"], pa["C"], pa["D"],
+                                                          z=pa["z"], dt_bias=pa["delta_bias"], dt_softplus=True))
+        rows.append(row)
+        print(row, flush=True)
+        x, w, b = torch.randn(batch, 1, E, **g), torch.randn(E, K, device="cuda"), torch.randn(E, device="cuda")
+        conv_state = torch.randn(batch, E, K - 1, **g)
+        with torch.no_grad(), ops.use_kernels("triton"):
+            ours = graphed_ms(lambda: ops.causal_conv1d(x, w, b, conv_state))
+        row = dict(op="conv decode step", B=batch, L=1, mode="graph", ours_ms=ours,
+                   floor_ms=(2 * conv_state.nbytes + w.nbytes + 2 * x.nbytes) / bw * 1e3)
+        if peer_conv_update is not None:
+            peer_state = torch.randn(batch, E, K - 1, **g)
+            row["peer_ms"] = graphed_ms(lambda: peer_conv_update(x[:, 0], peer_state, w, b, activation="silu"))
+        rows.append(row)
+        print(row, flush=True)
+
+
 def sweep():
     args = scan_inputs(8, 4096)
     grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
     results = []
-    for block_t in (32, 64):
-        for be in (2, 4, 8):
+    for block_t in (16, 32, 64):
+        for be in (8, 16, 32):
             for warps in (4, 8):
                 triton_scan.TILES.update(block_t=block_t, fwd=(be, warps), bwd=(be, warps))
                 try:
@@ -171,10 +218,11 @@ def table(rows, bw, exps, peer_names) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peer = r.get("peer_ms")
-        lines.append(f"| {r['op']} | {r['B']} | {r['L']} | {r['mode']} | {r['ours_ms']:.3f} | "
-                     f"{peer:.3f} | {r['ours_ms'] / peer:.2f} | " if peer else
-                     f"| {r['op']} | {r['B']} | {r['L']} | {r['mode']} | {r['ours_ms']:.3f} | - | - | ")
-        lines[-1] += f"{r['floor_ms']:.3f} | {r['ours_ms'] / r['floor_ms']:.1f} | {r.get('reference_ms', float('nan')):.1f} |"
+        lines.append(f"| {r['op']} | {r['B']} | {r['L']} | {r['mode']} | {r['ours_ms']:.4f} | "
+                     f"{peer:.4f} | {r['ours_ms'] / peer:.2f} | " if peer else
+                     f"| {r['op']} | {r['B']} | {r['L']} | {r['mode']} | {r['ours_ms']:.4f} | - | - | ")
+        ref = f"{r['reference_ms']:.1f}" if "reference_ms" in r else "-"
+        lines[-1] += f"{r['floor_ms']:.4f} | {r['ours_ms'] / r['floor_ms']:.1f} | {ref} |"
     return "\n".join(lines)
 
 
@@ -194,14 +242,20 @@ def main():
         print(f"mamba_ssm unavailable ({e}): no peer column for the scan")
         selective_scan_fn = None
     try:
-        from causal_conv1d import causal_conv1d_fn
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     except ImportError as e:
         print(f"causal_conv1d unavailable ({e}): no peer column for the conv")
-        causal_conv1d_fn = None
+        causal_conv1d_fn = causal_conv1d_update = None
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except ImportError as e:
+        print(f"mamba_ssm's selective_state_update unavailable ({e})")
+        selective_state_update = None
     bw, exps = copy_bandwidth(), exp_rate()
     rows = []
     run_scan(rows, bw, exps, selective_scan_fn)
     run_conv(rows, bw, causal_conv1d_fn)
+    run_decode(rows, bw, selective_state_update, causal_conv1d_update)
     md = table(rows, bw, exps, "mamba_ssm 2.3.2.post1, causal_conv1d 1.7.0 (CUDA, sm_90)")
     (out / "bench_scan.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "exp_rate": exps,
                                                      "tiles": triton_scan.TILES}, indent=1))

@@ -30,7 +30,10 @@ def causal_conv1d_reference(x, weight, bias=None, initial_state=None):
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None):
-    """Causal depthwise conv + SiLU (see module docstring); returns (y [B, T, E], final_state [B, E, K-1])."""
+    """Causal depthwise conv + SiLU (see module docstring); returns (y [B, T, E], final_state [B, E, K-1]).
+
+    When no gradient is needed, a backend may write the final state into `initial_state` and return
+    that same tensor (the Triton decode step does)."""
     op = "causal_conv1d"
     check_rank(op, "x", x, 3, "[B, T, E]")
     check_rank(op, "weight", weight, 2, "[E, K]")

@@ -65,7 +65,10 @@ def _scan_chunk(u, delta, B, C, h0, A, bias):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
-    """Selective scan (see module docstring); returns (y [B, T, E], final_state [B, E, N])."""
+    """Selective scan (see module docstring); returns (y [B, T, E], final_state [B, E, N]).
+
+    When no gradient is needed, a backend may write the final state into `initial_state` and return
+    that same tensor (the Triton decode step does: one read and one write of the state per token)."""
     op = "selective_scan"
     check_rank(op, "u", u, 3, "[B, T, E]")
     check_rank(op, "A", A, 2, "[E, N]")

@@ -100,6 +100,27 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, dy_ptr, dfinal_ptr, dx_ptr, 
                  mask=in_state[:, None] & em[None, :])
 
 
+@triton.jit
+def _conv_step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, E, s_xb,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One time step; the state (last K-1 inputs) shifts left in place and takes the new input."""
+    b = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    em = e < E
+    x = tl.load(x_ptr + b * s_xb + e, mask=em, other=0.0)
+    acc = tl.load(w_ptr + e * K + (K - 1), mask=em, other=0.0).to(tl.float32) * x.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)
+    row = s_ptr + (b * E + e) * (K - 1)
+    for k in tl.static_range(K - 1):
+        v = tl.load(row + k, mask=em, other=0.0)
+        acc += tl.load(w_ptr + e * K + k, mask=em, other=0.0).to(tl.float32) * v.to(tl.float32)
+        if k > 0:
+            tl.store(row + k - 1, v, mask=em)
+    tl.store(row + K - 2, x.to(s_ptr.dtype.element_ty), mask=em)
+    tl.store(y_ptr + b * E + e, (acc * tl.sigmoid(acc)).to(y_ptr.dtype.element_ty), mask=em)
+
+
 BLOCK_T, BLOCK_E = 64, 64
 
 
@@ -177,5 +198,26 @@ def _backward(ctx, dy, d_final):
 torch.library.register_autograd("samba_lm::causal_conv1d_fwd", _backward, setup_context=_setup)
 
 
+@torch.library.custom_op("samba_lm::causal_conv1d_step", mutates_args=("state",))
+def _conv_step_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    batch, _, E = x.shape
+    y = torch.empty_like(x)
+    block_e = min(1024, triton.next_power_of_2(E))
+    _conv_step_kernel[(batch, triton.cdiv(E, block_e))](x, weight.contiguous(), bias if bias is not None else y, state,
+                                                        y, E, x.stride(0), K=weight.shape[1],
+                                                        HAS_BIAS=bias is not None, BLOCK_E=block_e, num_warps=4)
+    return y
+
+
+@_conv_step_op.register_fake
+def _(x, weight, bias, state):
+    return torch.empty_like(x)
+
+
 def causal_conv1d_triton(x, weight, bias=None, initial_state=None):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
+    if (x.shape[1] == 1 and not needs_grad and initial_state is not None and initial_state.is_contiguous()
+            and x.stride(-1) == 1):
+        # Decode: one step, the state shifted in place and returned (see ops.causal_conv1d).
+        return _conv_step_op(x, weight, bias, initial_state), initial_state
     return _conv_fwd_op(x, weight, bias, initial_state)

@@ -189,9 +189,22 @@ def run_decode(rows, bw, peer_step, peer_conv_update):
 
 
 def sweep():
-    args = scan_inputs(8, 4096)
     grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
     results = []
+    for batch in (8, 1):
+        args = scan_inputs(batch, 4096)
+        for cfg in [(32, 1), (64, 2), (128, 4), (64, 1), (128, 2)]:
+            triton_scan.SEQUENTIAL_FORWARD = cfg
+            with ops.use_kernels("triton"):
+                f = median_ms(lambda: ops.selective_scan(**args), rep=50)
+                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
+            results.append(("sequential", batch, *cfg, f, fb))
+            print(f"sequential forward B={batch} channels {cfg[0]} warps {cfg[1]}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms",
+                  flush=True)
+    triton_scan.SEQUENTIAL_FORWARD = None
+    if os.environ.get("SWEEP_TILES") != "1":
+        return results
+    args = scan_inputs(8, 4096)
     for block_t in (16, 32, 64):
         for be in (8, 16, 32):
             for warps in (4, 8):

@@ -36,13 +36,22 @@ def rel_err(a, ref):
     return ((a.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture(params=["chunked", "sequential"])
+def forward_kernel(request, monkeypatch):
+    """Both forward kernels: the dispatcher picks by how many programs fill the GPU."""
+    from samba_lm.ops import triton_scan
+
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 0 if request.param == "sequential" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("T, dtype, flags", [
     (1, torch.float32, {}),
     (37, torch.float32, {"with_h0": False}),
     (130, torch.float32, {"with_z": False, "with_D": False, "with_bias": False}),
     (70, torch.bfloat16, {}),
 ])
-def test_scan_values_and_gradients(T, dtype, flags):
+def test_scan_values_and_gradients(T, dtype, flags, forward_kernel):
     batch, E, N = 2, 6, 4
     exact, low = scan_args(batch, T, E, N, dtype, seed=T, **flags)
     g = torch.Generator().manual_seed(99)
@@ -59,7 +68,7 @@ def test_scan_values_and_gradients(T, dtype, flags):
         assert rel_err(tri, exact_) <= 3 * rel_err(ref, exact_) + slack, name
 
 
-def test_scan_chunked_equals_whole_and_backward_is_deterministic():
+def test_scan_chunked_equals_whole_and_backward_is_deterministic(forward_kernel):
     _, low = scan_args(2, 100, 8, 4, torch.float32, seed=3)
     with ops.use_kernels("triton"):
         y, final = ops.selective_scan(**low)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, save_pretrained
 from ..config import SambaConfig
@@ -152,8 +153,6 @@ def _announce(cfg, env, model_cfg, micro, accum, loader, resume, log):
 
 
 def _progress(cfg, env, step):
-    from tqdm import tqdm
-
     return tqdm(total=cfg.steps, initial=step, disable=not (env.is_main and cfg.progress), unit="step",
                 dynamic_ncols=True, mininterval=1.0)
 
@@ -166,8 +165,10 @@ def _report(bar, step, cfg, last, is_main):
                f"grad {last['grad_norm']:.2f} | {last['tok_per_s']:.0f} tok/s")
         if "val_loss" in last:
             msg += f" | val loss {last['val_loss']:.4f} (ppl {perplexity(last['val_loss']):.1f})"
-        if is_main:
-            bar.write(msg) if not bar.disable else print(msg, flush=True)
+        if is_main and bar.disable:
+            print(msg, flush=True)
+        elif is_main:
+            bar.write(msg)
 
 
 # ----------------------------------------------------------------------------- the step

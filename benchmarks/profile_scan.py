@@ -1,0 +1,22 @@
+"""One forward+backward of the Triton scan at B=8, L=4096, E=4096, N=16 (bf16), for Nsight Compute:
+
+    ncu --kernel-name regex:_scan_ --launch-skip 2 --launch-count 2 --section SpeedOfLight \\
+        --section LaunchStats --section Occupancy --section WarpStateStats python benchmarks/profile_scan.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scan import scan_inputs  # noqa: E402
+
+from samba_lm import ops  # noqa: E402
+
+args = {k: v.requires_grad_(k != "A") for k, v in scan_inputs(8, 4096).items()}
+with ops.use_kernels("triton"):
+    for _ in range(2):  # the first pass compiles; ncu skips it with --launch-skip
+        y, _ = ops.selective_scan(**args)
+        y.backward(torch.randn_like(y))
+torch.cuda.synchronize()

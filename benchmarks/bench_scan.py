@@ -2,7 +2,7 @@
 (CUDA, built from their sdists by build_peers.sh) and our PyTorch reference, in the same run.
 
     python benchmarks/bench_scan.py --out results/          # the issue's table
-    python benchmarks/bench_scan.py --sweep                 # tile shapes of the Triton scan
+    python benchmarks/bench_scan.py --sweep                 # shapes of the Triton scan kernels
 
 Reports median milliseconds (triton.testing.do_bench), the ratio to the peer, and the ratio to a
 floor: the larger of bytes / measured copy bandwidth and exponentials / measured exp rate.
@@ -189,8 +189,11 @@ def run_decode(rows, bw, peer_step, peer_conv_update):
 
 
 def sweep():
+    """Step-at-a-time forward shapes at B=8 and B=1; with SWEEP_TILES=1 also the chunked kernels' tiles."""
     grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
     results = []
+    default_seq, default_min = triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM
+    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 0
     for batch in (8, 1):
         args = scan_inputs(batch, 4096)
         for cfg in [(32, 1), (64, 2), (128, 4), (64, 1), (128, 2)]:
@@ -201,10 +204,17 @@ def sweep():
             results.append(("sequential", batch, *cfg, f, fb))
             print(f"sequential forward B={batch} channels {cfg[0]} warps {cfg[1]}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms",
                   flush=True)
-    triton_scan.SEQUENTIAL_FORWARD = None
-    if os.environ.get("SWEEP_TILES") != "1":
-        return results
+    triton_scan.SEQUENTIAL_FORWARD = default_seq
+    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 10**9  # the chunked kernels alone
+    if os.environ.get("SWEEP_TILES") == "1":
+        results += sweep_tiles(grads)
+    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = default_min
+    return results
+
+
+def sweep_tiles(grads):
     args = scan_inputs(8, 4096)
+    results = []
     for block_t in (16, 32, 64):
         for be in (8, 16, 32):
             for warps in (4, 8):

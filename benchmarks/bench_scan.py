@@ -194,7 +194,7 @@ def sweep():
     results = []
     default_seq, default_min = triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM
     triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 0
-    for batch in (8, 1):
+    for batch in (8, 1) if os.environ.get("SWEEP_BACKWARD_ONLY") != "1" else ():
         args = scan_inputs(batch, 4096)
         for cfg in [(32, 1), (64, 2), (128, 4), (64, 1), (128, 2)]:
             triton_scan.SEQUENTIAL_FORWARD = cfg
@@ -205,10 +205,27 @@ def sweep():
             print(f"sequential forward B={batch} channels {cfg[0]} warps {cfg[1]}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms",
                   flush=True)
     triton_scan.SEQUENTIAL_FORWARD = default_seq
+    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = default_min
+    results += sweep_backward(grads)
     triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 10**9  # the chunked kernels alone
     if os.environ.get("SWEEP_TILES") == "1":
         results += sweep_tiles(grads)
     triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = default_min
+    return results
+
+
+def sweep_backward(grads):
+    """Backward tiles (channels x warps; time stays the forward's) at B=8 and B=1, L=4096."""
+    default_bwd, results = triton_scan.TILES["bwd"], []
+    for batch in (8, 1):
+        args = scan_inputs(batch, 4096)
+        for cfg in [(4, 2), (4, 4), (8, 2), (8, 4), (16, 4), (16, 8), (32, 8)]:
+            triton_scan.TILES["bwd"] = cfg
+            with ops.use_kernels("triton"):
+                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
+            results.append(("backward", batch, *cfg, fb))
+            print(f"backward B={batch} channels {cfg[0]} warps {cfg[1]}: fwd+bwd {fb:.3f} ms", flush=True)
+    triton_scan.TILES["bwd"] = default_bwd
     return results
 
 

@@ -322,27 +322,20 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     final = torch.empty(batch, E, N, device=u.device, dtype=torch.float32)
     carries = torch.empty(batch, n_chunks if save_carries else 0, E, N, device=u.device, dtype=torch.float32)
     dummy = final
-    seq_e, seq_warps = SEQUENTIAL_FORWARD
-    if batch * triton.cdiv(E, seq_e) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device):
-        _scan_fwd_seq_kernel[(batch, triton.cdiv(E, seq_e))](
-            u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
+    args = (u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
             initial_state.contiguous() if initial_state is not None else dummy, y, final, carries,
             T, E, N, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-            C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries,
-            BLOCK_E=seq_e, BLOCK_N=block_n, CARRY_T=block_t, num_warps=seq_warps)
-        return y, final, carries
-    _scan_fwd_kernel[(batch, triton.cdiv(E, block_e))](
-        u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy,
-        initial_state.contiguous() if initial_state is not None else dummy, y, final, carries,
-        T, E, N, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries,
-        BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=warps)
+            C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries, BLOCK_N=block_n)
+    seq_e, seq_warps = SEQUENTIAL_FORWARD
+    if batch * triton.cdiv(E, seq_e) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device):
+        _scan_fwd_seq_kernel[(batch, triton.cdiv(E, seq_e))](
+            *args, **flags, BLOCK_E=seq_e, CARRY_T=block_t, num_warps=seq_warps)
+    else:
+        _scan_fwd_kernel[(batch, triton.cdiv(E, block_e))](
+            *args, **flags, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=warps)
     return y, final, carries
 
 
@@ -350,8 +343,8 @@ def _multiprocessors(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _superblocks(batch: int, E: int, block_e: int, device) -> int:
-    """Channel blocks per backward program: enough programs to fill the GPU, no more."""
+def _superblocks(batch: int, E: int, block_e: int, device) -> tuple[int, int]:
+    """(channel blocks per backward program, programs per row): enough programs to fill the GPU."""
     blocks = triton.cdiv(E, block_e)
     sms = _multiprocessors(device)
     programs = min(blocks, max(1, triton.cdiv(8 * sms, batch)))

@@ -85,7 +85,7 @@ def cmd_info(args):
     info = {
         "config": cfg.name, "layers": kinds, "parameters": n, "non_embedding_parameters": n - emb,
         f"state_bytes_batch_{args.batch_size}_{args.dtype}": state.nbytes(),
-        f"forward_flops_per_token_at_{args.seq_len}": fpt, "training_flops_per_token": 3 * fpt,
+        f"forward_flops_per_token_at_{args.seq_len}": round(fpt), "training_flops_per_token": round(3 * fpt),
     }
     if cfg.count("attn"):
         info["note"] = "full-attention layers keep a cache that grows with the stream; the state size shown is its start"

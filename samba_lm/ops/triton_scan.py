@@ -12,8 +12,12 @@ little parallelism): one program per (batch row, BLOCK_E channels) walks time in
 `tl.associative_scan` along time, plus the carried state times the cumulative decay. Time is the
 leading axis so that Triton's default layout spreads channels and states over threads and keeps a
 thread's time steps in its registers: the scan is then sequential within a thread (with time last,
-across threads, the forward took 9.96 ms instead of 5.03 ms at B=8, L=4096, E=4096 on an H100). The state
-entering each chunk is saved (fp32, [B, chunks, E, N]) for the backward; nothing else is.
+across threads, the forward took 9.96 ms instead of 5.03 ms at B=8, L=4096, E=4096 on an H100).
+Both forwards save the state entering each BLOCK_T-step chunk (fp32, [B, chunks, E, N]) for the
+backward; nothing else is saved.
+
+Decode: a one-token call without gradients runs `_scan_step_kernel`, which reads and writes the
+state once, in place, and returns it as the final state.
 
 Backward: one program per (batch row, superblock of channels) walks the chunks in reverse; inside a
 chunk it visits the superblock's channel blocks, recomputes the chunk's states from the saved carry,

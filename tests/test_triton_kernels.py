@@ -50,6 +50,7 @@ def forward_kernel(request, monkeypatch):
     (37, torch.float32, {"with_h0": False}),
     (130, torch.float32, {"with_z": False, "with_D": False, "with_bias": False}),
     (70, torch.bfloat16, {}),
+    (45, torch.float16, {"with_h0": False}),
 ])
 def test_scan_values_and_gradients(T, dtype, flags, forward_kernel):
     batch, E, N = 2, 6, 4

@@ -215,8 +215,18 @@ def sweep():
 
 
 def sweep_backward(grads):
-    """Backward tiles (channels x warps; time stays the forward's) at B=8 and B=1, L=4096."""
+    """The step-at-a-time backward against the chunked one, and the chunked one's tiles (channels x
+    warps; time stays the forward's), at B=8 and B=1, L=4096."""
     default_bwd, results = triton_scan.TILES["bwd"], []
+    for batch in (8, 1):
+        args = scan_inputs(batch, 4096)
+        for sequential in (True, False):
+            triton_scan.SEQUENTIAL_BACKWARD = sequential
+            with ops.use_kernels("triton"):
+                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
+            results.append(("step-at-a-time backward" if sequential else "chunked backward", batch, fb))
+            print(f"{results[-1][0]} B={batch}: fwd+bwd {fb:.3f} ms", flush=True)
+    triton_scan.SEQUENTIAL_BACKWARD = False
     for batch in (8, 1):
         args = scan_inputs(batch, 4096)
         for cfg in [(4, 2), (4, 4), (8, 2), (8, 4), (16, 4), (16, 8), (32, 8)]:

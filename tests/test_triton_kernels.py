@@ -36,12 +36,14 @@ def rel_err(a, ref):
     return ((a.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(params=["chunked", "sequential"])
+@pytest.fixture(params=["chunked", "sequential", "sequential+backward"])
 def forward_kernel(request, monkeypatch):
-    """Both forward kernels: the dispatcher picks by how many programs fill the GPU."""
+    """Every kernel: the dispatcher picks by how many programs fill the GPU (and a switch, for the
+    step-at-a-time backward, until it is timed)."""
     from samba_lm.ops import triton_scan
 
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 0 if request.param == "sequential" else 10**9)
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 0 if "sequential" in request.param else 10**9)
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_BACKWARD", request.param.endswith("backward"))
     return request.param
 
 

@@ -154,6 +154,99 @@ def _scan_fwd_seq_kernel(
 
 
 @triton.jit
+def _scan_bwd_seq_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, carry_ptr, dy_ptr, dhT_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, h_ptr,
+    T, E, N, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
+):
+    """The step-at-a-time backward: a thread owns one channel's N states. Each CARRY_T-step segment,
+    last first, is recomputed forward from its saved carry (states parked in a per-program scratch
+    that stays in L2), then walked in reverse carrying q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1}
+    needs no shifted decay: one exponential per step and pass."""
+    b = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_prog = tl.num_programs(1)
+    e = pid * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]  # [1, E]
+    n = tl.arange(0, BLOCK_N)[:, None]  # [N, 1]
+    em, nm = e < E, n < N
+    ne = nm & em
+    ne_offs = e * N + n
+    zero_e = e * 0
+    A = tl.load(A_ptr + ne_offs, mask=ne, other=0.0).to(tl.float32)
+    Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    if HAS_DHT:
+        q = tl.load(dhT_ptr + b * E * N + ne_offs, mask=ne, other=0.0).to(tl.float32)
+    else:
+        q = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dD_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
+    db_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
+    scratch = h_ptr + (b * n_prog + pid) * CARRY_T * BLOCK_N * BLOCK_E + n * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    n_seg = tl.cdiv(T, CARRY_T)
+    for i in range(0, n_seg):
+        seg = n_seg - 1 - i
+        h = tl.load(carry_ptr + (b * n_seg + seg) * E * N + ne_offs, mask=ne, other=0.0)
+        for j in range(0, CARRY_T):
+            t = seg * CARRY_T + j
+            ok = (zero_e + t) < T
+            uu = tl.load(u_ptr + b * s_ub + t * s_ut + e, mask=em & ok, other=0.0).to(tl.float32)
+            raw = tl.load(dl_ptr + b * s_db + t * s_dt + e, mask=em & ok, other=0.0).to(tl.float32)
+            Bv = tl.load(B_ptr + b * s_Bb + t * s_Bt + n + zero_e, mask=nm & ok, other=0.0).to(tl.float32)
+            dt = tl.where(ok, _softplus(raw + bias), 0.0)
+            h = tl.exp(dt * A) * h + (dt * uu) * Bv
+            tl.store(scratch + j * BLOCK_N * BLOCK_E, h)
+        for jj in range(0, CARRY_T):
+            j = CARRY_T - 1 - jj
+            t = seg * CARRY_T + j
+            ok = (zero_e + t) < T
+            m = em & ok
+            uu = tl.load(u_ptr + b * s_ub + t * s_ut + e, mask=m, other=0.0).to(tl.float32)
+            raw = tl.load(dl_ptr + b * s_db + t * s_dt + e, mask=m, other=0.0).to(tl.float32) + bias
+            dyy = tl.load(dy_ptr + b * s_yb + t * s_yt + e, mask=m, other=0.0).to(tl.float32)
+            Bv = tl.load(B_ptr + b * s_Bb + t * s_Bt + n + zero_e, mask=nm & ok, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + b * s_Cb + t * s_Ct + n + zero_e, mask=nm & ok, other=0.0).to(tl.float32)
+            h = tl.load(scratch + j * BLOCK_N * BLOCK_E)
+            dt = tl.where(ok, _softplus(raw), 0.0)
+            decay = tl.exp(dt * A)
+            dtu = dt * uu
+            b_t = dtu * Bv
+            if HAS_Z:
+                zz = tl.load(z_ptr + b * s_zb + t * s_zt + e, mask=m, other=0.0).to(tl.float32)
+                y_pre = tl.sum(h * Cv, axis=0)[None, :] + Dv * uu
+                sig = tl.sigmoid(zz)
+                dz = dyy * y_pre * sig * (1.0 + zz * (1.0 - sig))
+                tl.store(dz_ptr + (b * T + t) * E + e, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                dyy = dyy * zz * sig
+            g = dyy * Cv + q
+            q = decay * g
+            g_ah = g * (h - b_t)  # a_t h_{t-1} = h_t - b_t
+            d_dtu = tl.sum(g * Bv, axis=0)[None, :]
+            ddt = d_dtu * uu + tl.sum(g_ah * A, axis=0)[None, :]
+            dA_acc += g_ah * dt
+            ddl = tl.where(ok, ddt * tl.sigmoid(raw), 0.0)
+            db_acc += ddl
+            du = d_dtu * dt
+            if HAS_D:
+                du += dyy * Dv
+                dD_acc += dyy * uu
+            tl.store(du_ptr + (b * T + t) * E + e, du.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddl_ptr + (b * T + t) * E + e, ddl.to(ddl_ptr.dtype.element_ty), mask=m)
+            part = ((b * n_prog + pid) * T + t) * N + tl.arange(0, BLOCK_N)
+            okn = (tl.arange(0, BLOCK_N) < N) & ((tl.arange(0, BLOCK_N) * 0 + t) < T)
+            tl.store(dB_ptr + part, tl.sum(g * dtu, axis=1), mask=okn)
+            tl.store(dC_ptr + part, tl.sum(dyy * h, axis=1), mask=okn)
+    tl.store(dh0_ptr + b * E * N + ne_offs, q, mask=ne)
+    tl.store(dA_ptr + b * E * N + ne_offs, dA_acc, mask=ne)
+    if HAS_D:
+        tl.store(dD_ptr + b * E + e, dD_acc, mask=em)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + b * E + e, db_acc, mask=em)
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, carry_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, g_ptr,
@@ -300,6 +393,9 @@ TILES = {"block_t": 16, "fwd": (16, 4), "bwd": (32, 8)}  # (channels per tile fo
 # B=1 the chunked one wins (0.91 ms against 2.42 ms). Measured on an H100, see benchmarks/RESULTS.md.
 SEQUENTIAL_FORWARD = (32, 1)  # (channels per program, warps)
 SEQUENTIAL_MIN_PROGRAMS_PER_SM = 4
+# The step-at-a-time backward (one warp per 32 channels) is written and tested (TRITON_INTERPRET=1)
+# but not yet timed on a GPU: off until benchmarks/bench_scan.py shows it faster than the chunked one.
+SEQUENTIAL_BACKWARD = False
 
 
 def _config(E: int, N: int, which: str = "fwd"):
@@ -362,7 +458,13 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     u, delta, B, C, dy = (_row_stride(x) for x in (u, delta, B, C, dy))
     z = _row_stride(z) if z is not None else None
     block_e, block_n, block_t, warps = _config(E, N, "bwd")
-    n_sub, n_sb = _superblocks(batch, E, block_e, u.device)
+    seq_e = SEQUENTIAL_FORWARD[0]
+    sequential = SEQUENTIAL_BACKWARD and batch * triton.cdiv(E, seq_e) >= (
+        SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device))
+    if sequential:
+        n_sub, n_sb = 1, triton.cdiv(E, seq_e)
+    else:
+        n_sub, n_sb = _superblocks(batch, E, block_e, u.device)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
@@ -373,18 +475,24 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     dB = torch.empty(batch, n_sb, T, N, **f32)
     dC = torch.empty(batch, n_sb, T, N, **f32)
     dh0 = torch.empty(batch, E, N, **f32)
-    g = torch.empty(batch, E, N, **f32)
     dummy = dh0
-    _scan_bwd_kernel[(batch, n_sb)](
-        u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, carries, dy,
-        d_final.contiguous() if d_final is not None else dummy,
-        du, ddelta, dz if dz is not None else dummy, dA, dD, dbias, dB, dC, dh0, g,
-        T, E, N, n_sub, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-        dy.stride(0), dy.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DHT=d_final is not None,
-        BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=warps)
+    args = (u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, carries, dy,
+            d_final.contiguous() if d_final is not None else dummy,
+            du, ddelta, dz if dz is not None else dummy, dA, dD, dbias, dB, dC, dh0)
+    strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+               C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+               dy.stride(0), dy.stride(1))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 HAS_DHT=d_final is not None, BLOCK_N=block_n)
+    if sequential:
+        scratch = torch.empty(batch, n_sb, block_t, block_n, seq_e, **f32)  # recomputed states of a segment
+        _scan_bwd_seq_kernel[(batch, n_sb)](*args, scratch, T, E, N, *strides, **flags,
+                                            BLOCK_E=seq_e, CARRY_T=block_t, num_warps=SEQUENTIAL_FORWARD[1])
+    else:
+        g = torch.empty(batch, E, N, **f32)  # the reverse scan's carry between chunks
+        _scan_bwd_kernel[(batch, n_sb)](*args, g, T, E, N, n_sub, *strides, **flags,
+                                        BLOCK_E=block_e, BLOCK_T=block_t, num_warps=warps)
     return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dz, dbias.sum(0), dh0
 
 

@@ -25,7 +25,8 @@ and runs the reverse scan g_t = dy'_t C_t + a_{t+1} g_{t+1} (the shifted decay a
 from delta at t+1, so no register shift is needed). The sums over channels of dB and dC stay in
 registers across the superblock and are written once per (superblock, chunk); they, and the sums
 over batch of dA, dD and d(delta_bias), are added up afterwards in a fixed order: the backward is
-deterministic, run to run.
+deterministic, run to run. A step-at-a-time backward mirroring the step-at-a-time forward
+(`_scan_bwd_seq_kernel`) is tested but stays off (`SEQUENTIAL_BACKWARD`) until it is timed on a GPU.
 
 What the reference covers that this does not: float64, and CPUs (except under TRITON_INTERPRET=1).
 """

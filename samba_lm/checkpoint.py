@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -109,8 +110,6 @@ def _rank() -> int:
 
 def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict, per_rank: dict, meta: dict) -> Path:
     """Collective: every rank calls it. `tensors` may hold DTensors (sharded state)."""
-    import shutil
-
     import torch.distributed.checkpoint as dcp
 
     root = Path(root)
@@ -165,8 +164,6 @@ def load_checkpoint(path: str | os.PathLike, tensors: dict) -> tuple[dict, dict 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int):
     """Keep the newest `keep` committed checkpoints; drop stale `.tmp` directories. Main rank only."""
-    import shutil
-
     if not _is_main():
         return
     for old in list_checkpoints(root)[:-keep]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def cmd_export(args):
     save_pretrained(model, args.out)
     tokenizer = where.parent.parent / "tokenizer.json"
     if tokenizer.is_file():
-        import shutil
-
         shutil.copyfile(tokenizer, Path(args.out) / "tokenizer.json")
     print(f"exported {where} -> {args.out}")
 

@@ -536,7 +536,7 @@ def _(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
 def _setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, _ = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
-    ctx.h0_meta = None if initial_state is None else initial_state.dtype
+    ctx.h0_dtype = None if initial_state is None else initial_state.dtype
 
 
 def _backward(ctx, dy, d_final, _d_carries):
@@ -546,7 +546,7 @@ def _backward(ctx, dy, d_final, _d_carries):
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None,
-            dh0.to(ctx.h0_meta) if ctx.h0_meta is not None else None, None)
+            dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None, None)
 
 
 torch.library.register_autograd("samba_lm::selective_scan_fwd", _backward, setup_context=_setup)

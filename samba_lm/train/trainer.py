@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from ..checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, save_pretrained
+from ..checkpoint import (list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint,
+                          save_pretrained)
 from ..config import SambaConfig
 from ..data import BlockLoader, TokenShards
 from ..flops import flops_per_token
@@ -52,7 +54,7 @@ def _run(cfg: TrainConfig, env: D.DistEnv) -> dict:
     model = build_model(model_cfg, env.device, cfg.seed)
     model = D.parallelize(model, cfg.parallel, env, compile=cfg.compile)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.exempt_from_decay)
-    step = _restore(resume, model, optimizer, train_loader) if resume else _start_run(cfg, env, data, model_cfg)
+    step = _restore(resume[0], model, optimizer) if resume else _start_run(cfg, env, data, model_cfg)
     autocast = _autocast(cfg, env.device)
 
     bar = _progress(cfg, env, step)
@@ -207,8 +209,6 @@ def evaluate(model, stream, cfg, micro, autocast, env) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 def _stateful(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd}
 
@@ -227,9 +227,8 @@ def _save(out, step, model, optimizer, loader, model_cfg, cfg):
 
 
 def _resumable(cfg, model_cfg, loader):
-    """(path, meta) of the newest checkpoint to resume from, after checking it fits this run."""
-    from ..checkpoint import read_checkpoint_meta
-
+    """(path, meta) of the newest checkpoint to resume from, after checking it fits this run; the
+    loader is positioned there already."""
     found = list_checkpoints(Path(cfg.out_dir) / "checkpoints") if cfg.resume else []
     if not found:
         return None
@@ -246,14 +245,10 @@ def _resumable(cfg, model_cfg, loader):
     return found[-1], meta
 
 
-def _restore(resume, model, optimizer, loader) -> int:
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    path, meta = resume
+def _restore(path, model, optimizer) -> int:
     state = _stateful(model, optimizer)
     meta, rng = load_checkpoint(path, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    loader.load_state_dict(meta["loader"])
     if rng is not None:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -263,8 +258,6 @@ def _restore(resume, model, optimizer, loader) -> int:
 
 def export(model, model_cfg, directory: Path, tokenizer: Path, env):
     """Gather the full weights (collective) and write one safetensors model on the main rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
         with torch.device("meta"):

@@ -189,53 +189,40 @@ def run_decode(rows, bw, peer_step, peer_conv_update):
 
 
 def sweep():
-    """Step-at-a-time forward shapes at B=8 and B=1; with SWEEP_TILES=1 also the chunked kernels' tiles."""
+    """Step-at-a-time kernels (channels per program x warps x steps per iteration) against the chunked
+    ones, at B=8 and B=1, L=4096; with SWEEP_TILES=1 also the chunked kernels' tiles."""
     grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+    saved = (triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_STEPS, triton_scan.SEQUENTIAL_BACKWARD,
+             triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM)
     results = []
-    default_seq, default_min = triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM
-    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 0
-    for batch in (8, 1) if os.environ.get("SWEEP_BACKWARD_ONLY") != "1" else ():
+
+    def time(batch, args, label, fwd=True):
+        with ops.use_kernels("triton"):
+            f = median_ms(lambda: ops.selective_scan(**args), rep=50) if fwd else float("nan")
+            fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
+        results.append((label, batch, f, fb))
+        print(f"{label} B={batch}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms", flush=True)
+
+    for batch in (8, 1):
         args = scan_inputs(batch, 4096)
-        for cfg in [(32, 1), (64, 2), (128, 4), (64, 1), (128, 2)]:
-            triton_scan.SEQUENTIAL_FORWARD = cfg
-            with ops.use_kernels("triton"):
-                f = median_ms(lambda: ops.selective_scan(**args), rep=50)
-                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
-            results.append(("sequential", batch, *cfg, f, fb))
-            print(f"sequential forward B={batch} channels {cfg[0]} warps {cfg[1]}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms",
-                  flush=True)
-    triton_scan.SEQUENTIAL_FORWARD = default_seq
-    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = default_min
-    results += sweep_backward(grads)
-    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 10**9  # the chunked kernels alone
+        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_BACKWARD = 10**9, False
+        time(batch, args, "chunked forward, chunked backward")
+        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 0
+        for cfg in [(32, 1), (64, 1), (64, 2), (128, 2), (16, 1)]:
+            for steps in (1, 2):
+                triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_STEPS = cfg, steps
+                for sequential_bwd in (False, True):
+                    triton_scan.SEQUENTIAL_BACKWARD = sequential_bwd
+                    time(batch, args, f"step-at-a-time forward, channels {cfg[0]} warps {cfg[1]} steps {steps}, "
+                                      f"{'step-at-a-time' if sequential_bwd else 'chunked'} backward",
+                         fwd=not sequential_bwd)
+        torch.cuda.empty_cache()
+    (triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_STEPS, triton_scan.SEQUENTIAL_BACKWARD,
+     triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM) = saved
     if os.environ.get("SWEEP_TILES") == "1":
+        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 10**9  # the chunked kernels alone
         results += sweep_tiles(grads)
-    triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = default_min
-    return results
-
-
-def sweep_backward(grads):
-    """The step-at-a-time backward against the chunked one, and the chunked one's tiles (channels x
-    warps; time stays the forward's), at B=8 and B=1, L=4096."""
-    default_bwd, results = triton_scan.TILES["bwd"], []
-    for batch in (8, 1):
-        args = scan_inputs(batch, 4096)
-        for sequential in (True, False):
-            triton_scan.SEQUENTIAL_BACKWARD = sequential
-            with ops.use_kernels("triton"):
-                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
-            results.append(("step-at-a-time backward" if sequential else "chunked backward", batch, fb))
-            print(f"{results[-1][0]} B={batch}: fwd+bwd {fb:.3f} ms", flush=True)
-    triton_scan.SEQUENTIAL_BACKWARD = False
-    for batch in (8, 1):
-        args = scan_inputs(batch, 4096)
-        for cfg in [(4, 2), (4, 4), (8, 2), (8, 4), (16, 4), (16, 8), (32, 8)]:
-            triton_scan.TILES["bwd"] = cfg
-            with ops.use_kernels("triton"):
-                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
-            results.append(("backward", batch, *cfg, fb))
-            print(f"backward B={batch} channels {cfg[0]} warps {cfg[1]}: fwd+bwd {fb:.3f} ms", flush=True)
-    triton_scan.TILES["bwd"] = default_bwd
+        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = saved[3]
     return results
 
 

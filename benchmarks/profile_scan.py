@@ -1,9 +1,11 @@
-"""One forward+backward of the Triton scan at B=8, L=4096, E=4096, N=16 (bf16), for Nsight Compute:
+"""One forward+backward of the Triton scan at B=8, L=4096, E=4096, N=16 (bf16), for Nsight Compute
+(SEQUENTIAL_BACKWARD=0 in the environment: the chunked backward after the step-at-a-time forward):
 
     ncu --kernel-name regex:_scan_ --launch-skip 2 --launch-count 2 --section SpeedOfLight \\
         --section LaunchStats --section Occupancy --section WarpStateStats python benchmarks/profile_scan.py
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import scan_inputs  # noqa: E402
 
 from samba_lm import ops  # noqa: E402
+from samba_lm.ops import triton_scan  # noqa: E402
+
+triton_scan.SEQUENTIAL_BACKWARD = os.environ.get("SEQUENTIAL_BACKWARD") != "0"
 
 args = {k: v.requires_grad_(k != "A") for k, v in scan_inputs(8, 4096).items()}
 with ops.use_kernels("triton"):

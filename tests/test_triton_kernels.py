@@ -36,14 +36,15 @@ def rel_err(a, ref):
     return ((a.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(params=["chunked", "sequential", "sequential+backward"])
+@pytest.fixture(params=["chunked", "sequential", "sequential+backward", "sequential-1step+backward"])
 def forward_kernel(request, monkeypatch):
-    """Every kernel: the dispatcher picks by how many programs fill the GPU (and a switch, for the
-    step-at-a-time backward, until it is timed)."""
+    """Every kernel: the dispatcher picks by how many programs fill the GPU; switches choose the
+    backward after a step-at-a-time forward, and its steps per loop iteration."""
     from samba_lm.ops import triton_scan
 
     monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 0 if "sequential" in request.param else 10**9)
     monkeypatch.setattr(triton_scan, "SEQUENTIAL_BACKWARD", request.param.endswith("backward"))
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_STEPS", 1 if "1step" in request.param else 2)
     return request.param
 
 

@@ -6,27 +6,39 @@ fp16, bf16 or fp32; state, accumulation and every gradient are fp32 (cast to the
 the end). float64 is the reference's job: the dispatcher never sends it here.
 
 Forward, when batch x channels fill the GPU: one warp per (batch row, 32 channels) steps through time,
-each thread holding one channel's N states, prefetching the next step's inputs. Otherwise (few rows,
-little parallelism): one program per (batch row, BLOCK_E channels) walks time in chunks. A chunk is a
-[BLOCK_T, BLOCK_E, N] register tile: decays exp(dt*A) and inputs dt*u*B, combined by
-`tl.associative_scan` along time, plus the carried state times the cumulative decay. Time is the
-leading axis so that Triton's default layout spreads channels and states over threads and keeps a
-thread's time steps in its registers: the scan is then sequential within a thread (with time last,
-across threads, the forward took 9.96 ms instead of 5.03 ms at B=8, L=4096, E=4096 on an H100).
-Both forwards save the state entering each BLOCK_T-step chunk (fp32, [B, chunks, E, N]) for the
-backward; nothing else is saved.
+each thread holding one channel's N states, two steps per loop iteration so that two steps of loads
+are in flight. Otherwise (few rows, little parallelism): one program per (batch row, BLOCK_E
+channels) walks time in chunks. A chunk is a [BLOCK_T, BLOCK_E, N] register tile: decays exp(dt*A)
+and inputs dt*u*B, combined by `tl.associative_scan` along time, plus the carried state times the
+cumulative decay. Time is the leading axis so that Triton's default layout spreads channels and
+states over threads and keeps a thread's time steps in its registers: the scan is then sequential
+within a thread (with time last, across threads, the forward took 9.96 ms instead of 5.03 ms at B=8,
+L=4096, E=4096 on an H100). Both forwards save the state entering each BLOCK_T-step chunk (fp32,
+[B, chunks, N, E]) for the backward; nothing else is saved.
+
+The step-at-a-time kernels hold states as [N, E] tiles with channels across threads: A, the carries
+and the states they read and write are [N, E]-major, B and C are made fp32 once (no per-thread
+conversions) and loaded as [N, 1] columns that broadcast in registers. How Triton lays these tiles
+out decides the speed (states across threads cost a shuffle reduction per step): `zero` below keeps
+it from vectorizing [N, E] accesses into a second layout.
 
 Decode: a one-token call without gradients runs `_scan_step_kernel`, which reads and writes the
 state once, in place, and returns it as the final state.
 
-Backward: one program per (batch row, superblock of channels) walks the chunks in reverse; inside a
-chunk it visits the superblock's channel blocks, recomputes the chunk's states from the saved carry,
-and runs the reverse scan g_t = dy'_t C_t + a_{t+1} g_{t+1} (the shifted decay a_{t+1} is recomputed
-from delta at t+1, so no register shift is needed). The sums over channels of dB and dC stay in
-registers across the superblock and are written once per (superblock, chunk); they, and the sums
-over batch of dA, dD and d(delta_bias), are added up afterwards in a fixed order: the backward is
-deterministic, run to run. A step-at-a-time backward mirroring the step-at-a-time forward
-(`_scan_bwd_seq_kernel`) is tested but stays off (`SEQUENTIAL_BACKWARD`) until it is timed on a GPU.
+Backward, step at a time (when the forward is): one warp per (batch row, 32 channels) walks the
+BLOCK_T-step segments last first. It recomputes a segment's states from the saved carry into a
+per-program scratch (32 KB, meant to stay in L2), then walks the segment in reverse carrying
+q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1} needs no shifted decay: one exponential per step and
+pass. Each step's dB and dC are summed over the warp's channels (shuffles) and written per program.
+
+Backward, chunked: one program per (batch row, superblock of channels) walks the chunks in reverse;
+inside a chunk it visits the superblock's channel blocks, recomputes the chunk's states from the saved
+carry, and runs the reverse scan g_t = dy'_t C_t + a_{t+1} g_{t+1} (the shifted decay a_{t+1} is
+recomputed from delta at t+1, so no register shift is needed). The sums over channels of dB and dC
+stay in registers across the superblock and are written once per (superblock, chunk).
+
+Both backwards write partial sums (dB and dC per program, dA, dD and d(delta_bias) per row) that are
+added up afterwards in a fixed order, with no atomics: the backward is deterministic, run to run.
 
 What the reference covers that this does not: float64, and CPUs (except under TRITON_INTERPRET=1).
 """
@@ -38,6 +50,9 @@ import triton
 import triton.language as tl
 
 # ----------------------------------------------------------------------------- kernels
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -64,6 +79,7 @@ def _scan_fwd_kernel(
     em, nm = e < E, n < N
     en = em[:, None] & nm[None, :]
     en_offs = e[:, None] * N + n[None, :]
+    ne_offs = e[:, None] + n[None, :] * E  # carries are [N, E]-major, as the step-at-a-time kernels want
     A = tl.load(A_ptr + en_offs, mask=en, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32)
@@ -76,7 +92,7 @@ def _scan_fwd_kernel(
     n_chunks = tl.cdiv(T, BLOCK_T)
     for c in range(0, n_chunks):
         if SAVE_CARRIES:
-            tl.store(carry_ptr + (b * n_chunks + c) * E * N + en_offs, h, mask=en)
+            tl.store(carry_ptr + (b * n_chunks + c) * E * N + ne_offs, h, mask=en)
         t = c * BLOCK_T + tt
         tm = t < T
         m = tm[:, None] & em[None, :]
@@ -104,61 +120,90 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t, T, e, n, em, nm,
+              s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z: tl.constexpr):
+    """Step t's inputs. Past the end it reloads the last step (the caller keeps it out of the state):
+    no time masks, so the B and C loads, N per thread, need no per-element predicates."""
+    t = tl.minimum(t, T - 1)
+    uu = tl.load(u_ptr + b * s_ub + t * s_ut + e, mask=em, other=0.0)
+    dt = tl.load(dl_ptr + b * s_db + t * s_dt + e, mask=em, other=0.0)
+    zz = tl.load(z_ptr + b * s_zb + t * s_zt + e, mask=em, other=0.0) if HAS_Z else uu
+    Bv = tl.load(B_ptr + b * s_Bb + t * s_Bt + n * s_Bn, mask=nm, other=0.0)  # [N, 1]: broadcast in registers
+    Cv = tl.load(C_ptr + b * s_Cb + t * s_Ct + n * s_Cn, mask=nm, other=0.0)
+    return uu, dt, zz, Bv, Cv
+
+
+@triton.jit
+def _seq_step(h, uu, dt, zz, Bv, Cv, A, Dv, bias, ok, HAS_Z: tl.constexpr):
+    """h <- exp(dt A) h + dt u B, y = C.h + D u, gated by SiLU(z); a step past the end leaves h alone."""
+    uu, Bv, Cv = uu.to(tl.float32), Bv.to(tl.float32), Cv.to(tl.float32)
+    dt = tl.where(ok, _softplus(dt.to(tl.float32) + bias), 0.0)
+    h = tl.exp2(dt * A) * h + (dt * uu) * Bv  # A comes scaled by log2(e)
+    y = tl.sum(h * Cv, axis=0)[None, :] + Dv * uu
+    if HAS_Z:
+        zf = zz.to(tl.float32)
+        y *= zf * tl.sigmoid(zf)
+    return h, y
+
+
+# The step-at-a-time kernels want one layout throughout: a thread per channel, its N states in
+# registers. [N, E] tensors are addressed with `zero` added, a 0 whose alignment Triton does not know:
+# a provably aligned address would make Triton load in vectors, in another layout than the step's,
+# and convert through shared memory at every step.
+@triton.jit(do_not_specialize=["zero"])
 def _scan_fwd_seq_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, carry_ptr,
-    T, E, N, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt,
+    T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_Bn, s_Cn, zero,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SAVE_CARRIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
     """One step at a time: a thread owns one channel and its N states in registers, so the state
-    update and the C.h sum never leave the thread; the next step's inputs load during this one."""
+    update and the C.h sum never leave the thread. The loop takes STEPS (1 or 2) steps per iteration
+    and loads the next iteration's inputs during this one: STEPS=2 keeps two steps of loads in flight."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]  # [1, E]
     n = tl.arange(0, BLOCK_N)[:, None]  # [N, 1]
     em, nm = e < E, n < N
     ne = nm & em
-    ne_offs = e * N + n
-    A = tl.load(A_ptr + ne_offs, mask=ne, other=0.0).to(tl.float32)  # [N, E]
+    ne_offs = n * E + e + zero  # [N, E]-major
+    zero_e = e * 0
+    A = tl.load(A_ptr + ne_offs, mask=ne, other=0.0).to(tl.float32) * LOG2E  # [N, E], for exp2
     Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     if HAS_H0:
         h = tl.load(h0_ptr + b * E * N + ne_offs, mask=ne, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-    zero_e = e * 0  # B and C are shared by all channels: broadcast loads, already in [N, E] layout
-    u_next = tl.load(u_ptr + b * s_ub + e, mask=em, other=0.0)
-    dt_next = tl.load(dl_ptr + b * s_db + e, mask=em, other=0.0)
-    z_next = tl.load(z_ptr + b * s_zb + e, mask=em, other=0.0) if HAS_Z else 0.0
-    B_next = tl.load(B_ptr + b * s_Bb + n + zero_e, mask=nm, other=0.0)
-    C_next = tl.load(C_ptr + b * s_Cb + n + zero_e, mask=nm, other=0.0)
-    for t in range(0, T):
+    u0, d0, z0, B0, C0 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, e, n, em, nm,
+                                   s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+    if STEPS == 2:
+        u1, d1, z1, B1, C1 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, 1, T, e, n, em, nm,
+                                       s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+    for t in range(0, T, STEPS):
         if SAVE_CARRIES:
-            if t % CARRY_T == 0:
+            if t % CARRY_T == 0:  # CARRY_T is a multiple of STEPS
                 tl.store(carry_ptr + (b * tl.cdiv(T, CARRY_T) + t // CARRY_T) * E * N + ne_offs, h, mask=ne)
-        uu, dt, Bv, Cv = u_next.to(tl.float32), dt_next.to(tl.float32), B_next.to(tl.float32), C_next.to(tl.float32)
-        zz = z_next
-        more = zero_e + t + 1 < T  # a tensor: masks must be tensors
-        u_next = tl.load(u_ptr + b * s_ub + (t + 1) * s_ut + e, mask=em & more, other=0.0)
-        dt_next = tl.load(dl_ptr + b * s_db + (t + 1) * s_dt + e, mask=em & more, other=0.0)
-        if HAS_Z:
-            z_next = tl.load(z_ptr + b * s_zb + (t + 1) * s_zt + e, mask=em & more, other=0.0)
-        B_next = tl.load(B_ptr + b * s_Bb + (t + 1) * s_Bt + n + zero_e, mask=nm & more, other=0.0)
-        C_next = tl.load(C_ptr + b * s_Cb + (t + 1) * s_Ct + n + zero_e, mask=nm & more, other=0.0)
-        dt = _softplus(dt + bias)
-        h = tl.exp(dt * A) * h + (dt * uu) * Bv
-        y = tl.sum(h * Cv, axis=0)[None, :] + Dv * uu
-        if HAS_Z:
-            zf = zz.to(tl.float32)
-            y *= zf * tl.sigmoid(zf)
+        uu, dt, zz, Bv, Cv = u0, d0, z0, B0, C0
+        u0, d0, z0, B0, C0 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t + STEPS, T, e, n, em, nm,
+                                       s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+        h, y = _seq_step(h, uu, dt, zz, Bv, Cv, A, Dv, bias, zero_e + t < T, HAS_Z)
         tl.store(y_ptr + (b * T + t) * E + e, y.to(y_ptr.dtype.element_ty), mask=em)
+        if STEPS == 2:
+            uu, dt, zz, Bv, Cv = u1, d1, z1, B1, C1
+            u1, d1, z1, B1, C1 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t + 3, T, e, n, em, nm,
+                                           s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+            h, y = _seq_step(h, uu, dt, zz, Bv, Cv, A, Dv, bias, zero_e + t + 1 < T, HAS_Z)
+            y_mask = em & (zero_e + t + 1 < T)
+            tl.store(y_ptr + (b * T + t + 1) * E + e, y.to(y_ptr.dtype.element_ty), mask=y_mask)
     tl.store(hT_ptr + b * E * N + ne_offs, h, mask=ne)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["zero"])
 def _scan_bwd_seq_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, carry_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, h_ptr,
-    T, E, N, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt,
+    T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_Bn, s_Cn, zero,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
 ):
@@ -173,9 +218,10 @@ def _scan_bwd_seq_kernel(
     n = tl.arange(0, BLOCK_N)[:, None]  # [N, 1]
     em, nm = e < E, n < N
     ne = nm & em
-    ne_offs = e * N + n
+    ne_offs = n * E + e + zero  # [N, E]-major
     zero_e = e * 0
     A = tl.load(A_ptr + ne_offs, mask=ne, other=0.0).to(tl.float32)
+    A2 = A * LOG2E  # for exp2
     Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     if HAS_DHT:
@@ -185,37 +231,49 @@ def _scan_bwd_seq_kernel(
     dA_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dD_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
     db_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
-    scratch = h_ptr + (b * n_prog + pid) * CARRY_T * BLOCK_N * BLOCK_E + n * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    scratch = (h_ptr + (b * n_prog + pid) * CARRY_T * BLOCK_N * BLOCK_E + n * BLOCK_E
+               + tl.arange(0, BLOCK_E)[None, :] + zero)
     n_seg = tl.cdiv(T, CARRY_T)
     for i in range(0, n_seg):
         seg = n_seg - 1 - i
         h = tl.load(carry_ptr + (b * n_seg + seg) * E * N + ne_offs, mask=ne, other=0.0)
+        # Recompute the segment's states into the scratch; the next step's inputs load during this one.
+        t0 = seg * CARRY_T
+        u_n, raw_n, _, B_n, _ = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t0, T, e, n, em, nm, s_ub, s_ut,
+                                          s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, False)
         for j in range(0, CARRY_T):
-            t = seg * CARRY_T + j
-            ok = (zero_e + t) < T
-            uu = tl.load(u_ptr + b * s_ub + t * s_ut + e, mask=em & ok, other=0.0).to(tl.float32)
-            raw = tl.load(dl_ptr + b * s_db + t * s_dt + e, mask=em & ok, other=0.0).to(tl.float32)
-            Bv = tl.load(B_ptr + b * s_Bb + t * s_Bt + n + zero_e, mask=nm & ok, other=0.0).to(tl.float32)
-            dt = tl.where(ok, _softplus(raw + bias), 0.0)
-            h = tl.exp(dt * A) * h + (dt * uu) * Bv
+            t = t0 + j
+            uu, raw, Bv = u_n.to(tl.float32), raw_n.to(tl.float32), B_n
+            u_n, raw_n, _, B_n, _ = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t + 1, T, e, n, em, nm, s_ub,
+                                              s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, False)
+            dt = tl.where(zero_e + t < T, _softplus(raw + bias), 0.0)  # past the end: the state stays
+            h = tl.exp2(dt * A2) * h + (dt * uu) * Bv
             tl.store(scratch + j * BLOCK_N * BLOCK_E, h)
+        # Walk it in reverse, again loading the next (earlier) step's inputs during this one.
+        t1 = t0 + CARRY_T - 1
+        u_n, raw_n, z_n, B_n, C_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t1, T, e, n, em, nm, s_ub, s_ut,
+                                              s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+        dy_n = tl.load(dy_ptr + b * s_yb + tl.minimum(t1, T - 1) * s_yt + e, mask=em, other=0.0)
+        h_n = tl.load(scratch + (CARRY_T - 1) * BLOCK_N * BLOCK_E)
         for jj in range(0, CARRY_T):
             j = CARRY_T - 1 - jj
-            t = seg * CARRY_T + j
+            t = t0 + j
             ok = (zero_e + t) < T
             m = em & ok
-            uu = tl.load(u_ptr + b * s_ub + t * s_ut + e, mask=m, other=0.0).to(tl.float32)
-            raw = tl.load(dl_ptr + b * s_db + t * s_dt + e, mask=m, other=0.0).to(tl.float32) + bias
-            dyy = tl.load(dy_ptr + b * s_yb + t * s_yt + e, mask=m, other=0.0).to(tl.float32)
-            Bv = tl.load(B_ptr + b * s_Bb + t * s_Bt + n + zero_e, mask=nm & ok, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + b * s_Cb + t * s_Ct + n + zero_e, mask=nm & ok, other=0.0).to(tl.float32)
-            h = tl.load(scratch + j * BLOCK_N * BLOCK_E)
+            uu, raw, Bv, Cv, h = u_n.to(tl.float32), raw_n.to(tl.float32) + bias, B_n, C_n, h_n
+            dyy = tl.where(ok, dy_n.to(tl.float32), 0.0)
+            zz = z_n.to(tl.float32)
+            jp = tl.maximum(j - 1, 0)  # the segment's first step loads itself again, unused
+            u_n, raw_n, z_n, B_n, C_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t0 + jp, T, e, n, em, nm,
+                                                  s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb,
+                                                  s_zt, HAS_Z)
+            dy_n = tl.load(dy_ptr + b * s_yb + tl.minimum(t0 + jp, T - 1) * s_yt + e, mask=em, other=0.0)
+            h_n = tl.load(scratch + jp * BLOCK_N * BLOCK_E)
             dt = tl.where(ok, _softplus(raw), 0.0)
-            decay = tl.exp(dt * A)
+            decay = tl.exp2(dt * A2)
             dtu = dt * uu
             b_t = dtu * Bv
             if HAS_Z:
-                zz = tl.load(z_ptr + b * s_zb + t * s_zt + e, mask=m, other=0.0).to(tl.float32)
                 y_pre = tl.sum(h * Cv, axis=0)[None, :] + Dv * uu
                 sig = tl.sigmoid(zz)
                 dz = dyy * y_pre * sig * (1.0 + zz * (1.0 - sig))
@@ -281,7 +339,7 @@ def _scan_bwd_kernel(
             m = tm[:, None] & em[None, :]
             mn = tnm[:, None] & em[None, :]
             A = tl.load(A_ptr + en_offs, mask=en, other=0.0).to(tl.float32)
-            h0 = tl.load(carry_ptr + (b * n_chunks + c) * E * N + en_offs, mask=en, other=0.0)
+            h0 = tl.load(carry_ptr + (b * n_chunks + c) * E * N + e[:, None] + n[None, :] * E, mask=en, other=0.0)
             if i == 0:
                 if HAS_DHT:
                     g_next = tl.load(dhT_ptr + b * E * N + en_offs, mask=en, other=0.0).to(tl.float32)
@@ -389,14 +447,14 @@ def _scan_step_kernel(
 # BLOCK_T is shared by forward and backward: the forward saves one carried state per BLOCK_T steps.
 # The benchmark's sweep replaces this dict; nothing else should.
 TILES = {"block_t": 16, "fwd": (16, 4), "bwd": (32, 8)}  # (channels per tile for N=16, warps)
-# The step-at-a-time forward (32 channels, one warp per program) wins when there are enough programs
-# to fill the GPU: at B=8, L=4096, E=4096 it took 2.63 ms against 5.03 ms for the chunked one; at
-# B=1 the chunked one wins (0.91 ms against 2.42 ms). Measured on an H100, see benchmarks/RESULTS.md.
+# The step-at-a-time kernels (32 channels, one warp per program, two steps per loop iteration) win
+# when there are enough programs to fill the GPU. At B=8, L=4096, E=4096 on an H100: forward 1.78 ms
+# against 5.03 ms for the chunked one, forward+backward 12.2 ms against 41.8 ms. At B=1 the chunked
+# ones win (forward 0.91 ms against 1.58 ms). bench_scan.py --sweep, see benchmarks/RESULTS.md.
 SEQUENTIAL_FORWARD = (32, 1)  # (channels per program, warps)
+SEQUENTIAL_STEPS = 2  # steps per forward loop iteration: 2 keeps two steps of loads in flight
 SEQUENTIAL_MIN_PROGRAMS_PER_SM = 4
-# The step-at-a-time backward (one warp per 32 channels) is written and tested (TRITON_INTERPRET=1)
-# but not yet timed on a GPU: off until benchmarks/bench_scan.py shows it faster than the chunked one.
-SEQUENTIAL_BACKWARD = False
+SEQUENTIAL_BACKWARD = True  # off: the chunked backward after a step-at-a-time forward (tests, sweep)
 
 
 def _config(E: int, N: int, which: str = "fwd"):
@@ -420,24 +478,36 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     block_e, block_n, block_t, warps = _config(E, N)
     n_chunks = triton.cdiv(T, block_t)
     y = torch.empty(batch, T, E, device=u.device, dtype=u.dtype)
-    final = torch.empty(batch, E, N, device=u.device, dtype=torch.float32)
-    carries = torch.empty(batch, n_chunks if save_carries else 0, E, N, device=u.device, dtype=torch.float32)
+    carries = torch.empty(batch, n_chunks if save_carries else 0, N, E, device=u.device, dtype=torch.float32)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries, BLOCK_N=block_n)
+    seq_e, seq_warps = SEQUENTIAL_FORWARD
+    sequential = _sequential(batch, E, u.device)
+    if sequential:  # states [N, E]-major (channels contiguous), B and C in fp32 (no per-thread conversions)
+        A, B, C = A.t(), B.float(), C.float()
+        initial_state = initial_state.transpose(1, 2) if initial_state is not None else None
+    final = torch.empty(batch, N, E, device=u.device, dtype=torch.float32) if sequential else (
+        torch.empty(batch, E, N, device=u.device, dtype=torch.float32))
     dummy = final
     args = (u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
             initial_state.contiguous() if initial_state is not None else dummy, y, final, carries,
             T, E, N, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
             C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0)
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                 HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries, BLOCK_N=block_n)
-    seq_e, seq_warps = SEQUENTIAL_FORWARD
-    if batch * triton.cdiv(E, seq_e) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device):
+    if sequential:
         _scan_fwd_seq_kernel[(batch, triton.cdiv(E, seq_e))](
-            *args, **flags, BLOCK_E=seq_e, CARRY_T=block_t, num_warps=seq_warps)
+            *args, B.stride(2), C.stride(2), 0, **flags, BLOCK_E=seq_e, CARRY_T=block_t, STEPS=SEQUENTIAL_STEPS,
+            num_warps=seq_warps)
+        final = final.transpose(1, 2).contiguous()
     else:
         _scan_fwd_kernel[(batch, triton.cdiv(E, block_e))](
             *args, **flags, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=warps)
     return y, final, carries
+
+
+def _sequential(batch: int, E: int, device) -> bool:
+    """Whether the step-at-a-time kernels have enough programs to fill the GPU."""
+    return batch * triton.cdiv(E, SEQUENTIAL_FORWARD[0]) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(device)
 
 
 def _multiprocessors(device) -> int:
@@ -460,22 +530,23 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     z = _row_stride(z) if z is not None else None
     block_e, block_n, block_t, warps = _config(E, N, "bwd")
     seq_e = SEQUENTIAL_FORWARD[0]
-    sequential = SEQUENTIAL_BACKWARD and batch * triton.cdiv(E, seq_e) >= (
-        SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device))
-    if sequential:
+    sequential = SEQUENTIAL_BACKWARD and _sequential(batch, E, u.device)
+    if sequential:  # as in the forward: [N, E]-major states, fp32 B and C
         n_sub, n_sb = 1, triton.cdiv(E, seq_e)
+        A, B, C = A.t(), B.float(), C.float()
+        d_final = d_final.transpose(1, 2) if d_final is not None else None
     else:
         n_sub, n_sb = _superblocks(batch, E, block_e, u.device)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
-    dA = torch.zeros(batch, E, N, **f32)
+    dA = torch.zeros(batch, *A.shape, **f32)
     dD = torch.zeros(batch, E, **f32)
     dbias = torch.zeros(batch, E, **f32)
     dB = torch.empty(batch, n_sb, T, N, **f32)
     dC = torch.empty(batch, n_sb, T, N, **f32)
-    dh0 = torch.empty(batch, E, N, **f32)
+    dh0 = torch.empty(batch, *A.shape, **f32)
     dummy = dh0
     args = (u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, carries, dy,
@@ -488,8 +559,10 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
                  HAS_DHT=d_final is not None, BLOCK_N=block_n)
     if sequential:
         scratch = torch.empty(batch, n_sb, block_t, block_n, seq_e, **f32)  # recomputed states of a segment
-        _scan_bwd_seq_kernel[(batch, n_sb)](*args, scratch, T, E, N, *strides, **flags,
-                                            BLOCK_E=seq_e, CARRY_T=block_t, num_warps=SEQUENTIAL_FORWARD[1])
+        _scan_bwd_seq_kernel[(batch, n_sb)](*args, scratch, T, E, N, *strides, B.stride(2), C.stride(2), 0,
+                                            **flags, BLOCK_E=seq_e, CARRY_T=block_t,
+                                            num_warps=SEQUENTIAL_FORWARD[1])
+        dA, dh0 = dA.transpose(1, 2).contiguous(), dh0.transpose(1, 2).contiguous()
     else:
         g = torch.empty(batch, E, N, **f32)  # the reverse scan's carry between chunks
         _scan_bwd_kernel[(batch, n_sb)](*args, g, T, E, N, n_sub, *strides, **flags,
@@ -512,7 +585,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries):
     N = A.shape[1]
     chunks = triton.cdiv(T, _config(E, N)[2]) if save_carries else 0
     return (u.new_empty(batch, T, E), u.new_empty(batch, E, N, dtype=torch.float32),
-            u.new_empty(batch, chunks, E, N, dtype=torch.float32))
+            u.new_empty(batch, chunks, N, E, dtype=torch.float32))
 
 
 @torch.library.custom_op("samba_lm::selective_scan_bwd", mutates_args=())

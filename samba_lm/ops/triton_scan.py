@@ -120,6 +120,30 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _seq_channels(A_ptr, D_ptr, bias_ptr, pid, E, N: tl.constexpr, zero, HAS_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program `pid`'s channels e [1, E] and states n [N, 1], their masks, [N, E]-major offsets (see
+    `zero` below), and its A [N, E], D and delta_bias (0 when absent), in fp32."""
+    e = pid * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    n = tl.arange(0, BLOCK_N)[:, None]
+    em, nm = e < E, n < N
+    ne = nm & em
+    ne_offs = n * E + e + zero
+    A = tl.load(A_ptr + ne_offs, mask=ne, other=0.0).to(tl.float32)
+    Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    return e, n, em, nm, ne, ne_offs, A, Dv, bias
+
+
+@triton.jit
+def _seq_state(ptrs, mask, GIVEN: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An [N, E] fp32 state (or state gradient) read from `ptrs`, or zeros when none is given."""
+    if GIVEN:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+
+
+@triton.jit
 def _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t, T, e, n, em, nm,
               s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z: tl.constexpr):
     """Step t's inputs. Past the end it reloads the last step (the caller keeps it out of the state):
@@ -162,19 +186,11 @@ def _scan_fwd_seq_kernel(
     update and the C.h sum never leave the thread. The loop takes STEPS (1 or 2) steps per iteration
     and loads the next iteration's inputs during this one: STEPS=2 keeps two steps of loads in flight."""
     b = tl.program_id(0)
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]  # [1, E]
-    n = tl.arange(0, BLOCK_N)[:, None]  # [N, 1]
-    em, nm = e < E, n < N
-    ne = nm & em
-    ne_offs = n * E + e + zero  # [N, E]-major
+    e, n, em, nm, ne, ne_offs, A, Dv, bias = _seq_channels(A_ptr, D_ptr, bias_ptr, tl.program_id(1), E, N, zero,
+                                                           HAS_D, HAS_BIAS, BLOCK_E, BLOCK_N)
     zero_e = e * 0
-    A = tl.load(A_ptr + ne_offs, mask=ne, other=0.0).to(tl.float32) * LOG2E  # [N, E], for exp2
-    Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    if HAS_H0:
-        h = tl.load(h0_ptr + b * E * N + ne_offs, mask=ne, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    A = A * LOG2E  # for exp2
+    h = _seq_state(h0_ptr + b * E * N + ne_offs, ne, HAS_H0, BLOCK_E, BLOCK_N)
     u0, d0, z0, B0, C0 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, e, n, em, nm,
                                    s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
     if STEPS == 2:
@@ -209,25 +225,16 @@ def _scan_bwd_seq_kernel(
 ):
     """The step-at-a-time backward: a thread owns one channel's N states. Each CARRY_T-step segment,
     last first, is recomputed forward from its saved carry (states parked in a per-program scratch
-    that stays in L2), then walked in reverse carrying q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1}
+    meant to stay in L2), then walked in reverse carrying q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1}
     needs no shifted decay: one exponential per step and pass."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
     n_prog = tl.num_programs(1)
-    e = pid * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]  # [1, E]
-    n = tl.arange(0, BLOCK_N)[:, None]  # [N, 1]
-    em, nm = e < E, n < N
-    ne = nm & em
-    ne_offs = n * E + e + zero  # [N, E]-major
+    e, n, em, nm, ne, ne_offs, A, Dv, bias = _seq_channels(A_ptr, D_ptr, bias_ptr, pid, E, N, zero,
+                                                           HAS_D, HAS_BIAS, BLOCK_E, BLOCK_N)
     zero_e = e * 0
-    A = tl.load(A_ptr + ne_offs, mask=ne, other=0.0).to(tl.float32)
     A2 = A * LOG2E  # for exp2
-    Dv = tl.load(D_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    if HAS_DHT:
-        q = tl.load(dhT_ptr + b * E * N + ne_offs, mask=ne, other=0.0).to(tl.float32)
-    else:
-        q = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    q = _seq_state(dhT_ptr + b * E * N + ne_offs, ne, HAS_DHT, BLOCK_E, BLOCK_N)
     dA_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dD_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
     db_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)

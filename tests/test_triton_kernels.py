@@ -72,6 +72,26 @@ def test_scan_values_and_gradients(T, dtype, flags, forward_kernel):
         assert rel_err(tri, exact_) <= 3 * rel_err(ref, exact_) + slack, name
 
 
+@pytest.mark.parametrize("N", [12, 16])
+def test_scan_backward_warp_sums(N, monkeypatch):
+    """d_state 16 (Samba's): on a GPU the step-at-a-time backward sums dB and dC over a warp with a
+    PTX reduce-scatter; 40 channels leave a warp partly masked, N=12 leaves states padded."""
+    from samba_lm.ops import triton_scan
+
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_BACKWARD", True)
+    exact, low = scan_args(2, 21, 40, N, torch.bfloat16, seed=N)
+    g = torch.Generator().manual_seed(7)
+    gy, gf = torch.randn(2, 21, 40, generator=g, dtype=torch.float64), torch.randn(2, 40, N, generator=g, dtype=torch.float64)
+    _, _, d64 = run(ops.selective_scan_reference, exact, gy, gf)
+    with ops.use_kernels("reference"):
+        _, _, d_ref = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
+    with ops.use_kernels("triton"):
+        _, _, d_tri = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
+    for k in d64:
+        assert rel_err(d_tri[k], d64[k]) <= 3 * rel_err(d_ref[k], d64[k]) + 1e-3, k
+
+
 def test_scan_chunked_equals_whole_and_backward_is_deterministic(forward_kernel):
     _, low = scan_args(2, 100, 8, 4, torch.float32, seed=3)
     with ops.use_kernels("triton"):

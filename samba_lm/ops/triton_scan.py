@@ -13,8 +13,9 @@ and inputs dt*u*B, combined by `tl.associative_scan` along time, plus the carrie
 cumulative decay. Time is the leading axis so that Triton's default layout spreads channels and
 states over threads and keeps a thread's time steps in its registers: the scan is then sequential
 within a thread (with time last, across threads, the forward took 9.96 ms instead of 5.03 ms at B=8,
-L=4096, E=4096 on an H100). Both forwards save the state entering each BLOCK_T-step chunk (fp32,
-[B, chunks, N, E]) for the backward; nothing else is saved.
+L=4096, E=4096 on an H100). Both forwards save the state entering each chunk of steps (fp32,
+[B, chunks, N, E]: every BLOCK_T steps, or SEQUENTIAL_CARRY_T when the step-at-a-time backward
+follows) for the backward; nothing else is saved.
 
 The step-at-a-time kernels hold states as [N, E] tiles with channels across threads: A, the carries
 and the states they read and write are [N, E]-major, B and C are made fp32 once (no per-thread
@@ -26,10 +27,12 @@ Decode: a one-token call without gradients runs `_scan_step_kernel`, which reads
 state once, in place, and returns it as the final state.
 
 Backward, step at a time (when the forward is): one warp per (batch row, 32 channels) walks the
-BLOCK_T-step segments last first. It recomputes a segment's states from the saved carry into a
-per-program scratch (32 KB, meant to stay in L2), then walks the segment in reverse carrying
+SEQUENTIAL_CARRY_T-step segments last first. It recomputes a segment's states from the saved carry
+into a per-program scratch (16 KB, meant to stay in L2), then walks the segment in reverse carrying
 q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1} needs no shifted decay: one exponential per step and
-pass. Each step's dB and dC are summed over the warp's channels (shuffles) and written per program.
+pass. Each step's dB and dC are summed over the warp's channels and written per program: with
+d_state 16, by a reduce-scatter in PTX (31 shuffles: lane l ends with the sum of value l of the 32)
+where `tl.sum` would reduce each of the 32 values over the lanes (160 shuffles).
 
 Backward, chunked: one program per (batch row, superblock of channels) walks the chunks in reverse;
 inside a chunk it visits the superblock's channel blocks, recomputes the chunk's states from the saved
@@ -40,10 +43,13 @@ stay in registers across the superblock and are written once per (superblock, ch
 Both backwards write partial sums (dB and dC per program, dA, dD and d(delta_bias) per row) that are
 added up afterwards in a fixed order, with no atomics: the backward is deterministic, run to run.
 
-What the reference covers that this does not: float64, and CPUs (except under TRITON_INTERPRET=1).
+What the reference covers that this does not: float64, and CPUs (except under TRITON_INTERPRET=1,
+which has no PTX: there the backward sums dB and dC with `tl.sum`; the PTX path is tested on GPUs).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -55,9 +61,47 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+def _reduce_scatter_ptx(n: int) -> str:
+    """PTX that sums 2n values (n per operand, n = 16) over a warp's 32 lanes, a reduce-scatter: five
+    butterfly stages, each halving the values a lane holds, so lane l ends with the sum of value l.
+    31 shuffles where `tl.sum` over lanes takes 5 per value (160). Every output gets that sum."""
+    lines = ["{", ".reg .pred p;", ".reg .b32 lane, bit;", f".reg .f32 v<{2 * n}>, snd, kp;",
+             "mov.u32 lane, %laneid;"]
+    lines += [f"mov.f32 v{i}, ${n + i};" for i in range(2 * n)]  # the inputs follow the n outputs
+    half, mask = n, 16
+    while half >= 1:
+        lines += [f"and.b32 bit, lane, {mask};", "setp.ne.u32 p, bit, 0;"]
+        for i in range(half):  # a lane with the bit keeps the upper half and sends the lower
+            lines += [f"selp.f32 snd, v{i}, v{i + half}, p;", f"selp.f32 kp, v{i + half}, v{i}, p;",
+                      f"shfl.sync.bfly.b32 snd, snd, {mask}, 31, -1;", f"add.f32 v{i}, kp, snd;"]
+        half, mask = half // 2, mask // 2
+    lines += [f"mov.f32 ${i}, v0;" for i in range(n)] + ["}"]
+    return "\n".join(lines)
+
+
+REDUCE_SCATTER_PTX = tl.constexpr(_reduce_scatter_ptx(16))
+SCATTER_CONSTRAINTS = tl.constexpr("=f," * 16 + "f," * 31 + "f")
+
+
 @triton.jit
 def _combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _first(a, b):
+    return a
+
+
+@triton.jit
+def _warp_sums(x, y):
+    """Sums over a warp's 32 lanes (one channel each) of x and y, [16, E] with a thread's 16 values in
+    its registers: lane l gets value l of (x, y) concatenated, returned as ([1, E] sums, [1, E] l)."""
+    s = tl.inline_asm_elementwise(REDUCE_SCATTER_PTX, SCATTER_CONSTRAINTS, [x, y], dtype=tl.float32,
+                                  is_pure=True, pack=16)
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [x.to(tl.int32, bitcast=True)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+    return tl.reduce(s, 0, _first, keep_dims=True), tl.reduce(lane, 0, _first, keep_dims=True)
 
 
 @triton.jit
@@ -221,7 +265,7 @@ def _scan_bwd_seq_kernel(
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, h_ptr,
     T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_Bn, s_Cn, zero,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr, WARP_SUMS: tl.constexpr,
 ):
     """The step-at-a-time backward: a thread owns one channel's N states. Each CARRY_T-step segment,
     last first, is recomputed forward from its saved carry (states parked in a per-program scratch
@@ -300,10 +344,16 @@ def _scan_bwd_seq_kernel(
                 dD_acc += dyy * uu
             tl.store(du_ptr + (b * T + t) * E + e, du.to(du_ptr.dtype.element_ty), mask=m)
             tl.store(ddl_ptr + (b * T + t) * E + e, ddl.to(ddl_ptr.dtype.element_ty), mask=m)
-            part = ((b * n_prog + pid) * T + t) * N + tl.arange(0, BLOCK_N)
-            okn = (tl.arange(0, BLOCK_N) < N) & ((tl.arange(0, BLOCK_N) * 0 + t) < T)
-            tl.store(dB_ptr + part, tl.sum(g * dtu, axis=1), mask=okn)
-            tl.store(dC_ptr + part, tl.sum(dyy * h, axis=1), mask=okn)
+            if WARP_SUMS:
+                sums, lane = _warp_sums(g * dtu, dyy * h)
+                k = lane % BLOCK_N
+                part = ((b * n_prog + pid) * T + t) * N + k
+                tl.store(tl.where(lane < BLOCK_N, dB_ptr, dC_ptr) + part, sums, mask=(k < N) & ok)
+            else:
+                part = ((b * n_prog + pid) * T + t) * N + tl.arange(0, BLOCK_N)
+                okn = (tl.arange(0, BLOCK_N) < N) & ((tl.arange(0, BLOCK_N) * 0 + t) < T)
+                tl.store(dB_ptr + part, tl.sum(g * dtu, axis=1), mask=okn)
+                tl.store(dC_ptr + part, tl.sum(dyy * h, axis=1), mask=okn)
     tl.store(dh0_ptr + b * E * N + ne_offs, q, mask=ne)
     tl.store(dA_ptr + b * E * N + ne_offs, dA_acc, mask=ne)
     if HAS_D:
@@ -456,12 +506,17 @@ def _scan_step_kernel(
 TILES = {"block_t": 16, "fwd": (16, 4), "bwd": (32, 8)}  # (channels per tile for N=16, warps)
 # The step-at-a-time kernels (32 channels, one warp per program, two steps per loop iteration) win
 # when there are enough programs to fill the GPU. At B=8, L=4096, E=4096 on an H100: forward 1.78 ms
-# against 5.03 ms for the chunked one, forward+backward 12.2 ms against 41.8 ms. At B=1 the chunked
-# ones win (forward 0.91 ms against 1.58 ms). bench_scan.py --sweep, see benchmarks/RESULTS.md.
+# against 5.03 ms for the chunked one, forward+backward 12.2 ms against 41.8 ms (before the warp sums
+# and SEQUENTIAL_CARRY_T). At B=1 the chunked ones win (forward 0.91 ms against 1.58 ms).
+# bench_scan.py --sweep, see benchmarks/RESULTS.md.
 SEQUENTIAL_FORWARD = (32, 1)  # (channels per program, warps)
 SEQUENTIAL_STEPS = 2  # steps per forward loop iteration: 2 keeps two steps of loads in flight
 SEQUENTIAL_MIN_PROGRAMS_PER_SM = 4
 SEQUENTIAL_BACKWARD = True  # off: the chunked backward after a step-at-a-time forward (tests, sweep)
+# Steps between saved states when both step-at-a-time kernels run: the backward's scratch (8 x N x 32
+# fp32, 16 KB per program) then stays in L2. H100, B=8 L=4096, kernels alone: fwd+bwd 8.15 ms against
+# 9.87 ms with 16 steps, for twice the carries memory (4 N E bytes per 8 steps: 1.07 GB per layer there).
+SEQUENTIAL_CARRY_T = 8
 
 
 def _config(E: int, N: int, which: str = "fwd"):
@@ -483,13 +538,14 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     u, delta, B, C = (_row_stride(x) for x in (u, delta, B, C))
     z = _row_stride(z) if z is not None else None
     block_e, block_n, block_t, warps = _config(E, N)
-    n_chunks = triton.cdiv(T, block_t)
+    sequential = _sequential(batch, E, u.device)
+    carry_t = SEQUENTIAL_CARRY_T if sequential and SEQUENTIAL_BACKWARD else block_t
+    n_chunks = triton.cdiv(T, carry_t)
     y = torch.empty(batch, T, E, device=u.device, dtype=u.dtype)
     carries = torch.empty(batch, n_chunks if save_carries else 0, N, E, device=u.device, dtype=torch.float32)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries, BLOCK_N=block_n)
     seq_e, seq_warps = SEQUENTIAL_FORWARD
-    sequential = _sequential(batch, E, u.device)
     if sequential:  # states [N, E]-major (channels contiguous), B and C in fp32 (no per-thread conversions)
         A, B, C = A.t(), B.float(), C.float()
         initial_state = initial_state.transpose(1, 2) if initial_state is not None else None
@@ -503,7 +559,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
             C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0)
     if sequential:
         _scan_fwd_seq_kernel[(batch, triton.cdiv(E, seq_e))](
-            *args, B.stride(2), C.stride(2), 0, **flags, BLOCK_E=seq_e, CARRY_T=block_t, STEPS=SEQUENTIAL_STEPS,
+            *args, B.stride(2), C.stride(2), 0, **flags, BLOCK_E=seq_e, CARRY_T=carry_t, STEPS=SEQUENTIAL_STEPS,
             num_warps=seq_warps)
         final = final.transpose(1, 2).contiguous()
     else:
@@ -515,6 +571,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
 def _sequential(batch: int, E: int, device) -> bool:
     """Whether the step-at-a-time kernels have enough programs to fill the GPU."""
     return batch * triton.cdiv(E, SEQUENTIAL_FORWARD[0]) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(device)
+
+
+def _interpreting() -> bool:
+    """Under TRITON_INTERPRET=1 there is no PTX: inline assembly falls back to `tl.sum`."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _multiprocessors(device) -> int:
@@ -565,9 +626,10 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_DHT=d_final is not None, BLOCK_N=block_n)
     if sequential:
-        scratch = torch.empty(batch, n_sb, block_t, block_n, seq_e, **f32)  # recomputed states of a segment
+        scratch = torch.empty(batch, n_sb, SEQUENTIAL_CARRY_T, block_n, seq_e, **f32)  # a segment's states
+        warp_sums = block_n == 16 and seq_e == 32 and SEQUENTIAL_FORWARD[1] == 1 and not _interpreting()
         _scan_bwd_seq_kernel[(batch, n_sb)](*args, scratch, T, E, N, *strides, B.stride(2), C.stride(2), 0,
-                                            **flags, BLOCK_E=seq_e, CARRY_T=block_t,
+                                            **flags, BLOCK_E=seq_e, CARRY_T=SEQUENTIAL_CARRY_T, WARP_SUMS=warp_sums,
                                             num_warps=SEQUENTIAL_FORWARD[1])
         dA, dh0 = dA.transpose(1, 2).contiguous(), dh0.transpose(1, 2).contiguous()
     else:

@@ -47,11 +47,12 @@ class RingKV:
     v: torch.Tensor
     pos: torch.Tensor
 
-    def extend(self, k, v, positions):
-        """Keys a chunk attends to (the ring, then the chunk); then store the chunk's newest W-1."""
-        keys = torch.cat([self.k.to(k.dtype), k], dim=1)
-        values = torch.cat([self.v.to(v.dtype), v], dim=1)
-        key_pos = torch.cat([self.pos, positions], dim=1)
+    def prefix(self, dtype):
+        """The cached keys, values and positions a chunk attends to before its own (ring order)."""
+        return _snapshot(self.k.to(dtype)), _snapshot(self.v.to(dtype)), _snapshot(self.pos)
+
+    def append(self, k, v, positions):
+        """Store the chunk's newest W-1 keys, each in its position's slot."""
         slots = self.pos.shape[1]
         newest = slice(max(0, k.shape[1] - slots), None)
         k, v, positions = k[:, newest].detach(), v[:, newest].detach(), positions[:, newest]
@@ -59,7 +60,6 @@ class RingKV:
         self.k.scatter_(1, index[:, :, None, None].expand_as(k), k.to(self.k.dtype))
         self.v.scatter_(1, index[:, :, None, None].expand_as(v), v.to(self.v.dtype))
         self.pos.scatter_(1, index, positions)
-        return keys, values, key_pos
 
 
 @dataclass
@@ -71,7 +71,12 @@ class GrowingKV:
     pos: torch.Tensor
     length: int = 0
 
-    def extend(self, k, v, positions):
+    def prefix(self, dtype):
+        """Every cached key, value and position, oldest first."""
+        n = self.length
+        return _snapshot(self.k[:, :n].to(dtype)), _snapshot(self.v[:, :n].to(dtype)), _snapshot(self.pos[:, :n])
+
+    def append(self, k, v, positions):
         end = self.length + k.shape[1]
         if end > self.pos.shape[1]:
             self._grow(max(end, 2 * self.pos.shape[1]))
@@ -79,7 +84,6 @@ class GrowingKV:
         self.v[:, self.length:end] = v.detach()
         self.pos[:, self.length:end] = positions
         self.length = end
-        return _snapshot(self.k[:, :end]), _snapshot(self.v[:, :end]), self.pos[:, :end]
 
     def _grow(self, capacity: int):
         pad = capacity - self.pos.shape[1]

@@ -138,7 +138,7 @@ def test_attention_matches_naive_causal(window, monkeypatch):
     monkeypatch.setattr(importlib.import_module("samba_lm.ops.attention"), "QUERY_BLOCK", 4)
     q, k, v = attn_inputs(Tq=13, Tk=13)
     pos = torch.arange(13).expand(2, 13)
-    out = ops.attention(q, k, v, pos, pos, window)
+    out = ops.attention(q, k, v, pos, window)
     torch.testing.assert_close(out, naive_attention(q, k, v, pos, pos, window))
 
 
@@ -148,41 +148,45 @@ def test_attention_exact_window_edge():
     q = k = torch.zeros(1, T, 1, T, **f64)  # equal scores: uniform weights over the visible keys
     v = torch.eye(T, **f64)[None, :, None, :]  # key j carries the one-hot vector e_j
     pos = torch.arange(T)[None]
-    out = ops.attention(q, k, v, pos, pos, W)[0, :, 0]
+    out = ops.attention(q, k, v, pos, W)[0, :, 0]
     for i in range(T):
         seen = (out[i] > 0).nonzero().flatten().tolist()
         assert seen == list(range(max(0, i - W + 1), i + 1))
 
 
-def test_attention_positions_not_order_and_empty_slots():
-    """Keys in ring order with empty slots (pos -1) give the same result as sorted keys."""
-    q, k, v = attn_inputs(Tq=3, Tk=9)
-    k_pos = torch.tensor([[5, 6, -1, 2, 3, 4, 7, 8, 9]] * 2)
+def test_attention_prefix_in_ring_order_with_empty_slots():
+    """A prefix in ring order with an empty slot (pos -1) gives the same result in any order."""
+    q, k, v = attn_inputs(Tq=3, Tk=3)
+    kp, vp = attn_inputs(Tq=1, Tk=6)[1:]
+    prefix_pos = torch.tensor([[5, 6, -1, 2, 3, 4]] * 2)
     q_pos = torch.tensor([[7, 8, 9]] * 2)
-    out = ops.attention(q, k, v, q_pos, k_pos, 5)
-    torch.testing.assert_close(out, naive_attention(q, k, v, q_pos, k_pos, 5))
-    perm = torch.randperm(9)
-    torch.testing.assert_close(ops.attention(q, k[:, perm], v[:, perm], q_pos, k_pos[:, perm], 5), out)
+    out = ops.attention(q, k, v, q_pos, 5, kp, vp, prefix_pos)
+    expected = naive_attention(q, torch.cat([kp, k], 1), torch.cat([vp, v], 1), q_pos, torch.cat([prefix_pos, q_pos], 1), 5)
+    torch.testing.assert_close(out, expected)
+    perm = torch.randperm(6)
+    torch.testing.assert_close(ops.attention(q, k, v, q_pos, 5, kp[:, perm], vp[:, perm], prefix_pos[:, perm]), out)
 
 
 def test_attention_fully_masked_rows_are_zero_without_nan():
-    q, k, v = attn_inputs(Tq=3, Tk=4, grad=True)
-    q_pos = torch.tensor([[-2, -1, 0]] * 2)  # padding queries see nothing
-    k_pos = torch.tensor([[-3, -2, -1, 0]] * 2)
-    out = ops.attention(q, k, v, q_pos, k_pos, 8)
+    q, k, v = attn_inputs(Tq=3, Tk=3, grad=True)
+    kp, vp = attn_inputs(Tq=1, Tk=1, grad=True)[1:]
+    q_pos = torch.tensor([[-2, -1, 0]] * 2)  # left padding: the padded queries see nothing
+    out = ops.attention(q, k, v, q_pos, 8, kp, vp, torch.tensor([[-3]] * 2))
     assert torch.all(out[:, :2] == 0)
     out.sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, kp, vp))
 
 
 def test_attention_gradcheck():
-    q, k, v = attn_inputs(batch=1, Tq=5, Tk=7, H=2, Hkv=1, Dh=4, grad=True)
-    q_pos, k_pos = torch.arange(2, 7)[None], torch.arange(7)[None]
-    assert torch.autograd.gradcheck(lambda *a: ops.attention(*a, q_pos, k_pos, 3), (q, k, v))
+    q, k, v = attn_inputs(batch=1, Tq=5, Tk=5, H=2, Hkv=1, Dh=4, grad=True)
+    kp, vp = attn_inputs(batch=1, Tq=1, Tk=2, H=2, Hkv=1, Dh=4, grad=True)[1:]
+    q_pos, prefix_pos = torch.arange(2, 7)[None], torch.tensor([[1, 0]])
+    assert torch.autograd.gradcheck(lambda q, k, v, kp, vp: ops.attention(q, k, v, q_pos, 3, kp, vp, prefix_pos),
+                                    (q, k, v, kp, vp))
 
 
 # ------------------------------------------------------------------ interfaces
-@pytest.mark.parametrize("name", ["selective_scan", "causal_conv1d", "attention"])
+@pytest.mark.parametrize("name", ["selective_scan", "causal_conv1d", "attention", "qkv_rope"])
 def test_every_backend_shares_the_public_signature(name):
     public = inspect.signature(getattr(ops, name))
     assert inspect.signature(getattr(ops, name + "_reference")) == public
@@ -213,11 +217,16 @@ def test_dispatch_env_and_context(monkeypatch):
                                 torch.randn(2, 5, 3), torch.randn(2, 5, 3)), "delta must be a floating"),
     (lambda: ops.causal_conv1d(torch.randn(2, 5, 4), torch.randn(3, 4)), "weight has shape"),
     (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
-                           torch.zeros(1, 2).long(), torch.zeros(1, 2).long()), "must divide"),
+                           torch.zeros(1, 2).long()), "must divide"),
     (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
-                           torch.zeros(1, 2), torch.zeros(1, 2).long()), "q_pos must be an int64"),
+                           torch.zeros(1, 2)), "q_pos must be an int64"),
     (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
-                           torch.zeros(1, 2).long(), torch.zeros(1, 2).long(), -1), "window"),
+                           torch.zeros(1, 2).long(), -1), "window"),
+    (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
+                           torch.zeros(1, 2).long(), 4, torch.randn(1, 3, 2, 4)), "all three or none"),
+    (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
+                           torch.zeros(1, 2).long(), 4, torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4),
+                           torch.zeros(1, 3).long()), "v_prefix has shape"),
 ])
 def test_op_argument_errors_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -170,18 +170,19 @@ def test_decode_steps_update_the_state_in_place_and_match_the_reference():
 
 
 def test_model_streams_through_the_triton_kernels():
-    """The state invariant with the Triton backend: chunked and token-by-token equal the full forward."""
+    """The state invariant with the Triton backend (scan, conv, RoPE, sliding-window and full attention,
+    decode): chunked and token-by-token equal the full forward."""
     import samba_lm
 
     from conftest import small_config
 
     torch.manual_seed(0)
-    model = samba_lm.SambaLM(small_config(layers=("mamba", "mlp", "swa", "mlp"))).to(DEVICE).eval()
+    model = samba_lm.SambaLM(small_config(layers=("mamba", "mlp", "swa", "mlp", "attn", "mlp"))).to(DEVICE).eval()
     ids = torch.randint(0, 97, (2, 21), device=DEVICE)
     with torch.no_grad(), ops.use_kernels("triton"):
         full = model(ids).logits
-        state = model.init_state(2)
-        parts = [model(ids[:, a:b], state=state).logits for a, b in [(0, 5), (5, 6), (6, 13)]]
+        state = model.init_state(2)  # the first token decodes against an empty cache
+        parts = [model(ids[:, a:b], state=state).logits for a, b in [(0, 1), (1, 6), (6, 13)]]
         parts += [model(ids[:, t:t + 1], state=state).logits for t in range(13, 21)]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
 

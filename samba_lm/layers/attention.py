@@ -1,8 +1,9 @@
 """Causal self-attention with grouped-query heads and RoPE: sliding-window (window > 0) or full.
 
-With a state, a chunk attends to the cached keys plus itself; the cache is a ring of the last
-window-1 positions (SWA) or a growing buffer (full attention). Both are told apart by positions
-alone, so training, chunked prefill and decode run the same lines.
+With a state, a chunk attends to the cached keys (the op's prefix) plus itself, then its keys are
+appended; the cache is a ring of the last window-1 positions (SWA) or a growing buffer (full
+attention). Both are told apart by positions alone, so training, chunked prefill and decode run the
+same lines.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import attention
+from ..ops import attention, qkv_rope
 from ..state import GrowingKV, RingKV
-from .rotary import apply_rope
 
 GROWING_INITIAL_CAPACITY = 256
 
@@ -34,13 +34,9 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, state=None):
         batch, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
-        q = apply_rope(q.view(batch, T, self.n_heads, self.head_dim), positions, self.rope_base)
-        k = apply_rope(k.view(batch, T, self.n_kv_heads, self.head_dim), positions, self.rope_base)
-        v = v.view(batch, T, self.n_kv_heads, self.head_dim)
-        key_pos = positions
+        q, k, v = qkv_rope(self.qkv_proj(x), positions, self.n_heads, self.n_kv_heads, self.rope_base)
+        prefix = state.prefix(k.dtype) if state is not None else ()
+        out = attention(q, k, v, positions, self.window, *prefix)
         if state is not None:
-            k, v, key_pos = state.extend(k, v, positions)
-        out = attention(q, k, v, positions, key_pos, self.window)
+            state.append(k, v, positions)
         return self.out_proj(out.reshape(batch, T, self.n_heads * self.head_dim))

@@ -1,13 +1,18 @@
-"""Causal attention over position-labelled keys: sliding-window or full, grouped-query heads.
+"""Causal attention of a chunk over itself and an optional key/value prefix: sliding-window or full,
+grouped-query heads.
 
-Shapes (B batch, Tq queries, Tk keys, H query heads, Hkv key/value heads dividing H, Dh head dim):
-    q [B, Tq, H, Dh]   k, v [B, Tk, Hkv, Dh]   q_pos [B, Tq]   k_pos [B, Tk]   (int64)   out like q
+Shapes (B batch, T chunk length, P prefix length, H query heads, Hkv key/value heads dividing H,
+Dh head dim):
+    q [B, T, H, Dh]   k, v [B, T, Hkv, Dh]   q_pos [B, T] (int64)   out like q
+    k_prefix, v_prefix [B, P, Hkv, Dh]   prefix_pos [B, P] (int64)   (optional, all three or none)
 
-Key j is visible to query i when k_pos[j] >= 0 and 0 <= q_pos[i] - k_pos[j] < window (window 0: no
-limit). Keys may come in any order (a ring buffer followed by a chunk); a negative position marks an
-empty slot or padding. A query that sees no key returns zeros. Softmax scale is 1/sqrt(Dh).
+The chunk's keys k, v sit at the queries' positions q_pos, which count up by one along T (a row may
+start negative: left padding). The prefix holds cached keys (a ring buffer of the last W-1 positions,
+or every earlier position for full attention) in any order; a negative position marks an empty slot.
+A key at position p is visible to a query at position i when p >= 0 and 0 <= i - p < window
+(window 0: no limit). A query that sees no key returns zeros. Softmax scale is 1/sqrt(Dh).
 
-The reference takes queries in blocks against all keys, so it never holds a Tq x Tk matrix.
+The reference takes queries in blocks against all keys, so it never holds a T x (P + T) matrix.
 """
 
 from __future__ import annotations
@@ -20,17 +25,21 @@ from ._checks import check_float, check_positions, check_rank, compute_dtype
 QUERY_BLOCK = 128
 
 
-def attention_reference(q, k, v, q_pos, k_pos, window=0):
+def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
     cdt = compute_dtype(q.dtype)
-    batch, Tq, H, Dh = q.shape
+    batch, T, H, Dh = q.shape
     Hkv = k.shape[2]
+    k_pos = q_pos
+    if k_prefix is not None:
+        k, v, k_pos = (torch.cat([k_prefix.to(k.dtype), k], 1), torch.cat([v_prefix.to(v.dtype), v], 1),
+                       torch.cat([prefix_pos, q_pos], 1))
     kf, vf = k.to(cdt), v.to(cdt)
     out = []
-    for t0 in range(0, Tq, QUERY_BLOCK):
+    for t0 in range(0, T, QUERY_BLOCK):
         qb = q[:, t0:t0 + QUERY_BLOCK].to(cdt)
         tq = qb.shape[1]
         scores = torch.einsum("bqhgd,bkhd->bhgqk", qb.view(batch, tq, Hkv, H // Hkv, Dh), kf) * Dh**-0.5
-        dist = q_pos[:, t0:t0 + QUERY_BLOCK, None] - k_pos[:, None, :]  # [B, tq, Tk]
+        dist = q_pos[:, t0:t0 + QUERY_BLOCK, None] - k_pos[:, None, :]  # [B, tq, P + T]
         visible = (k_pos[:, None, :] >= 0) & (dist >= 0)
         if window:
             visible &= dist < window
@@ -44,24 +53,32 @@ def attention_reference(q, k, v, q_pos, k_pos, window=0):
     return torch.cat(out, dim=1).to(q.dtype)
 
 
-def attention(q, k, v, q_pos, k_pos, window=0):
-    """Masked softmax attention (see module docstring); returns [B, Tq, H, Dh]."""
+def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
+    """Masked softmax attention (see module docstring); returns [B, T, H, Dh]."""
     op = "attention"
-    check_rank(op, "q", q, 4, "[B, Tq, H, Dh]")
-    check_rank(op, "k", k, 4, "[B, Tk, Hkv, Dh]")
-    batch, Tq, H, Dh = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    check_rank(op, "q", q, 4, "[B, T, H, Dh]")
+    check_rank(op, "k", k, 4, "[B, T, Hkv, Dh]")
+    batch, T, H, Dh = q.shape
+    Hkv = k.shape[2]
     check_float(op, "q", q)
-    check_float(op, "k", k, (batch, Tk, Hkv, Dh))
-    check_float(op, "v", v, (batch, Tk, Hkv, Dh))
+    check_float(op, "k", k, (batch, T, Hkv, Dh))
+    check_float(op, "v", v, (batch, T, Hkv, Dh))
     if H % Hkv:
         raise ValueError(f"{op}: key/value heads ({Hkv}) must divide query heads ({H})")
-    check_positions(op, "q_pos", q_pos, (batch, Tq))
-    check_positions(op, "k_pos", k_pos, (batch, Tk))
+    check_positions(op, "q_pos", q_pos, (batch, T))
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"{op}: window must be an int >= 0 (0 = full causal), got {window!r}")
+    given = [x is not None for x in (k_prefix, v_prefix, prefix_pos)]
+    if any(given) and not all(given):
+        raise ValueError(f"{op}: k_prefix, v_prefix and prefix_pos come together (all three or none)")
+    if all(given):
+        check_rank(op, "k_prefix", k_prefix, 4, "[B, P, Hkv, Dh]")
+        P = k_prefix.shape[1]
+        check_float(op, "k_prefix", k_prefix, (batch, P, Hkv, Dh))
+        check_float(op, "v_prefix", v_prefix, (batch, P, Hkv, Dh))
+        check_positions(op, "prefix_pos", prefix_pos, (batch, P))
     fn = dispatch.resolve("attention", q.device, q.dtype)
-    return fn(q, k, v, q_pos, k_pos, window)
+    return fn(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
 
 
 dispatch.register("attention", "reference", attention_reference)

@@ -1,0 +1,476 @@
+"""Sliding-window (or full) causal flash attention in Triton: forward and backward, grouped-query
+heads, a key/value prefix from the state (chunked prefill), any length.
+
+Layout (the shape alphabet of `attention.py`): q [B, T, H, Dh]; k, v [B, T, Hkv, Dh]; the prefix
+k_prefix, v_prefix [B, P, Hkv, Dh] with prefix_pos [B, P]; last dims contiguous. fp16 and bf16 (fp32
+too, with exact fp32 dots); fp32 accumulation; the online softmax works in base 2 (scale folded into q).
+
+Which keys a query block visits: the chunk's keys are the queries' own and their positions count up
+by one, so the chunk keys a block of queries [i0, i0 + BLOCK_M) can see are the index range
+[i0 - W + 1, i0 + BLOCK_M), clipped to the row's first real token (left padding): nothing outside the
+window is visited. Only the key blocks that straddle the window's lower edge, the diagonal or the
+padding compute a mask; the blocks between run unmasked. The prefix (a ring in any order, empty slots
+at negative positions) is masked by its positions and visited only by query blocks that can still see
+it (i0 < W - 1), by every block for full attention (W = 0).
+
+Forward: one program per (query block, batch row x query head); it saves the row's log-sum-exp (base 2)
+for the backward. A one-token call without gradients (decode) goes to `triton_attention_decode.py`. A row that sees no key (left padding) returns zeros and saves +inf, so that the
+backward gives it zero probabilities.
+
+Backward: one program per (query block, batch row x query head) computes delta = rowsum(dO * O) and
+accumulates dQ over the same key blocks as the forward; then one program per (key block, batch row x
+key/value head) accumulates dK and dV over the G = H / Hkv query heads of its group and the query
+blocks that see the key block (no atomics: deterministic).
+
+What the reference covers that this does not: float64, CPUs (except under TRITON_INTERPRET=1), head
+dims that are not a power of two in [16, 256]: the public function sends those to the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import attention_reference
+from .triton_attention_decode import attention_decode
+
+# ----------------------------------------------------------------------------- kernels
+
+LOG2E = tl.constexpr(1.4426950408889634)
+CHUNK_MASK = tl.constexpr(1)  # causal, window and padding from key and query indices
+PREFIX_MASK = tl.constexpr(2)  # window and empty slots from the prefix's positions
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """a @ b (+ acc) in fp32. PRECISION "widen": the interpreter's dot mishandles bf16 operands
+    (Triton 3.9), so they are widened to fp32 there."""
+    if PRECISION == "widen":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _visible(s, rows, cols, q_pos, k_pos_ptr, first, n_keys, W, MASK: tl.constexpr):
+    """s where query `rows` sees key `cols`, -inf elsewhere (MASK 0: every key is visible)."""
+    if MASK == CHUNK_MASK:
+        d = rows[:, None] - cols[None, :]
+        ok = (d >= 0) & ((d < W) | (W == 0)) & (cols[None, :] >= first) & (cols[None, :] < n_keys)
+        s = tl.where(ok, s, float("-inf"))
+    if MASK == PREFIX_MASK:
+        k_pos = tl.load(k_pos_ptr + cols, mask=cols < n_keys, other=-1)
+        d = q_pos[:, None] - k_pos[None, :]
+        ok = (k_pos[None, :] >= 0) & (d >= 0) & ((d < W) | (W == 0))
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, s_kt, s_vt, k_pos_ptr, start, end, rows, q_pos, first, n_keys, W,
+                qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [start, end) of one source (the chunk or the prefix)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        in_range = (cols < n_keys)[:, None]
+        k = tl.load(k_ptr + cols[:, None] * s_kt + offs_d[None, :], mask=in_range, other=0.0)
+        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        s = _visible(s, rows, cols, q_pos, k_pos_ptr, first, n_keys, W, MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + cols[:, None] * s_vt + offs_d[None, :], mask=in_range, other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _chunk_ranges(i0, first, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key block boundaries for queries [i0, i0 + BLOCK_M): masked [start, a), unmasked [a, b),
+    masked [b, end). Unmasked blocks lie below the diagonal, inside the window and past the padding."""
+    lo = tl.where(W > 0, tl.maximum(first, i0 - W + 1), first)
+    end = tl.minimum(T, i0 + BLOCK_M)
+    start = lo // BLOCK_N * BLOCK_N
+    full_lo = tl.where(W > 0, tl.maximum(first, i0 + BLOCK_M - W), first)
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (i0 + 1) // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, start), end)
+    b = tl.maximum(a, tl.minimum(full_hi, end))
+    return start, a, b, end
+
+
+@triton.jit
+def _query_ranges(j0, first, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query block boundaries for chunk keys [j0, j0 + BLOCK_N), as `_chunk_ranges` for the backward."""
+    start = j0 // BLOCK_M * BLOCK_M
+    end = tl.where(W > 0, tl.minimum(T, j0 + BLOCK_N - 1 + W), T)
+    full_lo = tl.cdiv(j0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    full_end = tl.where(W > 0, tl.minimum(T, j0 + W), T) // BLOCK_M * BLOCK_M
+    full_lo = tl.where(j0 >= first, full_lo, end)  # a key block reaching into the padding is masked
+    a = tl.minimum(tl.maximum(full_lo, start), end)
+    b = tl.maximum(a, tl.minimum(full_end, end))
+    return start, a, b, end
+
+
+@triton.jit
+def _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The program's (batch row, query head) and query block: its rows, q tile, positions, and the
+    row's first real token (left padding)."""
+    i0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < T
+    q = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = tl.load(qpos_ptr + b * T + rows, mask=row_ok, other=-1)
+    first = tl.maximum(0, -tl.load(qpos_ptr + b * T))
+    return b, h, bh, i0, rows, offs_d, row_ok, q, q_pos, first
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, out_ptr, lse_ptr,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, T, P, H, W, scale,
+    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b, h, bh, i0, rows, offs_d, row_ok, q, q_pos, first = _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H,
+                                                                       HEAD_DIM, BLOCK_M)
+    hk = h // G
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if HAS_PREFIX:
+        if (W == 0) | (i0 < W - 1):
+            kv = (b * P * (H // G) + hk) * HEAD_DIM  # the prefix is contiguous [B, P, Hkv, Dh]
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kp_ptr + kv, vp_ptr + kv, (H // G) * HEAD_DIM,
+                                        (H // G) * HEAD_DIM, pp_ptr + b * P, 0, P, rows, q_pos, 0, P, W,
+                                        qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    start, a, c, end = _chunk_ranges(i0, first, T, W, BLOCK_M, BLOCK_N)
+    k_row, v_row = k_ptr + b * s_kb + hk * s_kh, v_ptr + b * s_vb + hk * s_vh
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_row, v_row, s_kt, s_vt, qpos_ptr, start, a, rows, q_pos,
+                                first, T, W, qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_row, v_row, s_kt, s_vt, qpos_ptr, a, c, rows, q_pos,
+                                first, T, W, qk_scale, 0, BLOCK_N, HEAD_DIM, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_row, v_row, s_kt, s_vt, qpos_ptr, c, end, rows, q_pos,
+                                first, T, W, qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(out_ptr + ((b * T + rows[:, None]) * H + h) * HEAD_DIM + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + bh * T + rows, tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf")),
+             mask=row_ok)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qt, s_dot, start, end, cols, q_pos_ptr, T,
+                 first, W, k_pos, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """dK, dV of one key block from the query blocks [start, end) of one query head (transposed:
+    scores are [keys, queries])."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < T
+        q = tl.load(q_ptr + rows[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + rows[:, None] * s_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        sT = _dot(k, tl.trans(q), None, PRECISION) * qk_scale
+        if MASK == CHUNK_MASK:
+            d = rows[None, :] - cols[:, None]
+            ok = (d >= 0) & ((d < W) | (W == 0)) & (cols[:, None] >= first) & row_ok[None, :]
+            sT = tl.where(ok, sT, float("-inf"))
+        if MASK == PREFIX_MASK:
+            q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=-1)
+            d = q_pos[None, :] - k_pos[:, None]
+            ok = (k_pos[:, None] >= 0) & (d >= 0) & ((d < W) | (W == 0))
+            sT = tl.where(ok, sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])
+        dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
+        dpT = _dot(v, tl.trans(do), None, PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, do_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr, dkp_ptr, dvp_ptr,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, T, P, H, W, scale, n_prefix_blocks,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (key block, batch row x kv head): the first n_prefix_blocks key blocks are the prefix's."""
+    pid = tl.program_id(0)
+    bhk = tl.program_id(1)
+    Hkv = H // G
+    b, hk = bhk // Hkv, bhk % Hkv
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_prefix = pid < n_prefix_blocks
+    j0 = tl.where(in_prefix, pid, pid - n_prefix_blocks) * BLOCK_N
+    cols = j0 + offs_n
+    first = tl.maximum(0, -tl.load(qpos_ptr + b * T))
+    if in_prefix:
+        col_ok = cols < P
+        kv = (b * P + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
+        k = tl.load(kp_ptr + kv, mask=col_ok[:, None], other=0.0)
+        v = tl.load(vp_ptr + kv, mask=col_ok[:, None], other=0.0)
+        k_pos = tl.load(pp_ptr + b * P + cols, mask=col_ok, other=-1)
+        zero = j0 * 0
+        start, a, c, end = zero, zero, zero, tl.where(W > 0, tl.minimum(T, W - 1), T)
+    else:
+        col_ok = cols < T
+        k = tl.load(k_ptr + b * s_kb + hk * s_kh + cols[:, None] * s_kt + offs_d[None, :], mask=col_ok[:, None],
+                    other=0.0)
+        v = tl.load(v_ptr + b * s_vb + hk * s_vh + cols[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None],
+                    other=0.0)
+        k_pos = cols
+        start, a, c, end = _query_ranges(j0, first, T, W, BLOCK_M, BLOCK_N)
+    qk_scale = scale * LOG2E
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(G):  # the query heads sharing this key/value head
+        h = hk * G + g
+        q_row = q_ptr + b * s_qb + h * s_qh
+        do_row = do_ptr + (b * T * H + h) * HEAD_DIM  # dO is contiguous [B, T, H, Dh]
+        stats = (b * H + h) * T
+        if in_prefix:
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
+                                  H * HEAD_DIM, start, end, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, PREFIX_MASK,
+                                  BLOCK_M, HEAD_DIM, PRECISION)
+        else:
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
+                                  H * HEAD_DIM, start, a, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, CHUNK_MASK,
+                                  BLOCK_M, HEAD_DIM, PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
+                                  H * HEAD_DIM, a, c, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, 0,
+                                  BLOCK_M, HEAD_DIM, PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
+                                  H * HEAD_DIM, c, end, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, CHUNK_MASK,
+                                  BLOCK_M, HEAD_DIM, PRECISION)
+    dk *= scale
+    if in_prefix:
+        out = (b * P + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
+        tl.store(dkp_ptr + out, dk.to(dkp_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dvp_ptr + out, dv.to(dvp_ptr.dtype.element_ty), mask=col_ok[:, None])
+    else:
+        out = (b * T + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
+        tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_kt, s_vt, k_pos_ptr, start, end, rows, q_pos, first, n_keys,
+               W, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of one query block from the key blocks [start, end) of one source."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        in_range = (cols < n_keys)[:, None]
+        k = tl.load(k_ptr + cols[:, None] * s_kt + offs_d[None, :], mask=in_range, other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * s_vt + offs_d[None, :], mask=in_range, other=0.0)
+        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        s = _visible(s, rows, cols, q_pos, k_pos_ptr, first, n_keys, W, MASK)
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), None, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, T, P, H, W, scale,
+    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b, h, bh, i0, rows, offs_d, row_ok, q, q_pos, first = _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H,
+                                                                       HEAD_DIM, BLOCK_M)
+    hk = h // G
+    qk_scale = scale * LOG2E
+    rows_hd = ((b * T + rows[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]  # dO and O are contiguous
+    do = tl.load(do_ptr + rows_hd, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh * T + rows, mask=row_ok, other=float("inf"))
+    delta = tl.sum(do.to(tl.float32) * tl.load(out_ptr + rows_hd, mask=row_ok[:, None], other=0.0).to(tl.float32), 1)
+    tl.store(delta_ptr + bh * T + rows, delta, mask=row_ok)  # for the dK, dV kernel, which runs next
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if HAS_PREFIX:
+        if (W == 0) | (i0 < W - 1):
+            kv = (b * P * (H // G) + hk) * HEAD_DIM
+            dq = _dq_blocks(dq, q, do, lse, delta, kp_ptr + kv, vp_ptr + kv, (H // G) * HEAD_DIM, (H // G) * HEAD_DIM,
+                            pp_ptr + b * P, 0, P, rows, q_pos, 0, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM,
+                            PRECISION)
+    start, a, c, end = _chunk_ranges(i0, first, T, W, BLOCK_M, BLOCK_N)
+    k_row, v_row = k_ptr + b * s_kb + hk * s_kh, v_ptr + b * s_vb + hk * s_vh
+    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, start, a, rows, q_pos, first, T, W,
+                    qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, a, c, rows, q_pos, first, T, W,
+                    qk_scale, 0, BLOCK_N, HEAD_DIM, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, c, end, rows, q_pos, first, T, W,
+                    qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    tl.store(dq_ptr + rows_hd, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim, for the forward, the dQ kernel
+# (which owns BLOCK_M queries) and the dK, dV kernel (which owns BLOCK_N keys). H100, B=4, L=4096,
+# W=2048, bf16: benchmarks/bench_attention.py --sweep. The sweep and the tests replace these dicts.
+FWD_TILES = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 3), 128: (64, 32, 4, 3), 256: (64, 32, 8, 2)}
+DQ_TILES = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)}
+DKDV_TILES = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 32, 8, 1)}
+
+
+def supported_head_dim(head_dim: int) -> bool:
+    return head_dim in FWD_TILES
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2))]
+
+
+def _prefix_args(q, k_prefix, v_prefix, prefix_pos):
+    if k_prefix is None:
+        return q, q, torch.zeros(1, dtype=torch.int32, device=q.device), 0
+    return k_prefix.contiguous(), v_prefix.contiguous(), prefix_pos.to(torch.int32).contiguous(), k_prefix.shape[1]
+
+
+def _precision(dtype) -> str:
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return "widen"
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs get exact fp32 dots (tf32: unused)
+
+
+def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
+    batch, T, H, Dh = q.shape
+    G = H // k.shape[2]
+    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    kp, vp, pp, P = _prefix_args(q, k_prefix, v_prefix, prefix_pos)
+    out = torch.empty(batch, T, H, Dh, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, H, T, device=q.device, dtype=torch.float32)
+    block_m, block_n, warps, stages = FWD_TILES[Dh]
+    _attn_fwd_kernel[(triton.cdiv(T, block_m), batch * H)](
+        q, k, v, kp, vp, pp, q_pos.to(torch.int32).contiguous(), out, lse, *_strides(q, k, v), T, P, H, window,
+        1.0 / math.sqrt(Dh), G=G, HAS_PREFIX=P > 0, HEAD_DIM=Dh, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos):
+    batch, T, H, Dh = q.shape
+    Hkv = k.shape[2]
+    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    dout = dout.contiguous()
+    kp, vp, pp, P = _prefix_args(q, k_prefix, v_prefix, prefix_pos)
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
+    positions = q_pos.to(torch.int32).contiguous()
+    dq = torch.empty(batch, T, H, Dh, device=q.device, dtype=q.dtype)
+    dk = torch.empty(batch, T, Hkv, Dh, device=q.device, dtype=k.dtype)
+    dv = torch.empty(batch, T, Hkv, Dh, device=q.device, dtype=v.dtype)
+    dkp, dvp = (torch.empty_like(kp), torch.empty_like(vp)) if P else (dk, dv)
+    strides = _strides(q, k, v)
+    common = dict(G=H // Hkv, HEAD_DIM=Dh, PRECISION=_precision(q.dtype))
+    block_m, block_n, warps, stages = DQ_TILES[Dh]
+    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), batch * H)](
+        q, k, v, kp, vp, pp, positions, out.contiguous(), dout, lse, delta, dq, *strides, T, P, H, window,
+        1.0 / math.sqrt(Dh), HAS_PREFIX=P > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        num_stages=stages, **common)
+    block_m, block_n, warps, stages = DKDV_TILES[Dh]
+    n_prefix_blocks = triton.cdiv(P, block_n)
+    _attn_bwd_dkdv_kernel[(n_prefix_blocks + triton.cdiv(T, block_n), batch * Hkv)](
+        q, k, v, kp, vp, pp, positions, dout, lse, delta, dk, dv, dkp, dvp, *strides, T, P, H, window,
+        1.0 / math.sqrt(Dh), n_prefix_blocks, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        num_stages=stages, **common)
+    return dq, dk, dv, (dkp if P else None), (dvp if P else None)
+
+
+# ----------------------------------------------------------------------------- registration
+
+@torch.library.custom_op("samba_lm::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
+                      k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
+                      prefix_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
+    batch, T, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty(batch, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("samba_lm::attention_bwd", mutates_args=())
+def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, q_pos: torch.Tensor, window: int, k_prefix: torch.Tensor | None,
+                      v_prefix: torch.Tensor | None, prefix_pos: torch.Tensor | None) -> list[torch.Tensor]:
+    grads = attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos)
+    return [g if g is not None else q.new_empty(0) for g in grads]
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos):
+    prefix = [torch.empty_like(k_prefix), torch.empty_like(v_prefix)] if k_prefix is not None else [
+        q.new_empty(0), q.new_empty(0)]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + prefix
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos = inputs
+    ctx.save_for_backward(q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, *output)
+    ctx.window = window
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, out, lse = ctx.saved_tensors
+    dq, dk, dv, dkp, dvp = _attention_bwd_op(dout, q, k, v, out, lse, q_pos, ctx.window, k_prefix, v_prefix,
+                                             prefix_pos)
+    has_prefix = k_prefix is not None
+    return dq, dk, dv, None, None, dkp if has_prefix else None, dvp if has_prefix else None, None
+
+
+torch.library.register_autograd("samba_lm::attention_fwd", _backward, setup_context=_setup)
+
+
+@torch.library.custom_op("samba_lm::attention_decode", mutates_args=())
+def _attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
+                         k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
+                         prefix_pos: torch.Tensor | None) -> torch.Tensor:
+    return attention_decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+
+
+@_attention_decode_op.register_fake
+def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
+    return torch.empty_like(q)
+
+
+def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
+    if not supported_head_dim(q.shape[-1]):
+        return attention_reference(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+    if k_prefix is not None and k_prefix.shape[1] == 0:  # an empty cache (full attention's first call)
+        k_prefix = v_prefix = prefix_pos = None
+    if k_prefix is not None:  # one dtype for the kernel's loads
+        k_prefix, v_prefix = k_prefix.to(k.dtype), v_prefix.to(v.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_prefix, v_prefix))
+    if q.shape[1] == 1 and not needs_grad:  # decode: the cache split across programs
+        return _attention_decode_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+    return _attention_fwd_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)[0]

@@ -1,0 +1,239 @@
+"""Attention decode in Triton: one query token per sequence against its key/value cache, split-K
+(flash-decoding), the query heads of a group together. Inference only: no gradient.
+
+Layout (shape alphabet of `attention.py`, T = 1): q [B, 1, H, Dh]; k, v [B, 1, Hkv, Dh], the new
+token's own key and value at position q_pos [B, 1]; k_prefix, v_prefix [B, P, Hkv, Dh] with
+prefix_pos [B, P], the cache in any slot order (a ring buffer; a negative position is an empty slot),
+or all three None. Last dims contiguous (other strides are free); int64 positions.
+
+Two kernels. `_decode_split_kernel`, grid (B, Hkv, SPLITS): a program owns one key/value head and a
+slice of the prefix, and runs online softmax (exp2 with log2(e) folded into the scale) for the G =
+H/Hkv query heads of the group at once, as the rows of a [16, Dh] tile padded for `tl.dot`. So every
+cached key and value is read once, not G times. It writes a partial (max, sum, unnormalised output)
+per query head and split, in fp32. `_decode_merge_kernel`, grid (B, H), combines a head's splits by
+their maxima (log-sum-exp) together with the own key, which therefore needs no split of its own and
+is handled the same with or without a prefix. SPLITS depends on shapes and the GPU only (`_splits`),
+so the launch is the same on every step and can be captured in a CUDA graph: splits of at least one
+tile are added until B * Hkv * SPLITS reaches 4 programs per SM, at most 128 of them.
+
+Masking follows the reference: key at p is visible to the query at i when p >= 0 and 0 <= i - p <
+window (window 0: no limit); the own key iff i >= 0. Invisible keys are not loaded (empty slots may
+hold garbage, NaN included, in a cache allocated with torch.empty); a split that sees nothing keeps
+max -inf and sum 0 and weighs 0 in the merge; a query that sees nothing returns zeros.
+
+Memory floor: the cache once, B * P * Hkv * Dh * 2 elements; the partials add B * H * SPLITS *
+(Dh + 2) fp32, small next to it while a split holds many keys per query head of its group. H100,
+bf16, caches read from HBM: 2.6-2.9 TB/s once there is more than about 50 MB to read (B=64, 18
+heads, Dh 128, 2047 keys: 419 us); small reads are bound by latency (B=1, Hkv=4, Dh 64, 2047 keys:
+6.1 us). fp32 inputs run tl.dot on CUDA cores, at about 740 GB/s.
+
+Limits: Dh a power of two >= 16 (tl.dot); fp16, bf16, fp32 with all of q, k, v, prefix in one dtype;
+fp32 products are exact fp32 (no TF32). The reference covers what this does not: T > 1, gradients,
+float64, CPUs (except under TRITON_INTERPRET=1), other head dims.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """a @ b accumulated in fp32, exactly for fp32 inputs (no TF32). F32 multiplies fp32 copies: the
+    interpreter's tl.dot reads bf16 as integers."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr,
+    P, keys_per_split, reach, qk_scale,
+    s_qb, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_pb, s_qpos,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)  # the cache may pass 2**31 elements
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    heads = hk * G + g  # the group's query heads; rows past G are padding for tl.dot
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    i = tl.load(qpos_ptr + b * s_qpos)
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, P)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        pos = tl.load(pp_ptr + b * s_pb + n, mask=n < hi, other=-1)
+        dist = i - pos
+        seen = (pos >= 0) & (dist >= 0) & (dist < reach)
+        kt = tl.load(kp_ptr + b * s_kb + n[:, None] * s_kn + hk * s_kh + d[None, :], mask=seen[:, None], other=0.0)
+        vt = tl.load(vp_ptr + b * s_vb + n[:, None] * s_vn + hk * s_vh + d[None, :], mask=seen[:, None], other=0.0)
+        s = _dot(q, tl.trans(kt), DOT_F32) * qk_scale
+        s = tl.where(seen[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: keep exp2 off -inf - -inf
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
+        m = m_new
+    rows = (b * G * tl.num_programs(1) + heads) * n_splits + split  # partials are [B, H, SPLITS(, D)]
+    tl.store(m_ptr + rows, m, mask=g < G)
+    tl.store(l_ptr + rows, l, mask=g < G)
+    tl.store(acc_ptr + rows[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    q_ptr, k_ptr, v_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+    n_splits, qk_scale, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_qpos,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    d = tl.arange(0, D)
+    sp = tl.arange(0, BLOCK_S)
+    sm = sp < n_splits
+    row = (b * H + h) * n_splits + sp
+    m_s = tl.load(m_ptr + row, mask=sm, other=float("-inf"))
+    l_s = tl.load(l_ptr + row, mask=sm, other=0.0)
+    acc_s = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
+    # The own key, at the query's position: visible unless the query is padding.
+    i = tl.load(qpos_ptr + b * s_qpos)
+    q = tl.load(q_ptr + b * s_qb + h * s_qh + d).to(tl.float32)
+    k = tl.load(k_ptr + b * s_kb + (h // G) * s_kh + d).to(tl.float32)
+    v = tl.load(v_ptr + b * s_vb + (h // G) * s_vh + d).to(tl.float32)
+    s_own = tl.where(i >= 0, tl.sum(q * k, axis=0) * qk_scale, float("-inf"))
+    m = tl.maximum(tl.max(m_s, axis=0), s_own)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # nothing visible: every weight below is 0
+    w_s = tl.exp2(m_s - m_safe)
+    w_own = tl.exp2(s_own - m_safe)
+    total = tl.sum(l_s * w_s, axis=0) + w_own
+    o = tl.sum(acc_s * w_s[:, None], axis=0) + w_own * v
+    o = o / tl.maximum(total, 1.0)  # total >= 1 (the max weighs 1) unless nothing is visible: then o = 0
+    tl.store(out_ptr + (b * H + h) * D + d, o.to(out_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------- launcher
+
+LOG2E = 1.4426950408889634
+# Measured on an H100 in bf16, CUDA graphs decoding over enough caches in turn that they come from HBM:
+# splits as short as one tile spread small batches over more SMs (B=1, Hkv=4, Dh 64, 2047 keys: 6.0
+# us with 32 splits, 10.2 with splits of 4 tiles); 128 splits at most (B=1, Hkv=4, 32768 keys: 19 us
+# against 23 with 64; more would crowd the merge's registers).
+MIN_SPLIT_BLOCKS = 1  # tiles of keys per split at least
+PROGRAMS_PER_SM = 4  # splits are added until B * Hkv * SPLITS reaches this many programs per SM
+MAX_SPLITS = 128
+
+
+def _block_n(Dh: int) -> int:
+    """Keys per tile: 64 at Dh 64, 32 from Dh 128 (H100: 2890 GB/s against 2650 with 64 keys at B=64,
+    18 heads, Dh 128, 2047 keys; 64 keys stay ahead at Dh 64, 16 fall behind at Dh 256)."""
+    return max(32, min(64, 4096 // Dh))
+
+
+def _multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _splits(P: int, block_n: int, programs: int, device) -> tuple[int, int]:
+    """(keys per split, a multiple of block_n; number of splits) for P cached keys and `programs` =
+    B * Hkv: enough programs to fill the GPU, each split at least MIN_SPLIT_BLOCKS tiles."""
+    blocks = triton.cdiv(P, block_n)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), programs)
+    per_split = max(MIN_SPLIT_BLOCKS, triton.cdiv(blocks, wanted), triton.cdiv(blocks, MAX_SPLITS))
+    return per_split * block_n, triton.cdiv(blocks, per_split)
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"attention_decode: {name} must be {dtype} of shape {tuple(shape)}, got {got}")
+
+
+def _row_stride(x: torch.Tensor) -> torch.Tensor:
+    """Kernels take batch, slot and head strides but need the last dim contiguous."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefix_pos=None):
+    """One query token per row against its own key and the cache (see the module docstring):
+    [B, 1, H, Dh] in q's dtype."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"attention_decode: q must have layout [B, 1, H, Dh], got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    batch, _, H, Dh = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention_decode: q must be fp16, bf16 or fp32, got {q.dtype}")
+    if Dh < 16 or Dh & (Dh - 1):
+        raise ValueError(f"attention_decode: head dim Dh must be a power of two >= 16, got {Dh}")
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ValueError("attention_decode: k must have layout [B, 1, Hkv, Dh]")
+    Hkv = k.shape[2]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"attention_decode: key/value heads ({Hkv}) must divide query heads ({H})")
+    _check("k", k, (batch, 1, Hkv, Dh), q.dtype)
+    _check("v", v, (batch, 1, Hkv, Dh), q.dtype)
+    _check("q_pos", q_pos, (batch, 1), torch.int64)
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"attention_decode: window must be an int >= 0 (0 = no limit), got {window!r}")
+    given = [x is not None for x in (k_prefix, v_prefix, prefix_pos)]
+    if any(given) and not all(given):
+        raise ValueError("attention_decode: k_prefix, v_prefix and prefix_pos come together (all three or none)")
+    P = 0
+    if all(given):
+        if not isinstance(k_prefix, torch.Tensor) or k_prefix.dim() != 4:
+            raise ValueError("attention_decode: k_prefix must have layout [B, P, Hkv, Dh]")
+        P = k_prefix.shape[1]
+        _check("k_prefix", k_prefix, (batch, P, Hkv, Dh), q.dtype)
+        _check("v_prefix", v_prefix, (batch, P, Hkv, Dh), q.dtype)
+        _check("prefix_pos", prefix_pos, (batch, P), torch.int64)
+    named = dict(k=k, v=v, q_pos=q_pos, k_prefix=k_prefix, v_prefix=v_prefix, prefix_pos=prefix_pos)
+    for name, t in named.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"attention_decode: {name} is on {t.device}, q on {q.device}")
+
+    q, k, v = (_row_stride(x) for x in (q, k, v))
+    qk_scale = LOG2E / math.sqrt(Dh)
+    reach = window or 2**63 - 1  # visible distances are < reach; window 0 has no limit
+    G = H // Hkv
+    f32 = dict(device=q.device, dtype=torch.float32)
+    block_n = _block_n(Dh)
+    keys_per_split, n_splits = _splits(P, block_n, batch * Hkv, q.device) if P else (0, 0)
+    m = torch.empty(batch, H, n_splits, **f32)
+    l = torch.empty(batch, H, n_splits, **f32)
+    acc = torch.empty(batch, H, n_splits, Dh, **f32)
+    if n_splits:
+        k_prefix, v_prefix, prefix_pos = (_row_stride(x) for x in (k_prefix, v_prefix, prefix_pos))
+        _decode_split_kernel[(batch, Hkv, n_splits)](
+            q, k_prefix, v_prefix, prefix_pos, q_pos, m, l, acc, P, keys_per_split, reach, qk_scale,
+            q.stride(0), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
+            v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), prefix_pos.stride(0), q_pos.stride(0),
+            G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
+            DOT_F32=_interpreting(), num_warps=4)
+    out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
+    block_s = triton.next_power_of_2(max(n_splits, 1))
+    warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread
+    _decode_merge_kernel[(batch, H)](
+        q, k, v, q_pos, m, l, acc, out, n_splits, qk_scale,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), q_pos.stride(0),
+        G=G, D=Dh, BLOCK_S=block_s, num_warps=warps)
+    return out

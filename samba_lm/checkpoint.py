@@ -202,3 +202,12 @@ def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, str]:
         return found[-1], "checkpoint"
     raise FileNotFoundError(f"{path} is neither a saved model (config.json), a training checkpoint "
                             f"(meta.json) nor a run directory holding model/ or checkpoints/")
+
+
+def load_model_and_tokenizer_path(path: str | os.PathLike, device=None) -> tuple[SambaLM, Path | None]:
+    """The model at a saved model, a training checkpoint or a run directory, and the tokenizer.json
+    beside it or at its run's top (None if there is none)."""
+    where, kind = resolve_model_dir(path)
+    model = load_pretrained(where, device=device) if kind == "model" else model_from_training_checkpoint(where, device)
+    found = [p for p in (where / "tokenizer.json", where.parent.parent / "tokenizer.json") if p.is_file()]
+    return model, (found[0] if found else None)

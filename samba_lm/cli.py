@@ -1,4 +1,4 @@
-"""`samba-lm` command line: data, train, generate, info, export."""
+"""`samba-lm` command line: data, train, generate, eval, info, export."""
 
 from __future__ import annotations
 
@@ -32,14 +32,11 @@ def cmd_train(args):
 
 def load_for_inference(path, device=None):
     """(model, tokenizer or None) from a saved model, a training checkpoint or a run directory."""
-    from .checkpoint import load_pretrained, model_from_training_checkpoint, resolve_model_dir
+    from .checkpoint import load_model_and_tokenizer_path
     from .data import load_tokenizer
 
-    where, kind = resolve_model_dir(path)
-    model = load_pretrained(where, device=device) if kind == "model" else model_from_training_checkpoint(where, device)
-    candidates = [where / "tokenizer.json", where.parent.parent / "tokenizer.json"]
-    tokenizer = next((load_tokenizer(p) for p in candidates if p.is_file()), None)
-    return model.eval(), tokenizer
+    model, tokenizer = load_model_and_tokenizer_path(path, device)
+    return model.eval(), load_tokenizer(tokenizer) if tokenizer is not None else None
 
 
 def cmd_generate(args):
@@ -111,6 +108,14 @@ def cmd_export(args):
     print(f"exported {where} -> {args.out}")
 
 
+def _evaluations() -> dict:
+    from .eval import passkey, phonebook, ppl
+
+    return {"ppl": (ppl, "perplexity against context length, streaming long documents through the state"),
+            "passkey": (passkey, "passkey retrieval: accuracy over prompt lengths x needle depths"),
+            "phonebook": (phonebook, "phonebook lookup: accuracy against the number of entries")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .train.config import add_arguments
@@ -146,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a model: perplexity vs length, passkey retrieval, phonebook lookup")
+    evals = p.add_subparsers(dest="evaluation", required=True)
+    for name, (module, help_) in _evaluations().items():
+        q = evals.add_parser(name, help=help_)
+        module.add_arguments(q)
+        q.set_defaults(func=module.run)
 
     p = sub.add_parser("info", help="parameters, state size and FLOPs per token of a preset or a model")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))

@@ -13,6 +13,7 @@ from ..config import PRESETS
 from .distributed import PARALLEL_MODES
 
 DTYPES = ("auto", "fp32", "bf16")
+TASKS = ("lm", "passkey")
 
 
 @dataclass
@@ -22,7 +23,12 @@ class TrainConfig:
     # model: a preset plus SambaConfig overrides; vocab_size defaults to the tokenizer's
     model: str = "tiny"
     model_args: dict = field(default_factory=dict)
-    # data: a directory written by `samba-lm data`
+    # fine-tuning: start from this model's weights (a saved model, a training checkpoint or a run
+    # directory) instead of a fresh `model`; its config and tokenizer come with it
+    init_from: str = ""
+    # task: "lm" (next-token prediction on `data`, a directory written by `samba-lm data`) or "passkey"
+    # (the paper's passkey fine-tuning: prompts made on the fly with the tokenizer of init_from)
+    task: str = "lm"
     data: str = "data/shakespeare"
     seq_len: int = 256
     # batch: sequences per optimizer step over all processes; micro_batch_size per forward pass
@@ -79,6 +85,11 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.parallel in PARALLEL_MODES, "parallel", f"must be one of {PARALLEL_MODES}")
+        need(self.task in TASKS, "task", f"must be one of {TASKS}")
+        need(self.task != "passkey" or self.init_from, "init_from",
+             "the passkey task fine-tunes a model: give a saved model, a training checkpoint or a run directory")
+        need(not (self.init_from and self.model_args), "model_args",
+             "cannot be combined with init_from, which brings its own model config")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

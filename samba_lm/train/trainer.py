@@ -3,7 +3,8 @@
 The same `train(cfg)` runs in one process or under `torchrun --nproc_per_node N` (DDP or FSDP2).
 A run lives in `cfg.out_dir`: tokenizer.json, train_config.json, metrics.jsonl, tensorboard/,
 checkpoints/step_*/ (resumable bit-exactly), and at the end model/ (save_pretrained + tokenizer)
-and loss.png.
+and loss.png. `cfg.task` picks the training data: token shards ("lm") or passkey prompts made on the
+fly ("passkey"); `cfg.init_from` fine-tunes a trained model instead of initialising one.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from ..checkpoint import (list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint,
-                          save_pretrained)
+from ..checkpoint import (list_checkpoints, load_checkpoint, load_model_and_tokenizer_path, prune_checkpoints,
+                          read_checkpoint_meta, save_checkpoint, save_pretrained)
 from ..config import SambaConfig
-from ..data import BlockLoader, TokenShards
+from ..data import BlockLoader, TokenShards, TokenStream, load_tokenizer
+from ..data.passkey import PasskeyBlocks
 from ..flops import flops_per_token
 from ..model import SambaLM
 from . import distributed as D
@@ -42,19 +45,22 @@ def train(cfg: TrainConfig) -> dict:
 
 def _run(cfg: TrainConfig, env: D.DistEnv) -> dict:
     out = Path(cfg.out_dir)
-    data = TokenShards(cfg.data)
-    model_cfg = model_config(cfg, data.vocab_size)
+    init, init_tokenizer = pretrained(cfg.init_from) if cfg.init_from else (None, None)
+    data = task_data(cfg, env, init_tokenizer)
+    model_cfg = model_config(cfg, data.vocab_size, init.config if init is not None else None)
     micro, accum = batch_plan(cfg, env.world_size)
-    train_loader = BlockLoader(data.split("train"), cfg.seq_len, cfg.seed, env.rank, env.world_size)
-    val_stream = data.split("val") if "val" in data.index["splits"] and cfg.eval_batches else None
+    train_loader, val_stream = data.train, data.val if cfg.eval_batches else None
     resume = _resumable(cfg, model_cfg, train_loader)  # incompatible checkpoints fail here, before any work
     log = MetricsLogger(out, env.is_main, cfg.tensorboard, resume_step=resume[1]["step"] if resume else None)
-    _announce(cfg, env, model_cfg, micro, accum, train_loader, resume, log)
+    _announce(cfg, env, model_cfg, micro, accum, data, resume, log)
 
     model = build_model(model_cfg, env.device, cfg.seed)
+    if init is not None and not resume:
+        model.load_state_dict(init.state_dict())  # cast to the fp32 master weights
+    del init  # one copy of the weights is enough
     model = D.parallelize(model, cfg.parallel, env, compile=cfg.compile)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.exempt_from_decay)
-    step = _restore(resume[0], model, optimizer) if resume else _start_run(cfg, env, data, model_cfg)
+    step = _restore(resume[0], model, optimizer) if resume else _start_run(cfg, env, data.tokenizer, model_cfg)
     autocast = _autocast(cfg, env.device)
 
     bar = _progress(cfg, env, step)
@@ -79,17 +85,61 @@ def _run(cfg: TrainConfig, env: D.DistEnv) -> dict:
     log.close()
     export(model, model_cfg, out / "model", out / "tokenizer.json", env)
     if env.is_main:
-        plot_losses(out / "metrics.jsonl", out / "loss.png", f"{cfg.model} on {Path(cfg.data).name}")
+        plot_losses(out / "metrics.jsonl", out / "loss.png", f"{_model_name(cfg)} on {data.name}")
     return last
 
 
 # ----------------------------------------------------------------------------- setup
-def model_config(cfg: TrainConfig, data_vocab: int) -> SambaConfig:
-    model_cfg = SambaConfig.from_preset(cfg.model, **{"vocab_size": data_vocab, **cfg.model_args})
+class TaskData(NamedTuple):
+    train: BlockLoader | PasskeyBlocks
+    val: TokenStream | None  # the validation split, if the task has one
+    tokenizer: Path  # the tokenizer.json the token ids come from
+    vocab_size: int
+    name: str  # for the console and the loss plot
+    about: str  # one line for the console
+
+
+def task_data(cfg: TrainConfig, env: D.DistEnv, init_tokenizer: Path | None) -> TaskData:
+    """The training data of `cfg.task`. Fine-tuning (init_from) keeps the model's tokenizer, so the
+    shards of the "lm" task must have been written with it."""
+    if cfg.task == "passkey":
+        if init_tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer.json beside {cfg.init_from}: the passkey task needs the "
+                                    "tokenizer the model was trained with")
+        tokenizer = load_tokenizer(init_tokenizer)
+        loader = PasskeyBlocks(tokenizer, cfg.seq_len, cfg.seed, env.rank, env.world_size)
+        return TaskData(loader, None, init_tokenizer, tokenizer.get_vocab_size(), "passkey",
+                        "passkey prompts made on the fly, a random key and depth per sequence")
+    shards = TokenShards(cfg.data)
+    if init_tokenizer is not None and load_tokenizer(init_tokenizer).get_vocab() != load_tokenizer(
+            shards.tokenizer_path).get_vocab():
+        raise ValueError(f"{cfg.data} was tokenized with another tokenizer than {cfg.init_from}'s: rebuild it "
+                         f"with `samba-lm data --tokenizer {init_tokenizer}`")
+    loader = BlockLoader(shards.split("train"), cfg.seq_len, cfg.seed, env.rank, env.world_size)
+    val = shards.split("val") if "val" in shards.index["splits"] else None
+    return TaskData(loader, val, shards.tokenizer_path, shards.vocab_size, Path(cfg.data).name,
+                    f"the training split of {cfg.data} holds {loader.n_blocks} blocks "
+                    f"({loader.n_blocks / cfg.batch_size:.0f} steps/epoch)")
+
+
+def pretrained(path: str) -> tuple[SambaLM, Path | None]:
+    """The model to fine-tune (a saved model, a training checkpoint or a run directory) and the
+    tokenizer.json beside it or its run, if any (where `samba-lm generate` looks)."""
+    return load_model_and_tokenizer_path(path)
+
+
+def model_config(cfg: TrainConfig, data_vocab: int, init: SambaConfig | None = None) -> SambaConfig:
+    """The config of the model to fine-tune (init), else the preset with its overrides."""
+    model_cfg = init if init is not None else SambaConfig.from_preset(cfg.model, **{"vocab_size": data_vocab,
+                                                                                     **cfg.model_args})
     if model_cfg.vocab_size < data_vocab:
-        raise ValueError(f"the tokenizer of {cfg.data} has {data_vocab} tokens but model vocab_size is "
-                         f"{model_cfg.vocab_size}: the vocabulary does not fit the model")
+        raise ValueError(f"the tokenizer of {cfg.init_from or cfg.data} has {data_vocab} tokens but model "
+                         f"vocab_size is {model_cfg.vocab_size}: the vocabulary does not fit the model")
     return model_cfg
+
+
+def _model_name(cfg: TrainConfig) -> str:
+    return Path(cfg.init_from).name if cfg.init_from else cfg.model
 
 
 def batch_plan(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -118,31 +168,31 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
 
-def _start_run(cfg, env, data, model_cfg) -> int:
+def _start_run(cfg, env, tokenizer, model_cfg) -> int:
     if env.is_main:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
         (out / "train_config.json").write_text(json.dumps(
             {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2) + "\n")
     D.barrier()
     return 0
 
 
-def _announce(cfg, env, model_cfg, micro, accum, loader, resume, log):
+def _announce(cfg, env, model_cfg, micro, accum, data, resume, log):
     if not env.is_main:
         return
     with torch.device("meta"):
         n_params = sum(p.numel() for p in SambaLM(model_cfg).parameters())
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     lines = [
-        f"samba-lm train: {cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.data}",
+        f"samba-lm train: {'fine-tuning ' + cfg.init_from if cfg.init_from else cfg.model} "
+        f"({n_params / 1e6:.2f}M parameters), task {cfg.task}",
         f"  processes {env.world_size} x {env.device} ({cfg.parallel if env.distributed else 'single'}), "
         f"dtype {cfg.dtype}",
         f"  batch {cfg.batch_size} x {cfg.seq_len} = {cfg.batch_size * cfg.seq_len} tokens/step "
         f"(micro {micro} x accumulation {accum} x processes {env.world_size})",
-        f"  {cfg.steps} steps = {cfg.steps * cfg.batch_size * cfg.seq_len / 1e6:.2f}M tokens; "
-        f"the training split holds {loader.n_blocks} blocks ({loader.n_blocks / cfg.batch_size:.0f} steps/epoch)",
+        f"  {cfg.steps} steps = {cfg.steps * cfg.batch_size * cfg.seq_len / 1e6:.2f}M tokens; {data.about}",
         f"  training FLOPs/token {3 * fpt / 1e6:.1f}M (forward {fpt / 1e6:.1f}M)",
         f"  config: {json.dumps(cfg.to_dict())}",
         f"  model:  {json.dumps(model_cfg.to_dict())}",

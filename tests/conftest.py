@@ -19,6 +19,14 @@ def small_config(**overrides) -> samba_lm.SambaConfig:
     return samba_lm.SambaConfig(**base)
 
 
+def save_small_model(tokenizer, path):
+    """A tiny random model for `tokenizer`, saved with it, as `samba-lm train` leaves one."""
+    torch.manual_seed(0)
+    samba_lm.save_pretrained(samba_lm.SambaLM(small_config(vocab_size=tokenizer.get_vocab_size())), path)
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
 def small_model(dtype=torch.float64, seed=0, **overrides) -> samba_lm.SambaLM:
     torch.manual_seed(seed)
     model = samba_lm.SambaLM(small_config(**overrides)).to(dtype)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import samba_lm
-from conftest import small_config
+from conftest import save_small_model
 from samba_lm.cli import main as cli
 from samba_lm.data import BlockLoader, TokenShards, build_shards, eos_id, load_tokenizer, train_tokenizer
 from samba_lm.data.passkey import (FILLER, INTRO, NEEDLE, QUESTION, PasskeyBlocks, filler_ids, passkey_answer,
@@ -27,12 +27,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model_dir(tok, tmp_path_factory):
-    """A tiny random model saved with its tokenizer, as `samba-lm train` leaves one."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("passkey_model")
-    samba_lm.save_pretrained(samba_lm.SambaLM(small_config(vocab_size=tok.get_vocab_size())), path)
-    tok.save(str(path / "tokenizer.json"))
-    return path
+    return save_small_model(tok, tmp_path_factory.mktemp("passkey_model"))
 
 
 def n_tokens(tok, text):

@@ -8,8 +8,7 @@ import re
 import pytest
 import torch
 
-import samba_lm
-from conftest import small_config
+from conftest import save_small_model
 from samba_lm.data import train_tokenizer
 from samba_lm.eval import phonebook as pb
 
@@ -24,11 +23,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model_dir(tok, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("phonebook_model")
-    samba_lm.save_pretrained(samba_lm.SambaLM(small_config(vocab_size=tok.get_vocab_size())), path)
-    tok.save(str(path / "tokenizer.json"))
-    return path
+    return save_small_model(tok, tmp_path_factory.mktemp("phonebook_model"))
 
 
 def test_books_are_distinct_and_seeded():

@@ -2,7 +2,7 @@
 block mask) and PyTorch SDPA (full causal: it has no window), in the same run.
 
     python benchmarks/bench_attention.py --out results/     # the issue's table
-    python benchmarks/bench_attention.py --sweep            # tile shapes of our kernels
+    python benchmarks/bench_attention.py --sweep train      # tile shapes of our kernels (or decode)
 
 Reports median milliseconds (triton.testing.do_bench) and TFLOP/s counted over the visible (query,
 key) pairs only (4 Dh FLOPs per pair and head forward, 2.5x that backward), so that a kernel that
@@ -103,23 +103,30 @@ def run_training(rows, shapes):
                 torch.cuda.empty_cache()
 
 
+def decode_ms(batch, H, Hkv, Dh, sdpa=True):
+    """(ours, SDPA) ms of one decode step in a CUDA graph, and the cache's bytes."""
+    P = WINDOW - 1
+    q, k, v = make_inputs(batch, 1, H, Hkv, Dh)
+    kp, vp = make_inputs(batch, P, Hkv, Hkv, Dh)[1:]
+    q_pos = torch.full((batch, 1), 2 * WINDOW - 2, device="cuda")
+    prefix_pos = (torch.arange(P, device="cuda") + WINDOW - 1)[None].expand(batch, P).contiguous()
+    with torch.no_grad(), ops.use_kernels("triton"):
+        ms = graphed_ms(lambda: ops.attention(q, k, v, q_pos, WINDOW, kp, vp, prefix_pos))
+    if not sdpa:
+        return ms, None, 2 * kp.numel() * kp.element_size()
+    kk, vv = (torch.cat([kp, k], 1).transpose(1, 2) for kp, k in ((kp, k), (vp, v)))
+    with torch.no_grad():
+        sdpa = graphed_ms(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, enable_gqa=True))
+    return ms, sdpa, 2 * kp.numel() * kp.element_size()
+
+
 def run_decode(rows, bw):
     """One token per sequence against a full ring of W-1 keys (positions W-1 .. 2W-3 in ring order)."""
     for H, Hkv, Dh in HEADS:
         for batch in (1, 16, 64):
-            P = WINDOW - 1
-            q, k, v = make_inputs(batch, 1, H, Hkv, Dh)
-            kp, vp = make_inputs(batch, P, Hkv, Hkv, Dh)[1:]
-            q_pos = torch.full((batch, 1), 2 * WINDOW - 2, device="cuda")
-            prefix_pos = (torch.arange(P, device="cuda") + WINDOW - 1)[None].expand(batch, P).contiguous()
-            with torch.no_grad(), ops.use_kernels("triton"):
-                ms = graphed_ms(lambda: ops.attention(q, k, v, q_pos, WINDOW, kp, vp, prefix_pos))
-            floor = 2 * kp.numel() * kp.element_size() / bw * 1e3
-            kk, vv = (torch.cat([kp, k], 1).transpose(1, 2) for kp, k in ((kp, k), (vp, v)))
-            with torch.no_grad():
-                sdpa = graphed_ms(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, enable_gqa=True))
-            row = dict(op="attention decode", B=batch, L=P + 1, heads=f"{H}/{Hkv}x{Dh}", mode="graph", ours_ms=ms,
-                       sdpa_ms=sdpa, floor_ms=floor)
+            ms, sdpa, nbytes = decode_ms(batch, H, Hkv, Dh)
+            row = dict(op="attention decode", B=batch, L=WINDOW, heads=f"{H}/{Hkv}x{Dh}", mode="graph", ours_ms=ms,
+                       sdpa_ms=sdpa, floor_ms=nbytes / bw * 1e3)
             rows.append(row)
             print(row, flush=True)
 
@@ -145,20 +152,37 @@ def table(rows, bw) -> str:
     return "\n".join(lines)
 
 
+def kernel_ms(fn, reps=20) -> dict:
+    """Mean GPU milliseconds per call of each kernel that fn launches (torch.profiler)."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: e.device_time_total / reps / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def sweep():
     """Tiles of each kernel at B=4, L=4096 (16/4 heads x 128, then 32/4 x 64), the others at their
-    defaults: the forward alone, then forward+backward for the dQ and the dK, dV kernels."""
+    defaults: the backward alone, the forward alone, then forward+backward for the dQ and the dK, dV
+    kernels."""
     results = []
     for H, Hkv, Dh in HEADS:
         pos = torch.arange(4096, device="cuda")[None].expand(4, 4096)
         fn = lambda q, k, v: ops.attention(q, k, v, pos, WINDOW)  # noqa: E731
+        q, k, v = make_inputs(4, 4096, H, Hkv, Dh)
+        out, lse = triton_attention.attention_forward(q, k, v, pos, WINDOW, None, None, None)
+        dout = torch.randn_like(out)
+        args = (dout, q, k, v, out, lse, pos, WINDOW, None, None, None)
+        bwd = lambda: triton_attention.attention_backward(*args)  # noqa: E731
+        results.append(dict(Dh=Dh, tiles_of="backward alone", ms=median_ms(bwd), kernels=kernel_ms(bwd)))
+        print(results[-1], flush=True)
         for name, candidates in [
-                ("FWD_TILES", [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
-                               (128, 32, 4, 3), (64, 128, 4, 3)]),
-                ("DQ_TILES", [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3),
-                              (64, 64, 4, 3)]),
-                ("DKDV_TILES", [(32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 3),
-                                (32, 64, 4, 3), (64, 64, 4, 2)])]:
+                ("FWD_TILES", [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]),
+                ("DQ_TILES", [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3),
+                              (64, 64, 4, 3), (128, 128, 8, 2)]),
+                ("DKDV_TILES", [(32, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2),
+                                (32, 128, 8, 3), (64, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2)])]:
             base = dict(getattr(triton_attention, name))
             for tiles in candidates:
                 setattr(triton_attention, name, {**base, Dh: tiles})
@@ -175,10 +199,30 @@ def sweep():
     return results
 
 
+def sweep_decode():
+    """Batch 16 and 64 against a full window: programs per SM x warps of the split kernel x keys per tile."""
+    from samba_lm.ops import triton_attention_decode as dec
+    results = []
+    base = (dec.PROGRAMS_PER_SM, dec._split_warps, dec._block_n)
+    for H, Hkv, Dh in HEADS:
+        for batch in (16, 64):
+            for per_sm in (2, 4, 8, 16):
+                for warps in (2, 4, 8):
+                    for block_n in (32, 64):
+                        dec.PROGRAMS_PER_SM = per_sm
+                        dec._split_warps, dec._block_n = (lambda G, w=warps: w), (lambda Dh, n=block_n: n)
+                        us = decode_ms(batch, H, Hkv, Dh, sdpa=False)[0] * 1e3
+                        results.append(dict(Dh=Dh, heads=f"{H}/{Hkv}", B=batch, tiles_of="decode",
+                                            tiles=(per_sm, warps, block_n), us=us))
+                        print(results[-1], flush=True)
+    dec.PROGRAMS_PER_SM, dec._split_warps, dec._block_n = base
+    return results
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep", choices=["train", "decode"], help="sweep the tiles of the training or decode kernels")
     p.add_argument("--shapes", default=",".join(f"{b}x{L}" for b, L in SHAPES), help="BxL,BxL,... (training)")
     p.add_argument("--no-decode", action="store_true")
     args = p.parse_args()
@@ -186,7 +230,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        (out / "attention_sweep.json").write_text(json.dumps(sweep(), indent=1))
+        results = sweep() if args.sweep == "train" else sweep_decode()
+        (out / f"attention_sweep_{args.sweep}.json").write_text(json.dumps(results, indent=1))
         return
     bw = copy_bandwidth()
     rows = []

@@ -25,6 +25,7 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(triton_attention, "FWD_TILES", {d: (16, 16, 4, 1) for d in (16, 32, 64, 128, 256)})
         monkeypatch.setattr(triton_attention, "DQ_TILES", {d: (16, 16, 4, 1) for d in (16, 32, 64, 128, 256)})
         monkeypatch.setattr(triton_attention, "DKDV_TILES", {d: (16, 16, 4, 1) for d in (16, 32, 64, 128, 256)})
+        monkeypatch.setattr(triton_attention, "FP32_TILES", (16, 16, 4, 1))
 
 
 def inputs(batch, T, H, Hkv, Dh, P, dtype, seed, start=None):

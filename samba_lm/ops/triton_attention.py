@@ -2,8 +2,8 @@
 heads, a key/value prefix from the state (chunked prefill), any length.
 
 Layout (the shape alphabet of `attention.py`): q [B, T, H, Dh]; k, v [B, T, Hkv, Dh]; the prefix
-k_prefix, v_prefix [B, P, Hkv, Dh] with prefix_pos [B, P]; last dims contiguous. fp16 and bf16 (fp32
-too, with exact fp32 dots); fp32 accumulation; the online softmax works in base 2 (scale folded into q).
+k_prefix, v_prefix [B, P, Hkv, Dh] with prefix_pos [B, P]; last dims contiguous. fp16 and bf16, and fp32
+with 3xTF32 dots (head dims to 128); fp32 accumulation; the online softmax works in base 2 (scale folded into q).
 
 Which keys a query block visits: the chunk's keys are the queries' own and their positions count up
 by one, so the chunk keys a block of queries [i0, i0 + BLOCK_M) can see are the index range
@@ -14,16 +14,21 @@ at negative positions) is masked by its positions and visited only by query bloc
 it (i0 < W - 1), by every block for full attention (W = 0).
 
 Forward: one program per (query block, batch row x query head); it saves the row's log-sum-exp (base 2)
-for the backward. A one-token call without gradients (decode) goes to `triton_attention_decode.py`. A row that sees no key (left padding) returns zeros and saves +inf, so that the
-backward gives it zero probabilities.
+for the backward. A row that sees no key (left padding) returns zeros and saves +inf, so that the
+backward gives it zero probabilities. A one-token call without gradients (decode) goes to
+`triton_attention_decode.py`. Every grid is launched heaviest programs first (the last query blocks,
+the first key blocks see the most of the window), so that the light ones fill the tail.
 
 Backward: one program per (query block, batch row x query head) computes delta = rowsum(dO * O) and
 accumulates dQ over the same key blocks as the forward; then one program per (key block, batch row x
 key/value head) accumulates dK and dV over the G = H / Hkv query heads of its group and the query
-blocks that see the key block (no atomics: deterministic).
+blocks that see the key block, in one loop over (head, query block) pairs so that loads run ahead
+across heads (no atomics: deterministic). Each kernel visits the unmasked blocks in one loop and the
+masked ones at both ends of the range in another: fewer loops, fewer live registers.
 
 What the reference covers that this does not: float64, CPUs (except under TRITON_INTERPRET=1), head
-dims that are not a power of two in [16, 256]: the public function sends those to the reference.
+dims that are not a power of two in [16, 256], fp32 at head dim 256: the public function sends those
+to the reference.
 """
 
 from __future__ import annotations
@@ -124,8 +129,8 @@ def _query_ranges(j0, first, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 def _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """The program's (batch row, query head) and query block: its rows, q tile, positions, and the
     row's first real token (left padding)."""
-    i0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    i0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # the last blocks see the most keys: first
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
     rows = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -173,20 +178,29 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qt, s_dot, start, end, cols, q_pos_ptr, T,
-                 first, W, k_pos, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """dK, dV of one key block from the query blocks [start, end) of one query head (transposed:
-    scores are [keys, queries])."""
+def _block_start(j, start, n1, c, BLOCK: tl.constexpr):
+    """The j-th block of the ranges [start, start + n1 BLOCK) and then [c, ...): the masked blocks at
+    both ends of a row of blocks, visited by one loop."""
+    return tl.where(j < n1, start + j * BLOCK, c + (j - n1) * BLOCK)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qt, s_qh, s_dot, start, n1, c, n, cols,
+                 q_pos_ptr, T, first, W, k_pos, qk_scale, G: tl.constexpr, MASK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one key block from n query blocks (`_block_start`) of each of the G query heads of
+    its group, as one loop over (head, query block) pairs so that loads run ahead across heads.
+    Transposed: scores are [keys, queries]."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + offs_m
+    for it in range(0, G * n):
+        g = it // n
+        rows = _block_start(it % n, start, n1, c, BLOCK_M) + offs_m
         row_ok = rows < T
-        q = tl.load(q_ptr + rows[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptr + rows[:, None] * s_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        q = tl.load(q_ptr + g * s_qh + rows[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + g * HEAD_DIM + rows[:, None] * s_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + g * T + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + g * T + rows, mask=row_ok, other=0.0)
         sT = _dot(k, tl.trans(q), None, PRECISION) * qk_scale
         if MASK == CHUNK_MASK:
             d = rows[None, :] - cols[:, None]
@@ -210,77 +224,69 @@ def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dkp_ptr, dvp_ptr,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, T, P, H, W, scale, n_prefix_blocks,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (key block, batch row x kv head): the first n_prefix_blocks key blocks are the prefix's."""
-    pid = tl.program_id(0)
-    bhk = tl.program_id(1)
+    pid = tl.program_id(1)  # key blocks in order: the first see the most queries
+    bhk = tl.program_id(0)
     Hkv = H // G
     b, hk = bhk // Hkv, bhk % Hkv
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_prefix = pid < n_prefix_blocks
-    j0 = tl.where(in_prefix, pid, pid - n_prefix_blocks) * BLOCK_N
-    cols = j0 + offs_n
     first = tl.maximum(0, -tl.load(qpos_ptr + b * T))
-    if in_prefix:
+    qk_scale = scale * LOG2E
+    # the group's first query head; dO is contiguous [B, T, H, Dh], lse and delta [B, H, T]
+    q_row = q_ptr + b * s_qb + hk * G * s_qh
+    do_row = do_ptr + (b * T * H + hk * G) * HEAD_DIM
+    stats = (b * H + hk * G) * T
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if HAS_PREFIX and pid < n_prefix_blocks:  # compiled only for calls with a prefix
+        cols = pid * BLOCK_N + offs_n
         col_ok = cols < P
         kv = (b * P + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
         k = tl.load(kp_ptr + kv, mask=col_ok[:, None], other=0.0)
         v = tl.load(vp_ptr + kv, mask=col_ok[:, None], other=0.0)
         k_pos = tl.load(pp_ptr + b * P + cols, mask=col_ok, other=-1)
-        zero = j0 * 0
-        start, a, c, end = zero, zero, zero, tl.where(W > 0, tl.minimum(T, W - 1), T)
+        n = tl.cdiv(tl.where(W > 0, tl.minimum(T, W - 1), T), BLOCK_M)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt, s_qh,
+                              H * HEAD_DIM, 0, n, 0, n, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, G,
+                              PREFIX_MASK, BLOCK_M, HEAD_DIM, PRECISION)
+        out = (b * P + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
+        tl.store(dkp_ptr + out, (dk * scale).to(dkp_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dvp_ptr + out, dv.to(dvp_ptr.dtype.element_ty), mask=col_ok[:, None])
     else:
+        j0 = (pid - n_prefix_blocks) * BLOCK_N
+        cols = j0 + offs_n
         col_ok = cols < T
         k = tl.load(k_ptr + b * s_kb + hk * s_kh + cols[:, None] * s_kt + offs_d[None, :], mask=col_ok[:, None],
                     other=0.0)
         v = tl.load(v_ptr + b * s_vb + hk * s_vh + cols[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None],
                     other=0.0)
-        k_pos = cols
         start, a, c, end = _query_ranges(j0, first, T, W, BLOCK_M, BLOCK_N)
-    qk_scale = scale * LOG2E
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for g in range(G):  # the query heads sharing this key/value head
-        h = hk * G + g
-        q_row = q_ptr + b * s_qb + h * s_qh
-        do_row = do_ptr + (b * T * H + h) * HEAD_DIM  # dO is contiguous [B, T, H, Dh]
-        stats = (b * H + h) * T
-        if in_prefix:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
-                                  H * HEAD_DIM, start, end, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, PREFIX_MASK,
-                                  BLOCK_M, HEAD_DIM, PRECISION)
-        else:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
-                                  H * HEAD_DIM, start, a, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, CHUNK_MASK,
-                                  BLOCK_M, HEAD_DIM, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
-                                  H * HEAD_DIM, a, c, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, 0,
-                                  BLOCK_M, HEAD_DIM, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt,
-                                  H * HEAD_DIM, c, end, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, CHUNK_MASK,
-                                  BLOCK_M, HEAD_DIM, PRECISION)
-    dk *= scale
-    if in_prefix:
-        out = (b * P + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
-        tl.store(dkp_ptr + out, dk.to(dkp_ptr.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(dvp_ptr + out, dv.to(dvp_ptr.dtype.element_ty), mask=col_ok[:, None])
-    else:
+        n_full = (c - a) // BLOCK_M
+        n1 = tl.cdiv(a - start, BLOCK_M)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt, s_qh,
+                              H * HEAD_DIM, a, n_full, c, n_full, cols, qpos_ptr + b * T, T, first, W, cols,
+                              qk_scale, G, 0, BLOCK_M, HEAD_DIM, PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_row, do_row, lse_ptr + stats, delta_ptr + stats, s_qt, s_qh,
+                              H * HEAD_DIM, start, n1, c, n1 + tl.cdiv(end - c, BLOCK_M), cols, qpos_ptr + b * T, T,
+                              first, W, cols, qk_scale, G, CHUNK_MASK, BLOCK_M, HEAD_DIM, PRECISION)
         out = (b * T + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
-        tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_kt, s_vt, k_pos_ptr, start, end, rows, q_pos, first, n_keys,
-               W, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ of one query block from the key blocks [start, end) of one source."""
+def _dq_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, s_kt, s_vt, k_pos_ptr, start, n1, c, n, rows, q_pos, first,
+               n_keys, W, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dQ of one query block from n key blocks (`_block_start`) of one source."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + offs_n
+    for j in range(0, n):
+        cols = _block_start(j, start, n1, c, BLOCK_N) + offs_n
         in_range = (cols < n_keys)[:, None]
         k = tl.load(k_ptr + cols[:, None] * s_kt + offs_d[None, :], mask=in_range, other=0.0)
         v = tl.load(v_ptr + cols[:, None] * s_vt + offs_d[None, :], mask=in_range, other=0.0)
@@ -313,17 +319,19 @@ def _attn_bwd_dq_kernel(
     if HAS_PREFIX:
         if (W == 0) | (i0 < W - 1):
             kv = (b * P * (H // G) + hk) * HEAD_DIM
+            n = tl.cdiv(P, BLOCK_N)
             dq = _dq_blocks(dq, q, do, lse, delta, kp_ptr + kv, vp_ptr + kv, (H // G) * HEAD_DIM, (H // G) * HEAD_DIM,
-                            pp_ptr + b * P, 0, P, rows, q_pos, 0, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM,
-                            PRECISION)
+                            pp_ptr + b * P, 0, n, 0, n, rows, q_pos, 0, P, W, qk_scale, PREFIX_MASK, BLOCK_N,
+                            HEAD_DIM, PRECISION)
     start, a, c, end = _chunk_ranges(i0, first, T, W, BLOCK_M, BLOCK_N)
     k_row, v_row = k_ptr + b * s_kb + hk * s_kh, v_ptr + b * s_vb + hk * s_vh
-    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, start, a, rows, q_pos, first, T, W,
-                    qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, a, c, rows, q_pos, first, T, W,
-                    qk_scale, 0, BLOCK_N, HEAD_DIM, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, c, end, rows, q_pos, first, T, W,
-                    qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    n_full = (c - a) // BLOCK_N
+    n1 = tl.cdiv(a - start, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, a, n_full, c, n_full, rows, q_pos,
+                    first, T, W, qk_scale, 0, BLOCK_N, HEAD_DIM, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_row, v_row, s_kt, s_vt, qpos_ptr, start, n1, c,
+                    n1 + tl.cdiv(end - c, BLOCK_N), rows, q_pos, first, T, W, qk_scale, CHUNK_MASK, BLOCK_N,
+                    HEAD_DIM, PRECISION)
     tl.store(dq_ptr + rows_hd, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -331,14 +339,25 @@ def _attn_bwd_dq_kernel(
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim, for the forward, the dQ kernel
 # (which owns BLOCK_M queries) and the dK, dV kernel (which owns BLOCK_N keys). H100, B=4, L=4096,
-# W=2048, bf16: benchmarks/bench_attention.py --sweep. The sweep and the tests replace these dicts.
+# W=2048, bf16: benchmarks/bench_attention.py --sweep train. The sweep and the tests replace these dicts.
 FWD_TILES = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 3), 128: (64, 32, 4, 3), 256: (64, 32, 8, 2)}
 DQ_TILES = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)}
-DKDV_TILES = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 32, 8, 1)}
+DKDV_TILES = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)}
 
 
-def supported_head_dim(head_dim: int) -> bool:
-    return head_dim in FWD_TILES
+# fp32 inputs on a GPU: 3xTF32 products (about fp32's accuracy, on tensor cores) and small tiles, as
+# the three products per dot crowd the registers. Exact fp32 dots ran on CUDA cores at under 1 TFLOP/s
+# (H200, 12 heads x 128, 8,192 queries: 132 ms a call; now 2.2 ms). Head dim 256 spills even at these
+# tiles: fp32 there goes to the reference.
+FP32_TILES = (32, 32, 4, 2)
+
+
+def supported(head_dim: int, dtype: torch.dtype) -> bool:
+    return head_dim in FWD_TILES and (dtype != torch.float32 or head_dim <= 128)
+
+
+def _tiles(table: dict, q: torch.Tensor) -> tuple:
+    return FP32_TILES if q.dtype == torch.float32 else table[q.shape[-1]]
 
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -356,9 +375,20 @@ def _prefix_args(q, k_prefix, v_prefix, prefix_pos):
 
 
 def _precision(dtype) -> str:
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    """tl.dot's input precision: 16-bit inputs are exact anyway; fp32 gets 3xTF32 on GPUs. Under
+    TRITON_INTERPRET=1, exact fp32 products, and bf16 widened (the interpreter mishandles bf16 dots)."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if dtype == torch.bfloat16 and interpreting:
         return "widen"
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs get exact fp32 dots (tf32: unused)
+    if dtype == torch.float32:
+        return "ieee" if interpreting else "tf32x3"
+    return "tf32"
+
+
+def _check_grid(blocks: int, T: int):
+    if blocks > 65535:  # the limit of a grid's second dimension
+        raise ValueError(f"attention: a chunk of {T} tokens makes {blocks} blocks, more than 65535; pass it in "
+                         f"shorter chunks with a state (the result is the same)")
 
 
 def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
@@ -368,8 +398,9 @@ def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
     kp, vp, pp, P = _prefix_args(q, k_prefix, v_prefix, prefix_pos)
     out = torch.empty(batch, T, H, Dh, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, H, T, device=q.device, dtype=torch.float32)
-    block_m, block_n, warps, stages = FWD_TILES[Dh]
-    _attn_fwd_kernel[(triton.cdiv(T, block_m), batch * H)](
+    block_m, block_n, warps, stages = _tiles(FWD_TILES, q)
+    _check_grid(triton.cdiv(T, block_m), T)
+    _attn_fwd_kernel[(batch * H, triton.cdiv(T, block_m))](
         q, k, v, kp, vp, pp, q_pos.to(torch.int32).contiguous(), out, lse, *_strides(q, k, v), T, P, H, window,
         1.0 / math.sqrt(Dh), G=G, HAS_PREFIX=P > 0, HEAD_DIM=Dh, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
@@ -390,17 +421,19 @@ def attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefi
     dkp, dvp = (torch.empty_like(kp), torch.empty_like(vp)) if P else (dk, dv)
     strides = _strides(q, k, v)
     common = dict(G=H // Hkv, HEAD_DIM=Dh, PRECISION=_precision(q.dtype))
-    block_m, block_n, warps, stages = DQ_TILES[Dh]
-    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), batch * H)](
+    block_m, block_n, warps, stages = _tiles(DQ_TILES, q)
+    _check_grid(triton.cdiv(T, block_m), T)
+    _attn_bwd_dq_kernel[(batch * H, triton.cdiv(T, block_m))](
         q, k, v, kp, vp, pp, positions, out.contiguous(), dout, lse, delta, dq, *strides, T, P, H, window,
         1.0 / math.sqrt(Dh), HAS_PREFIX=P > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         num_stages=stages, **common)
-    block_m, block_n, warps, stages = DKDV_TILES[Dh]
+    block_m, block_n, warps, stages = _tiles(DKDV_TILES, q)
     n_prefix_blocks = triton.cdiv(P, block_n)
-    _attn_bwd_dkdv_kernel[(n_prefix_blocks + triton.cdiv(T, block_n), batch * Hkv)](
+    _check_grid(n_prefix_blocks + triton.cdiv(T, block_n), T)
+    _attn_bwd_dkdv_kernel[(batch * Hkv, n_prefix_blocks + triton.cdiv(T, block_n))](
         q, k, v, kp, vp, pp, positions, dout, lse, delta, dk, dv, dkp, dvp, *strides, T, P, H, window,
-        1.0 / math.sqrt(Dh), n_prefix_blocks, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        num_stages=stages, **common)
+        1.0 / math.sqrt(Dh), n_prefix_blocks, HAS_PREFIX=P > 0, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv, (dkp if P else None), (dvp if P else None)
 
 
@@ -464,7 +497,7 @@ def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
 
 
 def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
-    if not supported_head_dim(q.shape[-1]):
+    if not supported(q.shape[-1], q.dtype):
         return attention_reference(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
     if k_prefix is not None and k_prefix.shape[1] == 0:  # an empty cache (full attention's first call)
         k_prefix = v_prefix = prefix_pos = None

@@ -140,6 +140,13 @@ PROGRAMS_PER_SM = 4  # splits are added until B * Hkv * SPLITS reaches this many
 MAX_SPLITS = 128
 
 
+def _split_warps(G: int) -> int:
+    """Warps of the split kernel: two when several query heads share a key/value head, four for one
+    (H100, full window of 2047 keys, B=64, `bench_attention.py --sweep decode`: 16/4 heads x 128 112
+    us against 130 with four, 11/1 x 256 69 against 74; 18/18 x 128 444 against 426 with four)."""
+    return 4 if G == 1 else 2
+
+
 def _block_n(Dh: int) -> int:
     """Keys per tile: 64 at Dh 64, 32 from Dh 128 (H100: 2890 GB/s against 2650 with 64 keys at B=64,
     18 heads, Dh 128, 2047 keys; 64 keys stay ahead at Dh 64, 16 fall behind at Dh 256)."""
@@ -228,7 +235,7 @@ def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefi
             q.stride(0), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
             v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), prefix_pos.stride(0), q_pos.stride(0),
             G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
-            DOT_F32=_interpreting(), num_warps=4)
+            DOT_F32=_interpreting(), num_warps=_split_warps(G))
     out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
     block_s = triton.next_power_of_2(max(n_splits, 1))
     warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread

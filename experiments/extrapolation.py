@@ -3,7 +3,7 @@ and Mamba with equal parameter and token budgets, trained at one length on Shake
 at 1x, 2x, 4x, 16x and 64x that length (perplexity averaged over all tokens of the prefix, as the
 paper's SlimPajama table; PAPER.md, "Headline results").
 
-    python experiments/extrapolation.py --out runs/extrapolation          # about 20 minutes, 2 CPU cores
+    python experiments/extrapolation.py --out runs/extrapolation          # about 30 minutes, 2 CPU cores
 
 Writes results.json (every model's config, weights hash, parameters, tokens, the perplexity table),
 results.md (the table) and extrapolation.png into --out. Each model trains in its own run directory
@@ -74,7 +74,9 @@ def main():
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--eval-docs", type=int, default=4, help="validation stretches of 64x the training length")
     p.add_argument("--models", default=",".join(PATTERNS))
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     args = p.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out = Path(args.out)
     names = [m for m in args.models.split(",") if m]
     unknown = sorted(set(names) - set(PATTERNS))
@@ -100,9 +102,10 @@ def main():
         if not (run_dir / "model" / "config.json").is_file():
             train(TrainConfig(model="tiny", model_args=margs, data=str(data), seq_len=args.seq_len,
                               batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_fraction=0.05,
-                              eval_every=args.steps, save_every=args.steps, out_dir=str(run_dir), tensorboard=False))
+                              eval_every=args.steps, save_every=args.steps, out_dir=str(run_dir), tensorboard=False,
+                              device=str(device)))
         train_s = time.perf_counter() - t0
-        model = samba_lm.load_pretrained(run_dir / "model").eval()
+        model = samba_lm.load_pretrained(run_dir / "model", device=device).eval()
         t0 = time.perf_counter()
         ppl = prefix_ppl(model, docs, lengths, chunk_size=args.seq_len)
         results[name] = dict(ppl={str(n): v for n, v in ppl.items()}, params=count_params(margs, shards.vocab_size),
@@ -115,8 +118,8 @@ def main():
     for name, r in results.items():
         table.append(f"| {name} | {r['params'] / 1e6:.2f}M | " + " | ".join(f"{r['ppl'][str(n)]:.2f}" for n in lengths) + " |")
     md = "\n".join(table)
-    write_json(out / "results.json", dict(args=vars(args), lengths=lengths, eval_tokens=n_docs * lengths[-1],
-                                          models=results))
+    write_json(out / "results.json", dict(args=vars(args), device=str(device), lengths=lengths,
+                                          eval_tokens=n_docs * lengths[-1], models=results))
     (out / "results.md").write_text(md + "\n")
     print(md)
     plt = pyplot()

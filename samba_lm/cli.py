@@ -109,11 +109,12 @@ def cmd_export(args):
 
 
 def _evaluations() -> dict:
-    from .eval import passkey, phonebook, ppl
+    from .eval import harness, passkey, phonebook, ppl
 
     return {"ppl": (ppl, "perplexity against context length, streaming long documents through the state"),
             "passkey": (passkey, "passkey retrieval: accuracy over prompt lengths x needle depths"),
-            "phonebook": (phonebook, "phonebook lookup: accuracy against the number of entries")}
+            "phonebook": (phonebook, "phonebook lookup: accuracy against the number of entries"),
+            "harness": (harness, "lm-evaluation-harness tasks (local task files, offline; needs samba-lm[eval])")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="evaluate a model: perplexity vs length, passkey retrieval, phonebook lookup")
+    p = sub.add_parser("eval", help="evaluate a model: perplexity vs length, passkey retrieval, phonebook lookup, "
+                                   "lm-eval tasks")
     evals = p.add_subparsers(dest="evaluation", required=True)
     for name, (module, help_) in _evaluations().items():
         q = evals.add_parser(name, help=help_)
@@ -178,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv if argv is None else ["samba-lm", *argv]  # the command that result files record
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:

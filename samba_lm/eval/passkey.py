@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model}: cannot build the prompts")
     result = passkey_grid(model, tokenizer, args.lengths, args.depths, args.keys, args.seed, args.max_new_tokens)
-    payload = {"task": "passkey", **result, "run": run_record(model, args.model)}
+    payload = {"task": "passkey", **result, "run": run_record(model, args.model, getattr(args, "argv", None))}
     out = Path(args.out)
     write_json(out / "passkey.json", payload)
     plot_grid(result, out / "passkey.png", f"passkey retrieval, {Path(args.model).name}")

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model}: cannot build the prompts")
     result = phonebook_eval(model, tokenizer, args.entries, args.trials, args.seed, args.max_new_tokens)
-    payload = {"task": "phonebook", **result, "run": run_record(model, args.model)}
+    payload = {"task": "phonebook", **result, "run": run_record(model, args.model, getattr(args, "argv", None))}
     out = Path(args.out)
     write_json(out / "phonebook.json", payload)
     plot_accuracy(result, out / "phonebook.png", f"phonebook lookup, {Path(args.model).name}")

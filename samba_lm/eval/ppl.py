@@ -27,6 +27,8 @@ from tqdm import tqdm
 from .documents import iter_long_documents
 from .record import pyplot, run_record, write_json
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
 K = 1024
 # A newline after a non-space character: the byte-level pre-tokenizer of this project's BPE (GPT-2 regex,
 # no prefix space) splits there anyway, so pieces cut there encode to exactly the ids of the whole text.
@@ -166,6 +168,8 @@ def add_arguments(parser):
     parser.add_argument("--lengths", help="prefix lengths for the prefix-average perplexity, e.g. 4K,16K,1M "
                                           "(default: 1K, 2K, 4K, ... up to the longest document)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="weights and activations (the Mamba state stays fp32); bfloat16 is the fast one on GPUs")
     parser.add_argument("--out", default="eval/ppl", help="directory for ppl.json and ppl.png")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -183,6 +187,7 @@ def run(args) -> dict:
     model, tokenizer = load_for_inference(args.model, device)
     if tokenizer is None:
         raise ValueError(f"--model: no tokenizer.json beside {args.model}, so the documents cannot be tokenized")
+    model = model.to(DTYPES[args.dtype])
 
     documents = []
     for name, text in iter_long_documents(args.source):
@@ -196,6 +201,8 @@ def run(args) -> dict:
     longest = max(len(ids) for _, ids in documents)
     lengths = lengths or [edge for edge in bucket_edges(longest)[1:] if edge <= longest]
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started, results = time.perf_counter(), []
     for name, ids in documents:
         print(f"{name}: {len(ids):,} tokens")
@@ -205,11 +212,11 @@ def run(args) -> dict:
     predicted = sum(r.tokens - 1 for r in results)
     payload = {
         "source": str(args.source), "chunk_size": args.chunk_size, "max_tokens": args.max_tokens,
-        "lengths": lengths, "device": str(device), "seconds": round(seconds, 2),
-        "tokens_per_second": round(predicted / seconds, 1),
+        "lengths": lengths, "device": str(device), "dtype": args.dtype, "seconds": round(seconds, 2),
+        "tokens_per_second": round(predicted / seconds, 1), **_peak_memory(device),
         "aggregate": summarize(results, lengths),
         "documents": [{"name": name, **summarize([r], lengths)} for (name, _), r in zip(documents, results)],
-        "run_record": run_record(model, args.model),
+        "run_record": run_record(model, args.model, getattr(args, "argv", None)),
     }
     out = Path(args.out)
     write_json(out / "ppl.json", payload)
@@ -217,6 +224,15 @@ def run(args) -> dict:
     png = plot(payload, out / "ppl.png")
     print(f"wrote {out / 'ppl.json'}" + (f" and {png}" if png else ""))
     return payload
+
+
+def _peak_memory(device) -> dict:
+    """The process's peak: GPU memory allocated on CUDA, resident memory (RSS) on CPUs."""
+    if device.type == "cuda":
+        return {"peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    import resource  # POSIX
+
+    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def _device(name: str) -> torch.device:
@@ -231,7 +247,8 @@ def _device(name: str) -> torch.device:
 def _print_table(payload):
     agg = payload["aggregate"]
     print(f"{len(payload['documents'])} document(s), {agg['tokens']:,} tokens, "
-          f"{payload['tokens_per_second']:,.0f} tokens/s; all positions: ppl {agg['ppl']:.3f}")
+          f"{payload['tokens_per_second']:,.0f} tokens/s; all positions: ppl {agg['ppl']:.3f}; peak memory "
+          + ", ".join(f"{k[5:]} {v:,.0f}" for k, v in payload.items() if k.startswith("peak_")))
     print(f"{'positions':>12} {'tokens':>12} {'ppl':>10}   {'prefix N':>9} {'docs':>5} {'ppl':>10}")
     for i in range(max(len(agg["buckets"]), len(agg["prefix"]))):
         left = right = ""

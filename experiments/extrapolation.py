@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import samba_lm  # noqa: E402
+from samba_lm.cli import resolve_device  # noqa: E402
 from samba_lm.data import TokenShards, build_shards  # noqa: E402
 from samba_lm.eval.record import pyplot, run_record, write_json  # noqa: E402
 from samba_lm.eval.ppl import stream_nll, summarize  # noqa: E402
@@ -76,7 +77,7 @@ def main():
     p.add_argument("--models", default=",".join(PATTERNS))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     args = p.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     out = Path(args.out)
     names = [m for m in args.models.split(",") if m]
     unknown = sorted(set(names) - set(PATTERNS))

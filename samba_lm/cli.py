@@ -30,6 +30,16 @@ def cmd_train(args):
     train(config_from_args(args))
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' (or None): CUDA when available, else the CPU; otherwise any torch device name."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
 def load_for_inference(path, device=None):
     """(model, tokenizer or None) from a saved model, a training checkpoint or a run directory."""
     from .checkpoint import load_model_and_tokenizer_path
@@ -43,7 +53,7 @@ def cmd_generate(args):
     from .data import eos_id
     from .generation import generate_stream
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     model, tokenizer = load_for_inference(args.model, device)
     if tokenizer is None:
         raise SystemExit(f"no tokenizer.json beside {args.model}: cannot encode the prompt")

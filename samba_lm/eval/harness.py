@@ -80,11 +80,11 @@ class SambaHarnessLM(TemplateLM):
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         if dtype not in (None, "auto", *DTYPES):
             raise ValueError(f"samba-lm model_args: dtype must be one of {['auto', *DTYPES]}, got {dtype!r}")
-        if device in (None, "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from ..cli import resolve_device
+
         try:
-            self._device = torch.device(device)
-        except (RuntimeError, TypeError):
+            self._device = resolve_device(device)
+        except ValueError:
             raise ValueError(f"samba-lm model_args: device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
         if (pretrained is None) == (model is None):
             raise ValueError("samba-lm model_args: give pretrained=PATH (a saved model, training checkpoint or run "

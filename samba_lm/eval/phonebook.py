@@ -15,7 +15,6 @@ import random
 import re
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -150,10 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, write OUT/phonebook.json and OUT/phonebook.png, print the table; return the payload."""
-    from ..cli import load_for_inference
+    from ..cli import load_for_inference, resolve_device
 
     check_args(args.entries, args.trials, args.max_new_tokens)  # before loading anything
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     model, tokenizer = load_for_inference(args.model, device)
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model}: cannot build the prompts")

@@ -176,14 +176,14 @@ def add_arguments(parser):
 
 def run(args) -> dict:
     """Evaluate, write `out/ppl.json` (+ `out/ppl.png` with matplotlib), print a table, return the payload."""
-    from ..cli import load_for_inference
+    from ..cli import load_for_inference, resolve_device
 
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2 (a document needs 2 tokens for one prediction), got {args.max_tokens}")
     lengths = parse_lengths(args.lengths) if args.lengths else None
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, tokenizer = load_for_inference(args.model, device)
     if tokenizer is None:
         raise ValueError(f"--model: no tokenizer.json beside {args.model}, so the documents cannot be tokenized")
@@ -233,15 +233,6 @@ def _peak_memory(device) -> dict:
     import resource  # POSIX
 
     return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
 def _print_table(payload):

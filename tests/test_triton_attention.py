@@ -137,3 +137,31 @@ def test_attention_empty_prefix_is_no_prefix():
         out.sum().backward()
         torch.testing.assert_close(out, ops.attention(**low, window=0))
     assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
+def test_attention_with_query_and_key_blocks_of_different_sizes(monkeypatch, tiles):
+    """Tables may pair query and key blocks of different sizes (dK/dV at head dim 64: 128 x 64)."""
+    from samba_lm.ops import triton_attention
+
+    for table in ("FWD_TILES", "DQ_TILES", "DKDV_TILES"):
+        monkeypatch.setattr(triton_attention, table, {d: (*tiles, 4, 1) for d in (16, 32, 64, 128, 256)})
+    monkeypatch.setattr(triton_attention, "FP32_TILES", (*tiles, 4, 1))
+    exact, low = inputs(2, 45, 2, 1, 16, 13, torch.float32, seed=3, start=torch.tensor([[13], [10]]))
+    check(exact, low, 20, torch.float32)
+
+
+def test_attention_takes_strided_views():
+    """q, k, v as views of one fused projection (the kernels address them in place) and as views
+    that a tensor descriptor can't address (copied first) give the contiguous inputs' result."""
+    _, low = inputs(2, 24, 2, 1, 16, 0, torch.float32, seed=6)
+    q, k, v = low["q"], low["k"], low["v"]
+    fused = torch.cat([q, k, v], dim=2)  # [B, T, H + 2 Hkv, Dh]
+    odd = torch.zeros(*q.shape[:-1], 17, device=DEVICE)  # rows of 17 floats: not 16-byte aligned
+    odd[..., 1:] = q
+    with ops.use_kernels("triton"):
+        want = ops.attention(q, k, v, low["q_pos"], window=8)
+        got_fused = ops.attention(fused[:, :, :2], fused[:, :, 2:3], fused[:, :, 3:], low["q_pos"], window=8)
+        got_odd = ops.attention(odd[..., 1:], k, v, low["q_pos"], window=8)
+    torch.testing.assert_close(got_fused, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_odd, want, rtol=0, atol=0)

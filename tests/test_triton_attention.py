@@ -82,6 +82,17 @@ def test_attention_values_and_gradients(T, window, H, Hkv, Dh, dtype):
     check(exact, low, window, dtype)
 
 
+@pytest.mark.parametrize("Dh, H, Hkv, dtype", [(64, 4, 1, torch.bfloat16), (128, 4, 2, torch.float16),
+                                              (256, 2, 1, torch.bfloat16)])
+def test_attention_at_the_model_head_dims(Dh, H, Hkv, dtype):
+    """The presets' head dims (64, 128, 256) with a prefix, a window edge inside blocks and a length
+    that is not a multiple of any block: on a GPU with the shipped tiles, which the cases above (head
+    dims 16 and 32) do not use."""
+    T, P = 150 if DEVICE == "cuda" else 40, 29
+    exact, low = inputs(1, T, H, Hkv, Dh, P, dtype, seed=Dh)
+    check(exact, low, 37, dtype)
+
+
 @pytest.mark.parametrize("T, P, window, dtype", [(20, 9, 10, torch.float32), (5, 31, 32, torch.bfloat16),
                                                  (40, 24, 0, torch.float32)])
 def test_attention_with_prefix_in_ring_order(T, P, window, dtype):

@@ -226,6 +226,31 @@ def sweep():
     return results
 
 
+def sweep_segments():
+    """Inference forwards with few rows: time segments (programs per SM targeted, steps per segment at
+    least) against one walk and the chunked kernel, at B = 1, 2, 4 and L = 4096, 16384."""
+    saved = (triton_scan.SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_MIN_SEGMENT,
+             triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM)
+    results = []
+    for batch, L in [(1, 4096), (1, 16384), (2, 4096), (4, 4096)]:
+        args = scan_inputs(batch, L)
+        configs = [("chunked", None, None, 10**9), ("one walk", 1, 10**9, 0)]
+        configs += [(f"segments: {pps} programs/SM, >= {minseg} steps", pps, minseg, 4)
+                    for pps in (4, 8, 16, 32) for minseg in (64, 256)]
+        for label, pps, minseg, min_programs in configs:
+            triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = min_programs
+            if pps is not None:
+                triton_scan.SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_MIN_SEGMENT = pps, minseg
+            with torch.no_grad(), ops.use_kernels("triton"):
+                ms = median_ms(lambda: ops.selective_scan(**args), rep=50)
+            segs = triton_scan._segments(batch, E, L, torch.device("cuda"))
+            results.append((label, batch, L, segs, ms))
+            print(f"B={batch} L={L} {label} ({segs} segments): fwd {ms:.3f} ms", flush=True)
+            (triton_scan.SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_MIN_SEGMENT,
+             triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM) = saved
+    return results
+
+
 def sweep_tiles(grads):
     args = scan_inputs(8, 4096)
     results = []
@@ -266,12 +291,16 @@ def table(rows, bw, exps, peer_names) -> str:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="tile and path sweep of the training kernels")
+    p.add_argument("--sweep-segments", action="store_true", help="time segments of inference forwards with few rows")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         (out / "scan_sweep.json").write_text(json.dumps(sweep()))
+        return
+    if args.sweep_segments:
+        (out / "scan_segments_sweep.json").write_text(json.dumps(sweep_segments()))
         return
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn

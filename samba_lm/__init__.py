@@ -2,10 +2,13 @@
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import PRESETS, SambaConfig
-from .generation import generate, generate_stream, sample_next
+from .engine import DecodeEngine
+from .generation import generate, generate_stream
 from .model import SambaLM, SambaOutput
+from .prompts import left_pad, prefill
+from .sampling import sample_next
 from .state import SambaState
 
-__all__ = ["PRESETS", "SambaConfig", "SambaLM", "SambaOutput", "SambaState", "generate", "generate_stream",
-           "load_pretrained", "sample_next", "save_pretrained"]
+__all__ = ["PRESETS", "DecodeEngine", "SambaConfig", "SambaLM", "SambaOutput", "SambaState", "generate",
+           "generate_stream", "left_pad", "load_pretrained", "prefill", "sample_next", "save_pretrained"]
 __version__ = "0.1.0"

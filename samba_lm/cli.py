@@ -59,7 +59,8 @@ def cmd_generate(args):
         raise SystemExit(f"no tokenizer.json beside {args.model}: cannot encode the prompt")
     prompt = tokenizer.encode(args.prompt).ids or [eos_id(tokenizer)]
     stream = generate_stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             args.seed, stop_tokens=[eos_id(tokenizer)])
+                             args.seed, stop_tokens=[eos_id(tokenizer)], cuda_graph=False if args.no_cuda_graph else None,
+                             sync_every=args.sync_every)
     sys.stdout.write(args.prompt)
     new, shown = [], ""
     for token in stream:
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sync-every", type=int, default=16,
+                   help="decode steps between reads of the GPU: text appears in bursts of this many tokens")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="decode eagerly on a GPU too (debugging; the tokens are the same)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a model: perplexity vs length, passkey retrieval, phonebook lookup, "

@@ -2,8 +2,10 @@
 
 Each sub-layer computes h = h + mixer(RMSNorm(h)), the mixer being Mamba, sliding-window attention,
 full attention or a SwiGLU MLP, as `config.layers` lists them. The residual stream h is kept in
-float32 (float64 in a float64 model) whatever the compute dtype. Training, chunked prefill and
-token-by-token decode all run `forward`; they differ only in the state passed in.
+float32 (float64 in a float64 model) whatever the compute dtype. The add of a sub-layer's output
+and the next norm are one op (`ops.add_rmsnorm`), so each sub-layer hands on its output and the next
+one adds it. Training, chunked prefill and token-by-token decode all run `forward`; they differ only
+in the state passed in.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import SambaConfig
 from .layers import Attention, Mamba, RMSNorm, SwiGLU
-from .state import SambaState
+from .ops import linear
+from .state import SambaState, start_positions
 
 
 @dataclass
@@ -43,8 +45,10 @@ class Residual(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg)
 
-    def forward(self, h, positions, state=None):
-        return h + self.mixer(self.norm(h), positions, state)
+    def forward(self, h, delta, positions, state=None):
+        """(h + delta, this sub-layer's output): delta is the previous sub-layer's output (None first)."""
+        h, x = self.norm(h, delta)
+        return h, self.mixer(x, positions, state)
 
 
 class SambaLM(nn.Module):
@@ -87,14 +91,25 @@ class SambaLM(nn.Module):
             out = layer.mixer.down_proj if layer.kind == "mlp" else layer.mixer.out_proj
             out.weight.div_(math.sqrt(self.config.n_layers))
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> SambaState:
-        """Allocate the streaming state for `batch_size` rows (defaults: the model's device and dtype)."""
+    def init_state(self, batch_size: int, device=None, dtype=None, start=None, capacity: int | None = None
+                   ) -> SambaState:
+        """Allocate the streaming state for `batch_size` rows (defaults: the model's device and dtype).
+
+        start: each row's first position (a list or CPU tensor; default 0): -n for a row whose first n
+        tokens are left padding, which then stays out of every layer's state. capacity: the slots that
+        full-attention layers allocate at once (default 256, doubling when full); generation gives
+        prompt + new tokens, so that its cache never moves and a captured step serves every length."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
-        records = [layer.mixer.init_state(batch_size, device, dtype) for layer in self.layers]
-        return SambaState(records, torch.zeros(batch_size, dtype=torch.long, device=device), self.config)
+        pos, bound = start_positions(start, batch_size, device)
+        records = [layer.mixer.init_state(batch_size, device, dtype, capacity, bound)
+                   if isinstance(layer.mixer, Attention) else layer.mixer.init_state(batch_size, device, dtype)
+                   for layer in self.layers]
+        return SambaState(records, pos, self.config)
 
     def forward(self, input_ids: torch.Tensor, state: SambaState | None = None,
                 logits_to_keep: int = 0) -> SambaOutput:
@@ -105,13 +120,15 @@ class SambaLM(nn.Module):
         start = state.pos[:, None] if state is not None else 0
         positions = (start + torch.arange(T, device=input_ids.device)[None]).expand(batch, T)
         h = self.embedding(input_ids)
-        h = h.to(torch.promote_types(h.dtype, torch.float32))
+        h, delta = h.to(torch.promote_types(h.dtype, torch.float32)), None
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, state.layers[i] if state is not None else None)
+            h, delta = layer(h, delta, positions, state.layers[i] if state is not None else None)
         if state is not None:
             state.pos += T
-        h = self.norm_f(h[:, -logits_to_keep:] if logits_to_keep else h)
-        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embedding.weight)
+        if logits_to_keep:
+            h, delta = h[:, -logits_to_keep:], delta[:, -logits_to_keep:]
+        _, x = self.norm_f(h, delta)
+        logits = linear(x, (self.lm_head if self.lm_head is not None else self.embedding).weight)
         return SambaOutput(logits, state)
 
     def _check_inputs(self, input_ids, state, logits_to_keep):
@@ -122,10 +139,7 @@ class SambaLM(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [batch, time] with time >= 1, got {tuple(input_ids.shape)}")
         if not (torch.compiler.is_compiling() or _capturing(input_ids.device)):
-            lo, hi = input_ids.min().item(), input_ids.max().item()
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
-                                 f"got values in [{lo}, {hi}]")
+            check_token_ids(input_ids, self.config.vocab_size)
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
         if state is not None:
@@ -141,3 +155,15 @@ class SambaLM(nn.Module):
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int):
+    """Token ids in [0, vocab_size). On a CPU, a ValueError now; on a GPU, a device-side assertion, so
+    that no call waits for the device (the message shows with the CUDA error at the next sync)."""
+    message = f"input_ids must lie in [0, vocab_size={vocab_size})"
+    if ids.device.type == "cpu":
+        lo, hi = ids.min().item(), ids.max().item()
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{message}, got values in [{lo}, {hi}]")
+    else:
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(), message)

@@ -1,16 +1,21 @@
 """Inference state: one small record per sub-layer kind, plus the stream position of every row.
 
-Ownership: `SambaLM.init_state` allocates everything once; every call updates the records in place
-and returns the same object; only the model advances `pos`, after its last layer. Positions carry
-the meaning: RoPE angles, the window, and empty or padded slots (negative position, never visible).
-Values are stored detached: gradients do not flow from one call into the next.
+Ownership: `SambaLM.init_state` allocates everything once, with each row's start position; every
+call updates the records in place and returns the same object; only the model advances `pos`, after
+its last layer. Positions carry the meaning: RoPE angles, the window, and empty or padded slots
+(negative position, never visible). Values are stored detached: gradients do not flow from one call
+into the next.
 
 | kind  | record     | tensors                                                        | size in tokens |
 |-------|------------|----------------------------------------------------------------|----------------|
 | mamba | MambaState | conv [B, E, K-1] (last conv inputs), ssm [B, E, N] (fp32)      | constant       |
-| swa   | RingKV     | k, v [B, W-1, Hkv, Dh] (keys after RoPE), pos [B, W-1]         | constant       |
-| attn  | GrowingKV  | k, v [B, capacity, Hkv, Dh], pos [B, capacity]; doubles        | grows          |
+| swa   | KVCache    | k, v [B, W-1, Hkv, Dh] (keys after RoPE), pos [B, W-1]: a ring | constant       |
+| attn  | KVCache    | k, v [B, S, Hkv, Dh], pos [B, S]; S doubles before it wraps     | grows          |
 | mlp   | None       |                                                                |                |
+
+Both caches are positional: position p >= 0 lives in slot p mod S (S = the cache's slots), so a
+captured decode step needs no host counter to find its slot, and a query at position i finds every
+key it can see in slots [0, min(i, S)) (the attention kernels use that bound).
 """
 
 from __future__ import annotations
@@ -35,61 +40,52 @@ class MambaState:
         return _snapshot(self.conv), _snapshot(self.ssm)
 
     def write(self, conv: torch.Tensor, ssm: torch.Tensor):
-        self.conv.copy_(conv.detach())
-        self.ssm.copy_(ssm.detach())
+        # The decode kernels update the state in place and hand back these very tensors.
+        if conv is not self.conv:
+            self.conv.copy_(conv.detach())
+        if ssm is not self.ssm:
+            self.ssm.copy_(ssm.detach())
+
+    def reset(self):
+        self.conv.zero_()
+        self.ssm.zero_()
 
 
 @dataclass
-class RingKV:
-    """Keys/values of the last W-1 positions; position p lives in slot p mod (W-1)."""
+class KVCache:
+    """Keys (after RoPE), values and positions by slot: position p >= 0 in slot p mod S, -1 empty.
+
+    `grows` (full attention): before a call could store a position >= S, S doubles (or more), so no
+    position is ever overwritten. `length` counts on the host the positions a row may have reached (a
+    bound on every row's next position), which decides that without reading the device; a captured
+    step that replays n times is accounted for by `SambaState.advance_host_count(n)`. A ring (SWA,
+    S = W - 1) never grows: it holds the newest W - 1 positions, all that a query can see."""
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
-
-    def prefix(self, dtype):
-        """The cached keys, values and positions a chunk attends to before its own (ring order)."""
-        return _snapshot(self.k.to(dtype)), _snapshot(self.v.to(dtype)), _snapshot(self.pos)
-
-    def append(self, k, v, positions):
-        """Store the chunk's newest W-1 keys, each in its position's slot."""
-        slots = self.pos.shape[1]
-        newest = slice(max(0, k.shape[1] - slots), None)
-        k, v, positions = k[:, newest].detach(), v[:, newest].detach(), positions[:, newest]
-        index = positions.remainder(slots)
-        self.k.scatter_(1, index[:, :, None, None].expand_as(k), k.to(self.k.dtype))
-        self.v.scatter_(1, index[:, :, None, None].expand_as(v), v.to(self.v.dtype))
-        self.pos.scatter_(1, index, positions)
-
-
-@dataclass
-class GrowingKV:
-    """Keys/values of every position so far (full attention); capacity doubles when full."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
+    grows: bool = False
     length: int = 0
 
-    def prefix(self, dtype):
-        """Every cached key, value and position, oldest first."""
-        n = self.length
-        return _snapshot(self.k[:, :n].to(dtype)), _snapshot(self.v[:, :n].to(dtype)), _snapshot(self.pos[:, :n])
-
-    def append(self, k, v, positions):
-        end = self.length + k.shape[1]
-        if end > self.pos.shape[1]:
-            self._grow(max(end, 2 * self.pos.shape[1]))
-        self.k[:, self.length:end] = k.detach()
-        self.v[:, self.length:end] = v.detach()
-        self.pos[:, self.length:end] = positions
-        self.length = end
+    def reserve(self, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The buffers a call of T tokens reads and then writes (`ops.attention_with_cache`)."""
+        self.length += T
+        if self.grows and self.length > self.pos.shape[1]:
+            self._grow(max(self.length, 2 * self.pos.shape[1]))
+        return self.k, self.v, self.pos
 
     def _grow(self, capacity: int):
+        """Positions below the old S sit in slot p, which stays their slot mod the new capacity."""
         pad = capacity - self.pos.shape[1]
         self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[0], pad, *self.k.shape[2:])], dim=1)
         self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[0], pad, *self.v.shape[2:])], dim=1)
         self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], pad), -1)], dim=1)
+
+    def reset(self, length: int):
+        self.k.zero_()
+        self.v.zero_()
+        self.pos.fill_(-1)
+        self.length = length
 
 
 @dataclass
@@ -97,7 +93,7 @@ class SambaState:
     """Per-layer records aligned with `config.layers`, and `pos`: the position of each row's next token.
 
     A negative `pos` marks left padding: the row's first -pos tokens are padding that no layer lets
-    into its state (generate() uses this for prompts of different lengths)."""
+    into its state (`init_state(start=-pad)`; generate() uses this for prompts of different lengths)."""
 
     layers: list
     pos: torch.Tensor
@@ -117,6 +113,23 @@ class SambaState:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
 
+    def reset(self, start=None):
+        """Back to an empty stream in the same buffers, each row starting at `start` (default 0)."""
+        start, bound = start_positions(start, self.batch_size, self.pos.device)
+        self.pos.copy_(start)
+        for record in self.layers:
+            if isinstance(record, KVCache):
+                record.reset(bound)
+            elif record is not None:
+                record.reset()
+
+    def advance_host_count(self, steps: int):
+        """A captured one-token step replayed `steps` times advanced the stream without running Python:
+        bring the host counts of the growing caches up to date."""
+        for record in self.layers:
+            if isinstance(record, KVCache):
+                record.length += steps
+
     def select(self, index) -> SambaState:
         """A new state holding the given batch rows (reorder, duplicate or drop rows)."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
@@ -129,3 +142,17 @@ class SambaState:
                 if isinstance(getattr(record, f.name), torch.Tensor)})
 
         return SambaState([pick(r) for r in self.layers], self.pos.index_select(0, index), self.config)
+
+
+def start_positions(start, batch_size: int, device) -> tuple[torch.Tensor, int]:
+    """Each row's first position as a [B] int64 tensor on `device` (0 by default, -n for n tokens of
+    left padding), and the largest of them clamped at 0 as a host int (the growing caches' count).
+    Give host data (a list or a CPU tensor): a CUDA tensor costs one read of the device here."""
+    if start is None:
+        return torch.zeros(batch_size, dtype=torch.long, device=device), 0
+    start = torch.as_tensor(start)
+    if start.dtype.is_floating_point or start.dtype == torch.bool or tuple(start.shape) != (batch_size,):
+        raise ValueError(f"start must hold one integer position per row ({batch_size} rows), got shape "
+                         f"{tuple(start.shape)} and dtype {start.dtype}")
+    bound = max(0, int(start.max())) if batch_size else 0
+    return start.to(device=device, dtype=torch.long), bound

@@ -166,7 +166,7 @@ def test_meta_build_then_init_weights():
 def test_residual_stream_is_fp32_under_bf16():
     model = samba_lm.SambaLM(small_config())
     seen = []
-    model.layers[2].register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    model.layers[2].register_forward_hook(lambda m, args, out: seen.append(out[0].dtype))  # (h, output)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 97, (1, 6)))
     model.to(torch.bfloat16)(torch.randint(0, 97, (1, 6)))

@@ -186,7 +186,8 @@ def test_attention_gradcheck():
 
 
 # ------------------------------------------------------------------ interfaces
-@pytest.mark.parametrize("name", ["selective_scan", "causal_conv1d", "attention", "qkv_rope"])
+@pytest.mark.parametrize("name", ["selective_scan", "causal_conv1d", "attention", "attention_with_cache", "qkv_rope",
+                                  "add_rmsnorm", "swiglu", "mamba_inner", "choose_tokens", "linear"])
 def test_every_backend_shares_the_public_signature(name):
     public = inspect.signature(getattr(ops, name))
     assert inspect.signature(getattr(ops, name + "_reference")) == public

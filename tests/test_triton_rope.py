@@ -58,8 +58,9 @@ def test_outputs_are_contiguous_in_the_input_dtype():
 
 def test_custom_op_registration():
     """Schema, fake (meta) shapes and autograd registration, as torch.compile relies on them."""
-    from samba_lm.ops.rope import rope_cos_sin
+    from samba_lm.ops.rope import rope_inv_freq
 
     qkv = torch.randn(2, 3, (H + 2 * HKV) * 8, device=DEVICE, requires_grad=True)
-    cos, sin = rope_cos_sin(torch.arange(3, device=DEVICE).expand(2, 3), 8, BASE, torch.float32)
-    torch.library.opcheck(torch.ops.samba_lm.qkv_rope_fwd.default, (qkv, cos, sin, H, HKV))
+    positions = torch.arange(3, device=DEVICE).expand(2, 3).contiguous()
+    torch.library.opcheck(torch.ops.samba_lm.qkv_rope_fwd.default,
+                          (qkv, positions, rope_inv_freq(8, BASE, qkv.device), H, HKV))

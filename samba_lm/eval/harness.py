@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..generation import _left_pad, generate_stream
+from ..generation import generate_stream
+from ..prompts import left_pad
 from .ppl import DTYPES, stream_nll
 from .record import run_record, write_json
 
@@ -152,12 +153,12 @@ class SambaHarnessLM(TemplateLM):
         if any(len(c) == 0 for c in contexts):
             raise ValueError("every context needs at least one token (lm-eval gives an empty one the EOT prefix)")
         seqs = [list(c) + list(k) for c, k in zip(contexts, continuations)]
-        ids, pad = _left_pad(seqs, self._device)  # ids [B, W]: inputs ids[:, :-1], targets ids[:, 1:]
+        ids, pad = left_pad(seqs, self.model.config.vocab_size)  # [B, W]: inputs ids[:, :-1], targets ids[:, 1:]
+        ids = ids.to(self._device)
         batch, steps = ids.shape[0], ids.shape[1] - 1
         n = torch.tensor([len(k) for k in continuations], device=self._device)
         first = steps - int(n.max())  # the first input position whose prediction some row scores
-        state = self.model.init_state(batch)
-        state.pos -= pad  # padded rows start at a negative position: their padding stays out of the state
+        state = self.model.init_state(batch, start=-pad)  # padding at negative positions stays out of the state
         logprob = torch.zeros(batch, dtype=torch.float64, device=self._device)
         greedy = torch.ones(batch, dtype=torch.bool, device=self._device)
         for t0 in range(0, steps, self.chunk_size):

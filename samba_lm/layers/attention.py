@@ -1,9 +1,8 @@
 """Causal self-attention with grouped-query heads and RoPE: sliding-window (window > 0) or full.
 
-With a state, a chunk attends to the cached keys (the op's prefix) plus itself, then its keys are
-appended; the cache is a ring of the last window-1 positions (SWA) or a growing buffer (full
-attention). Both are told apart by positions alone, so training, chunked prefill and decode run the
-same lines.
+With a state, a chunk attends to the cached keys plus itself, and its keys join the cache
+(`ops.attention_with_cache`): a ring of the last window-1 positions (SWA), or a buffer that grows for
+full attention, both indexed by position. Training, chunked prefill and decode run the same lines.
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import attention, qkv_rope
-from ..state import GrowingKV, RingKV
+from ..ops import attention, attention_with_cache, linear, qkv_rope
+from ..state import KVCache
 
 GROWING_INITIAL_CAPACITY = 256
 
@@ -26,17 +25,18 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
-    def init_state(self, batch_size: int, device=None, dtype=None):
-        slots = self.window - 1 if self.window else GROWING_INITIAL_CAPACITY
+    def init_state(self, batch_size: int, device=None, dtype=None, capacity: int | None = None, length: int = 0):
+        """SWA: a ring of window-1 slots. Full attention: `capacity` slots to start with (they grow)."""
+        slots = self.window - 1 if self.window else (capacity or GROWING_INITIAL_CAPACITY)
         kv = torch.zeros(batch_size, slots, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
         pos = torch.full((batch_size, slots), -1, device=device, dtype=torch.long)
-        return RingKV(kv, kv.clone(), pos) if self.window else GrowingKV(kv, kv.clone(), pos)
+        return KVCache(kv, kv.clone(), pos, grows=not self.window, length=length)
 
     def forward(self, x, positions, state=None):
         batch, T, _ = x.shape
-        q, k, v = qkv_rope(self.qkv_proj(x), positions, self.n_heads, self.n_kv_heads, self.rope_base)
-        prefix = state.prefix(k.dtype) if state is not None else ()
-        out = attention(q, k, v, positions, self.window, *prefix)
-        if state is not None:
-            state.append(k, v, positions)
-        return self.out_proj(out.reshape(batch, T, self.n_heads * self.head_dim))
+        q, k, v = qkv_rope(linear(x, self.qkv_proj.weight), positions, self.n_heads, self.n_kv_heads, self.rope_base)
+        if state is None:
+            out = attention(q, k, v, positions, self.window)
+        else:
+            out = attention_with_cache(q, k, v, positions, self.window, *state.reserve(T))
+        return linear(out.reshape(batch, T, self.n_heads * self.head_dim), self.out_proj.weight)

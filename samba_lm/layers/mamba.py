@@ -6,8 +6,10 @@
     y    = selective_scan(x, dt_proj.weight @ dt, -exp(A_log), B, C, D, z, dt_proj.bias)
     out  = out_proj(y)                       d_inner -> d
 
-With a state, tokens at negative positions (left padding) are zeroed before and after the
-convolution, so a padded row's conv and SSM state are exactly those of its unpadded stream.
+Everything between the two projections is one op, `ops.mamba_inner` (a single pair of fused kernels
+per token when decoding). With a state, tokens at negative positions (left padding) are zeroed
+before and after the convolution, so a padded row's conv and SSM state are exactly those of its
+unpadded stream.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops import causal_conv1d, selective_scan
+from ..ops import linear, mamba_inner
 from ..state import MambaState
 
 
@@ -56,25 +57,10 @@ class Mamba(nn.Module):
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype))
 
     def forward(self, x, positions, state=None):
-        x, z = self.in_proj(x).chunk(2, dim=-1)
-        conv_state = ssm_state = None
-        if state is not None:
-            conv_state, ssm_state = state.read()
-            real = (positions >= 0)[..., None].to(x.dtype)
-            x = x * real
-        x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        if state is not None:
-            x = x * real
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, before softplus
-        A = -torch.exp(_fp32_or_wider(self.A_log))
-        y, ssm_state = selective_scan(x, dt, A, B, C, _fp32_or_wider(self.D), z,
-                                      _fp32_or_wider(self.dt_proj.bias), ssm_state)
+        conv_state, ssm_state = state.read() if state is not None else (None, None)
+        y, conv_state, ssm_state = mamba_inner(
+            linear(x, self.in_proj.weight), positions if state is not None else None, self.conv1d.weight[:, 0], self.conv1d.bias,
+            self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, conv_state, ssm_state)
         if state is not None:
             state.write(conv_state, ssm_state)
-        return self.out_proj(y)
-
-
-def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
-    """A, D and the dt bias enter the scan in float32 even in a bf16 model (as mamba_ssm does)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+        return linear(y, self.out_proj.weight)

@@ -1,9 +1,10 @@
-"""SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases; gate and up share one matmul."""
+"""SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases; gate and up share one matmul, the gate is one op."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
+
+from ..ops import linear, swiglu
 
 
 class SwiGLU(nn.Module):
@@ -16,5 +17,4 @@ class SwiGLU(nn.Module):
         return None
 
     def forward(self, x, positions=None, state=None):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear(swiglu(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)

@@ -1,11 +1,12 @@
-"""RMSNorm (weight only), computed in float32 whatever the input dtype."""
+"""RMSNorm (weight only) of the residual stream, with the previous sub-layer's output added in the same
+op (`ops.add_rmsnorm`): computed in float32 whatever the input dtype."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops._checks import compute_dtype
+from ..ops import add_rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -17,8 +18,7 @@ class RMSNorm(nn.Module):
     def reset_parameters(self):
         nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(compute_dtype(x.dtype))
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Output in the weight's dtype: a bf16 model gets bf16, autocast casts at the next matmul.
-        return (y * self.weight.to(y.dtype)).to(self.weight.dtype)
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) with s = h + delta (h when delta is None). The norm comes in the weight's dtype:
+        a bf16 model gets bf16; under autocast the next matmul casts."""
+        return add_rmsnorm(h, delta, self.weight, self.eps)

@@ -9,14 +9,22 @@ import os
 import torch
 
 from . import dispatch
-from .attention import attention, attention_reference
+from .attention import attention, attention_reference, attention_with_cache, attention_with_cache_reference
 from .conv import causal_conv1d, causal_conv1d_reference
 from .dispatch import use_kernels
+from .linear import linear, linear_reference
+from .mamba import mamba_inner, mamba_inner_reference
+from .norm import add_rmsnorm, add_rmsnorm_reference
 from .rope import qkv_rope, qkv_rope_reference
+from .sample import choose_tokens, choose_tokens_reference
 from .scan import selective_scan, selective_scan_reference
+from .swiglu import swiglu, swiglu_reference
 
-__all__ = ["attention", "attention_reference", "causal_conv1d", "causal_conv1d_reference",
-           "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference", "use_kernels"]
+__all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
+           "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
+           "choose_tokens_reference", "linear", "linear_reference", "mamba_inner",
+           "mamba_inner_reference", "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
+           "swiglu", "swiglu_reference", "use_kernels"]
 
 
 def _triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -29,12 +37,24 @@ try:
 except ImportError:  # CPU-only installs: the references serve every op
     pass
 else:
-    from .triton_attention import attention_triton
+    from .triton_attention import attention_triton, attention_with_cache_triton
     from .triton_conv import causal_conv1d_triton
+    from .triton_linear import linear_triton
+    from .triton_mamba import mamba_inner_triton
+    from .triton_norm import add_rmsnorm_triton
     from .triton_rope import qkv_rope_triton
+    from .triton_sample import choose_tokens_triton
     from .triton_scan import selective_scan_triton
+    from .triton_swiglu import swiglu_triton
 
     dispatch.register("selective_scan", "triton", selective_scan_triton, _triton_supports)
     dispatch.register("attention", "triton", attention_triton, _triton_supports)
+    dispatch.register("attention_with_cache", "triton", attention_with_cache_triton, _triton_supports)
     dispatch.register("causal_conv1d", "triton", causal_conv1d_triton, _triton_supports)
+    dispatch.register("mamba_inner", "triton", mamba_inner_triton, _triton_supports)
+    dispatch.register("linear", "triton", linear_triton, _triton_supports)
     dispatch.register("qkv_rope", "triton", qkv_rope_triton, _triton_supports)
+    dispatch.register("choose_tokens", "triton", choose_tokens_triton, _triton_supports)
+    # add_rmsnorm resolves with the widest of its inputs' dtypes: float64 anywhere means the reference.
+    dispatch.register("add_rmsnorm", "triton", add_rmsnorm_triton, _triton_supports)
+    dispatch.register("swiglu", "triton", swiglu_triton, _triton_supports)

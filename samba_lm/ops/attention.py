@@ -13,6 +13,14 @@ A key at position p is visible to a query at position i when p >= 0 and 0 <= i -
 (window 0: no limit). A query that sees no key returns zeros. Softmax scale is 1/sqrt(Dh).
 
 The reference takes queries in blocks against all keys, so it never holds a T x (P + T) matrix.
+
+`attention_with_cache` is the same attention with the prefix being a state's cache, which it then
+updates in place: the chunk's keys, values and positions go into slot p mod S (S the cache's slots;
+of a chunk longer than S, only its newest S). The cache must be positional, as the state keeps it:
+every slot holds the position it is congruent to mod S, or a negative one (empty, padding). Kernels
+may rely on that: the keys a query at position i can see lie in slots [0, min(i, S)), so a decode
+step over a large preallocated cache reads only what is filled, and a captured step replays at any
+length.
 """
 
 from __future__ import annotations
@@ -53,9 +61,7 @@ def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, 
     return torch.cat(out, dim=1).to(q.dtype)
 
 
-def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
-    """Masked softmax attention (see module docstring); returns [B, T, H, Dh]."""
-    op = "attention"
+def _check_chunk(op, q, k, v, q_pos, window):
     check_rank(op, "q", q, 4, "[B, T, H, Dh]")
     check_rank(op, "k", k, 4, "[B, T, Hkv, Dh]")
     batch, T, H, Dh = q.shape
@@ -68,17 +74,58 @@ def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos
     check_positions(op, "q_pos", q_pos, (batch, T))
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"{op}: window must be an int >= 0 (0 = full causal), got {window!r}")
+    return batch, Hkv, Dh
+
+
+def _check_prefix(op, names, batch, Hkv, Dh, k_prefix, v_prefix, prefix_pos):
+    check_rank(op, names[0], k_prefix, 4, "[B, P, Hkv, Dh]")
+    P = k_prefix.shape[1]
+    check_float(op, names[0], k_prefix, (batch, P, Hkv, Dh))
+    check_float(op, names[1], v_prefix, (batch, P, Hkv, Dh))
+    check_positions(op, names[2], prefix_pos, (batch, P))
+
+
+def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
+    """Masked softmax attention (see module docstring); returns [B, T, H, Dh]."""
+    op = "attention"
+    batch, Hkv, Dh = _check_chunk(op, q, k, v, q_pos, window)
     given = [x is not None for x in (k_prefix, v_prefix, prefix_pos)]
     if any(given) and not all(given):
         raise ValueError(f"{op}: k_prefix, v_prefix and prefix_pos come together (all three or none)")
     if all(given):
-        check_rank(op, "k_prefix", k_prefix, 4, "[B, P, Hkv, Dh]")
-        P = k_prefix.shape[1]
-        check_float(op, "k_prefix", k_prefix, (batch, P, Hkv, Dh))
-        check_float(op, "v_prefix", v_prefix, (batch, P, Hkv, Dh))
-        check_positions(op, "prefix_pos", prefix_pos, (batch, P))
+        _check_prefix(op, ("k_prefix", "v_prefix", "prefix_pos"), batch, Hkv, Dh, k_prefix, v_prefix, prefix_pos)
     fn = dispatch.resolve("attention", q.device, q.dtype)
     return fn(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
 
 
+def cache_append(k, v, q_pos, k_cache, v_cache, cache_pos):
+    """Store the chunk's newest S keys, values and positions in place, position p in slot p mod S."""
+    slots = cache_pos.shape[1]
+    if slots == 0:
+        return
+    newest = slice(max(0, k.shape[1] - slots), None)
+    k, v, positions = k[:, newest].detach(), v[:, newest].detach(), q_pos[:, newest]
+    index = positions.remainder(slots)
+    k_cache.scatter_(1, index[:, :, None, None].expand_as(k), k.to(k_cache.dtype))
+    v_cache.scatter_(1, index[:, :, None, None].expand_as(v), v.to(v_cache.dtype))
+    cache_pos.scatter_(1, index, positions)
+
+
+def attention_with_cache_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+    out = attention_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+    cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
+    return out
+
+
+def attention_with_cache(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+    """`attention` over a state's positional cache and the chunk, then the chunk stored in the cache in
+    place (see module docstring); returns [B, T, H, Dh]. Gradients reach q, k and v, not the cache."""
+    op = "attention_with_cache"
+    batch, Hkv, Dh = _check_chunk(op, q, k, v, q_pos, window)
+    _check_prefix(op, ("k_cache", "v_cache", "cache_pos"), batch, Hkv, Dh, k_cache, v_cache, cache_pos)
+    fn = dispatch.resolve(op, q.device, q.dtype)
+    return fn(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+
+
 dispatch.register("attention", "reference", attention_reference)
+dispatch.register("attention_with_cache", "reference", attention_with_cache_reference)

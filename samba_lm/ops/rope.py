@@ -13,17 +13,30 @@ sees bit-identical angles; the rotation itself runs in fp32 (float64 for float64
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import dispatch
 from ._checks import check_float, check_positions, check_rank, compute_dtype
 
 
+def _angle_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@functools.lru_cache(maxsize=64)
+def rope_inv_freq(head_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """base^(-2i/Dh), i < Dh/2, in float64 (float32 where the device has none): made once per head
+    dim, base and device, not per call (a decode step would spend launches on it)."""
+    dtype = _angle_dtype(torch.device(device))
+    with torch.inference_mode(False):  # a normal tensor, which autograd may save, whatever mode made it first
+        return base ** (-torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
     """cos and sin [B, T, Dh/2] of the rotation angles, computed in float64 and cast to dtype."""
-    angle_dtype = torch.float32 if positions.device.type == "mps" else torch.float64
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=angle_dtype) / head_dim)
-    angles = positions.to(angle_dtype)[..., None] * inv_freq
+    angles = positions.to(_angle_dtype(positions.device))[..., None] * rope_inv_freq(head_dim, base, positions.device)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

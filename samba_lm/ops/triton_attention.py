@@ -20,7 +20,9 @@ by one, so the chunk keys a block of queries [i0, i0 + BLOCK_M) can see are the 
 window is visited. Only the key blocks that straddle the window's lower edge, the diagonal or the
 padding compute a mask; the blocks between run unmasked. The prefix (a ring in any order, empty slots
 at negative positions) is masked by its positions and visited only by query blocks that can still see
-it (i0 < W - 1), by every block for full attention (W = 0).
+it (i0 < W - 1), by every block for full attention (W = 0). A state's positional cache
+(`attention_with_cache`: slot = position mod P) is visited only below the chunk's first position: a
+full-attention cache preallocated for a whole generation costs what is filled.
 
 Forward: one program per (query block, batch row x query head); it saves the row's log-sum-exp (base 2)
 for the backward. A row that sees no key (left padding) returns zeros and saves +inf, so that the
@@ -50,8 +52,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention import attention_reference
-from .triton_attention_decode import attention_decode
+from .attention import attention_reference, cache_append
+from .triton_attention_decode import attention_decode, attention_decode_append
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -171,8 +173,8 @@ def _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H, HEAD_DIM: tl.constexpr
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_desc, v_desc, kp_desc, vp_desc, pp_ptr, qpos_ptr, out_ptr, lse_ptr, s_qb, s_qt, s_qh, T, P, H, W, scale,
-    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    G: tl.constexpr, HAS_PREFIX: tl.constexpr, POSITIONAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, bh, i0, rows, offs_d, row_ok, q, q_pos, first = _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H,
                                                                        HEAD_DIM, BLOCK_M)
@@ -183,8 +185,11 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if HAS_PREFIX:
         if (W == 0) | (i0 < W - 1):
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kp_desc, vp_desc, b, hk, pp_ptr + b * P, 0, P, rows, q_pos,
-                                        0, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+            live = P
+            if POSITIONAL:  # a state's cache, slot = position mod P: what the chunk sees lies below its start
+                live = tl.minimum(tl.maximum(tl.load(qpos_ptr + b * T), 0), P)
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kp_desc, vp_desc, b, hk, pp_ptr + b * P, 0, live, rows,
+                                        q_pos, 0, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
     start, a, c, end = _chunk_ranges(i0, first, T, W, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_desc, v_desc, b, hk, qpos_ptr, start, a, rows, q_pos, first, T, W,
                                 qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
@@ -416,7 +421,9 @@ def _check_grid(blocks: int, T: int):
                          f"shorter chunks with a state (the result is the same)")
 
 
-def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
+def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, positional: bool = False):
+    """(out, lse); `positional`: the prefix is a state's cache (slot = position mod P), read only below
+    each row's first position."""
     batch, T, H, Dh = q.shape
     G = H // k.shape[2]
     q, k, v = (_tma_ready(x) for x in (q, k, v))
@@ -427,7 +434,8 @@ def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
     _check_grid(triton.cdiv(T, block_m), T)
     _attn_fwd_kernel[(batch * H, triton.cdiv(T, block_m))](
         q, *(_descriptor(x, block_n) for x in (k, v, kp, vp)), pp, q_pos.to(torch.int32).contiguous(), out, lse,
-        *_strides(q), T, P, H, window, 1.0 / math.sqrt(Dh), G=G, HAS_PREFIX=P > 0, HEAD_DIM=Dh, BLOCK_M=block_m,
+        *_strides(q), T, P, H, window, 1.0 / math.sqrt(Dh), G=G, HAS_PREFIX=P > 0, POSITIONAL=positional,
+        HEAD_DIM=Dh, BLOCK_M=block_m,
         BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -517,6 +525,43 @@ def _attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_po
 @_attention_decode_op.register_fake
 def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("samba_lm::attention_prefill_cached", mutates_args=())
+def _attention_prefill_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
+    return attention_forward(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, positional=True)[0]
+
+
+@_attention_prefill_cached_op.register_fake
+def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("samba_lm::attention_decode_append", mutates_args=("k_cache", "v_cache", "cache_pos"))
+def _attention_decode_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
+                                k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
+    return attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+
+
+@_attention_decode_append_op.register_fake
+def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+    return torch.empty_like(q)
+
+
+def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad or not supported(q.shape[-1], q.dtype) or k_cache.shape[1] == 0:
+        # Training through a state (or an unsupported shape): the general op over a snapshot of the
+        # cache, which autograd may keep while the cache is overwritten below.
+        out = attention_triton(q, k, v, q_pos, window, k_cache.clone(), v_cache.clone(), cache_pos.clone())
+    elif q.shape[1] == 1 and k_cache.dtype == q.dtype and all(
+            t.stride(-1) == 1 for t in (k_cache, v_cache, cache_pos)):
+        return _attention_decode_append_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+    else:
+        out = _attention_prefill_cached_op(q, k, v, q_pos, window, k_cache.to(k.dtype), v_cache.to(v.dtype), cache_pos)
+    cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
+    return out
 
 
 def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):

@@ -16,6 +16,13 @@ is handled the same with or without a prefix. SPLITS depends on shapes and the G
 so the launch is the same on every step and can be captured in a CUDA graph: splits of at least one
 tile are added until B * Hkv * SPLITS reaches 4 programs per SM, at most 128 of them.
 
+`attention_decode_append` (for `ops.attention_with_cache`) takes the state's positional cache, where
+position p sits in slot p mod P: a query at position i can only see slots [0, min(i, P)), so the split
+kernel spreads those alone over its splits, read from the query position on the device. A full-attention
+cache preallocated for a whole generation is then read only as far as it is filled, at every step of
+one captured graph. Its merge kernel then writes the new key, value and position into slot i mod P: the
+splits have all read the cache by then, and the slot's old key (i - P) may have been visible.
+
 Masking follows the reference: key at p is visible to the query at i when p >= 0 and 0 <= i - p <
 window (window 0: no limit); the own key iff i >= 0. Invisible keys are not loaded (empty slots may
 hold garbage, NaN included, in a cache allocated with torch.empty); a split that sees nothing keeps
@@ -59,6 +66,7 @@ def _decode_split_kernel(
     P, keys_per_split, reach, qk_scale,
     s_qb, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_pb, s_qpos,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr,
+    POSITIONAL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # the cache may pass 2**31 elements
     hk = tl.program_id(1)
@@ -72,8 +80,14 @@ def _decode_split_kernel(
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, P)
+    if POSITIONAL:  # slot = position mod P: what the query can see lies in [0, min(i, P)), split evenly
+        live = tl.minimum(tl.maximum(i, 0), P)
+        per_split = tl.cdiv(tl.cdiv(live, BLOCK_N), n_splits) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, live)
+    else:
+        lo = split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, P)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         pos = tl.load(pp_ptr + b * s_pb + n, mask=n < hi, other=-1)
@@ -98,9 +112,9 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
-    n_splits, qk_scale, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_qpos,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, kc_ptr, vc_ptr, pc_ptr,
+    n_splits, qk_scale, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_qpos, P, s_kcb, s_kcn, s_kch, s_vcb, s_vcn, s_vch, s_pcb,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, APPEND: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -126,6 +140,14 @@ def _decode_merge_kernel(
     o = tl.sum(acc_s * w_s[:, None], axis=0) + w_own * v
     o = o / tl.maximum(total, 1.0)  # total >= 1 (the max weighs 1) unless nothing is visible: then o = 0
     tl.store(out_ptr + (b * H + h) * D + d, o.to(out_ptr.dtype.element_ty))
+    if APPEND:  # the cache takes the new key once every split has read it: slot = i mod P (i may be < 0)
+        slot = ((i % P) + P) % P
+        if h % G == 0:
+            hk = h // G
+            tl.store(kc_ptr + b * s_kcb + slot * s_kcn + hk * s_kch + d, k.to(kc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + b * s_vcb + slot * s_vcn + hk * s_vch + d, v.to(vc_ptr.dtype.element_ty))
+        if h == 0:
+            tl.store(pc_ptr + b * s_pcb + slot, i)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -184,6 +206,21 @@ def _row_stride(x: torch.Tensor) -> torch.Tensor:
 def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefix_pos=None):
     """One query token per row against its own key and the cache (see the module docstring):
     [B, 1, H, Dh] in q's dtype."""
+    _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+    return _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached=False)
+
+
+def attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+    """`attention_decode` over a positional cache (slot = position mod P, as `ops.attention_with_cache`
+    documents), which then takes the new key, value and position in place, in the merge kernel."""
+    _check_all(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+    if k_cache is None or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or cache_pos.stride(-1) != 1:
+        raise ValueError("attention_decode_append: the cache (k_cache, v_cache, cache_pos) must be given, "
+                         "with its last dims contiguous")
+    return _decode(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, cached=True)
+
+
+def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"attention_decode: q must have layout [B, 1, H, Dh], got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
@@ -205,7 +242,6 @@ def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefi
     given = [x is not None for x in (k_prefix, v_prefix, prefix_pos)]
     if any(given) and not all(given):
         raise ValueError("attention_decode: k_prefix, v_prefix and prefix_pos come together (all three or none)")
-    P = 0
     if all(given):
         if not isinstance(k_prefix, torch.Tensor) or k_prefix.dim() != 4:
             raise ValueError("attention_decode: k_prefix must have layout [B, P, Hkv, Dh]")
@@ -218,6 +254,11 @@ def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefi
         if t is not None and t.device != q.device:
             raise ValueError(f"attention_decode: {name} is on {t.device}, q on {q.device}")
 
+
+def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached: bool):
+    batch, _, H, Dh = q.shape
+    Hkv = k.shape[2]
+    P = k_prefix.shape[1] if k_prefix is not None else 0
     q, k, v = (_row_stride(x) for x in (q, k, v))
     qk_scale = LOG2E / math.sqrt(Dh)
     reach = window or 2**63 - 1  # visible distances are < reach; window 0 has no limit
@@ -229,18 +270,22 @@ def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefi
     l = torch.empty(batch, H, n_splits, **f32)
     acc = torch.empty(batch, H, n_splits, Dh, **f32)
     if n_splits:
-        k_prefix, v_prefix, prefix_pos = (_row_stride(x) for x in (k_prefix, v_prefix, prefix_pos))
+        if not cached:  # a cache that is appended to must be the caller's own buffers, never a copy
+            k_prefix, v_prefix, prefix_pos = (_row_stride(x) for x in (k_prefix, v_prefix, prefix_pos))
         _decode_split_kernel[(batch, Hkv, n_splits)](
             q, k_prefix, v_prefix, prefix_pos, q_pos, m, l, acc, P, keys_per_split, reach, qk_scale,
             q.stride(0), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
             v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), prefix_pos.stride(0), q_pos.stride(0),
             G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
-            DOT_F32=_interpreting(), num_warps=_split_warps(G))
+            DOT_F32=_interpreting(), POSITIONAL=cached, num_warps=_split_warps(G))
     out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
     block_s = triton.next_power_of_2(max(n_splits, 1))
     warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread
+    append = cached and P > 0
+    kc, vc, pc = (k_prefix, v_prefix, prefix_pos) if append else (out, out, q_pos)
     _decode_merge_kernel[(batch, H)](
-        q, k, v, q_pos, m, l, acc, out, n_splits, qk_scale,
+        q, k, v, q_pos, m, l, acc, out, kc, vc, pc, n_splits, qk_scale,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), q_pos.stride(0),
-        G=G, D=Dh, BLOCK_S=block_s, num_warps=warps)
+        max(P, 1), *(kc.stride()[:3] if append else (0, 0, 0)), *(vc.stride()[:3] if append else (0, 0, 0)),
+        pc.stride(0) if append else 0, G=G, D=Dh, BLOCK_S=block_s, APPEND=append, num_warps=warps)
     return out

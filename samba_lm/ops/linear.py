@@ -1,0 +1,35 @@
+"""The projections: y = x @ weight^T, no bias (every Samba linear layer).
+
+Shapes (any leading dims, K inputs, N outputs):
+    x [..., K]   weight [N, K] (nn.Linear's layout)   -> y [..., N] in x's dtype
+
+The reference is `F.linear` (cuBLAS on a GPU, autocast-aware). A decode step multiplies a few rows
+by every weight matrix once: the step is a stream of the weights, and there the Triton backend runs
+a kernel made for it (`triton_linear.py`) where it reads the weights faster than cuBLAS does.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from . import dispatch
+from ._checks import check_float
+
+
+def linear_reference(x, weight):
+    return F.linear(x, weight)
+
+
+def linear(x, weight):
+    """x @ weight^T (see module docstring)."""
+    op = "linear"
+    check_float(op, "x", x)
+    check_float(op, "weight", weight)
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: weight must be [N, K] with K = x's last dim ({tuple(x.shape)}), "
+                         f"got {tuple(weight.shape)}")
+    fn = dispatch.resolve(op, x.device, x.dtype)
+    return fn(x, weight)
+
+
+dispatch.register("linear", "reference", linear_reference)

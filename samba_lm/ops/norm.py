@@ -1,0 +1,52 @@
+"""Residual add + RMSNorm (weight only), fused: a pre-norm block's `h = h + mixer(...)`, then `norm(h)`.
+
+Shapes (D model width; any leading dims, in the model [B, T, D]):
+    h [..., D] (the residual stream: float32, float64 in a float64 model)   delta [..., D] or None
+    weight [D]   eps > 0
+    -> s [..., D] (h's dtype)   y [..., D] (weight's dtype)
+
+    s = h + delta              (delta upcast to h's dtype; s = h when delta is None)
+    y = s * rsqrt(mean(s^2) + eps) * weight
+
+s is added in h's dtype so the residual stream keeps its precision whatever the mixers' dtype (bf16
+under autocast); y is computed in float32 (float64 for float64) and rounded once to the weight's
+dtype, exactly as `layers.norm.RMSNorm` computes it. Returns (s, y): s is the next residual stream, y
+the normalised input of the next sub-layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import dispatch
+from ._checks import check_float, compute_dtype
+
+
+def add_rmsnorm_reference(h, delta, weight, eps):
+    s = h if delta is None else h + delta.to(h.dtype)
+    xf = s.to(compute_dtype(s.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return s, (y * weight.to(y.dtype)).to(weight.dtype)
+
+
+def add_rmsnorm(h, delta, weight, eps):
+    """s = h + delta and y = RMSNorm(s) * weight (see module docstring); returns (s, y)."""
+    op = "add_rmsnorm"
+    check_float(op, "h", h)
+    if h.dim() == 0:
+        raise ValueError(f"{op}: h must have layout [..., D], got a scalar")
+    check_float(op, "delta", delta, tuple(h.shape), optional=True)
+    check_float(op, "weight", weight, (h.shape[-1],))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+    # One dtype for the dispatcher: float64 if any input is float64 (the kernels run fp16/bf16/fp32).
+    dtype = h.dtype
+    for t in (delta, weight):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    fn = dispatch.resolve("add_rmsnorm", h.device, dtype)
+    return fn(h, delta, weight, eps)
+
+
+dispatch.register("add_rmsnorm", "reference", add_rmsnorm_reference)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import SambaConfig
 from .model import SambaLM
+from .options import first_line
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,6 +33,7 @@ def save_pretrained(model: SambaLM, path: str | os.PathLike) -> Path:
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    os.chmod(tmp, 0o644)  # the safetensors writer leaves 0600: a model is for others to read too
     os.replace(tmp, path / WEIGHTS_FILE)
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps({"format": FORMAT, **model.config.to_dict()}, indent=2) + "\n")
@@ -82,6 +84,8 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
 # with torch.distributed.checkpoint, so FSDP ranks write their own shards), one small file of
 # per-rank values per rank (RNG states), and meta.json. Everything is written under a `.tmp` name
 # first; the rename is the commit, so a crash mid-save leaves the previous checkpoint intact.
+# meta.json lists the size of every other file, so that a checkpoint damaged later (truncated by a
+# full disk or a copy cut short) is recognised before it is read.
 
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"
@@ -124,7 +128,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict, per_rank:
     torch.save(per_rank, tmp / f"rank{_rank():05d}.pt")
     _barrier()
     if _is_main():
-        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta, "files": files}, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     _barrier()
@@ -145,18 +150,65 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     file = Path(path) / META_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no {META_FILE})")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path} is damaged: {file} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"checkpoint {path} is damaged: {file} records no step")
+    return meta
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """meta.json of the checkpoint at `path`, after checking that every file it lists is there with
+    the size it was written with; ValueError naming the first file that is not."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    # Checkpoints written before meta.json listed the files: at least the tensors' index must be there.
+    expected = meta.get("files", {".metadata": None})
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"checkpoint {path} is damaged: {file} is missing")
+        if size is not None and file.stat().st_size != size:
+            raise ValueError(f"checkpoint {path} is damaged: {file} holds {file.stat().st_size:,} bytes, "
+                             f"{size:,} when it was written")
+    return meta
+
+
+def newest_intact_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest committed checkpoint under `root` that verifies (or None), and why each newer one
+    was passed over."""
+    passed_over = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+        except ValueError as e:
+            passed_over.append(str(e))
+            continue
+        return path, passed_over
+    return None, passed_over
+
+
+def _read_tensors(path: Path, tensors: dict) -> None:
+    """dcp.load into `tensors`; a checkpoint that cannot be read is a one-line ValueError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_quiet():
+            dcp.load(tensors, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    except (CheckpointException, RuntimeError, OSError, EOFError) as e:
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {first_line(e)}); "
+                         f"it is damaged or not a samba-lm checkpoint") from None
 
 
 def load_checkpoint(path: str | os.PathLike, tensors: dict) -> tuple[dict, dict | None]:
     """Fill `tensors` in place from a checkpoint; returns (meta, this rank's per-rank values or None
     when the checkpoint was written by fewer ranks)."""
-    import torch.distributed.checkpoint as dcp
-
     path = Path(path)
-    meta = read_checkpoint_meta(path)
-    with _single_process_quiet():
-        dcp.load(tensors, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    meta = verify_checkpoint(path)
+    _read_tensors(path, tensors)
     rank_file = path / f"rank{_rank():05d}.pt"
     per_rank = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
     return meta, per_rank
@@ -174,15 +226,12 @@ def prune_checkpoints(root: str | os.PathLike, keep: int):
 
 def model_from_training_checkpoint(path: str | os.PathLike, device=None) -> SambaLM:
     """Rebuild the full model from a (possibly sharded) training checkpoint, in one process."""
-    import torch.distributed.checkpoint as dcp
-
-    meta = read_checkpoint_meta(path)
+    meta = verify_checkpoint(path)
     with torch.device("meta"):
         model = SambaLM(SambaConfig.from_dict(meta["model_config"]))
     model.to_empty(device=device or "cpu")
     state = {"model": model.state_dict()}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    _read_tensors(Path(path), state)
     model.load_state_dict(state["model"])
     return model
 
@@ -209,5 +258,10 @@ def load_model_and_tokenizer_path(path: str | os.PathLike, device=None) -> tuple
     beside it or at its run's top (None if there is none)."""
     where, kind = resolve_model_dir(path)
     model = load_pretrained(where, device=device) if kind == "model" else model_from_training_checkpoint(where, device)
-    found = [p for p in (where / "tokenizer.json", where.parent.parent / "tokenizer.json") if p.is_file()]
+    # A run holds model/ and checkpoints/step_*/, and its tokenizer.json at the top; a model saved
+    # on its own does not look beside itself.
+    run = where.parent.parent if kind == "checkpoint" else where.parent
+    if kind == "model" and not (run / "train_config.json").is_file():
+        run = where
+    found = [p for p in (where / "tokenizer.json", run / "tokenizer.json") if p.is_file()]
     return model, (found[0] if found else None)

@@ -1,14 +1,22 @@
-"""`samba-lm` command line: data, train, generate, eval, info, export."""
+"""`samba-lm` command line: data, train, generate, eval, info, export.
+
+Every bad input ends the same way: one line `samba-lm COMMAND: error: WHAT` on stderr and exit status
+1, before any work where it can be known then. Ctrl-C ends a command with status 130 (SIGTERM: 143).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import torch
+
+from .options import DEVICE_HELP, HelpFormatter, ListOption, check_out_dir, resolve_device
 
 
 def cmd_data(args):
@@ -17,7 +25,12 @@ def cmd_data(args):
     index = build_shards(args.source, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                          val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
                          jsonl_field=args.jsonl_field, parquet_column=args.parquet_column,
-                         progress=not args.no_progress)
+                         on_bad_file=args.on_bad_file, progress=not args.no_progress)
+    read = index["read"]
+    skipped = f", {len(read['skipped'])} left out as not text" if read["skipped"] else ""
+    print(f"read {read['files']:,} files ({read['documents']:,} documents){skipped}")
+    for bad in read["skipped"]:
+        print(f"  left out {bad['file']}: {bad['reason']}")
     splits = ", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents"
                        for name, s in index["splits"].items())
     print(f"wrote {args.out} (vocab {index['vocab_size']}, {index['dtype']}): {splits}")
@@ -28,16 +41,6 @@ def cmd_train(args):
     from .train.config import config_from_args
 
     train(config_from_args(args))
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' (or None): CUDA when available, else the CPU; otherwise any torch device name."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
 def load_for_inference(path, device=None):
@@ -51,12 +54,18 @@ def load_for_inference(path, device=None):
 
 def cmd_generate(args):
     from .data import eos_id
+    from .engine import check_generation_args
     from .generation import generate_stream
 
+    # Every argument is checked before the model loads and before any of the prompt is printed.
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, None)
+    if args.sync_every < 1:
+        raise ValueError(f"--sync-every must be a positive int (decode steps between reads), got {args.sync_every}")
     device = resolve_device(args.device)
     model, tokenizer = load_for_inference(args.model, device)
     if tokenizer is None:
-        raise SystemExit(f"no tokenizer.json beside {args.model}: cannot encode the prompt")
+        raise FileNotFoundError(f"no tokenizer.json beside {args.model} or at the top of its run: "
+                                "cannot encode the prompt")
     prompt = tokenizer.encode(args.prompt).ids or [eos_id(tokenizer)]
     stream = generate_stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                              args.seed, stop_tokens=[eos_id(tokenizer)], cuda_graph=False if args.no_cuda_graph else None,
@@ -105,6 +114,7 @@ def cmd_info(args):
 def cmd_export(args):
     from .checkpoint import META_FILE, list_checkpoints, model_from_training_checkpoint, save_pretrained
 
+    check_out_dir(args.out, "--out")
     where = Path(args.checkpoint)
     if not (where / META_FILE).is_file():  # a run directory: its newest checkpoint
         found = list_checkpoints(where / "checkpoints")
@@ -128,25 +138,45 @@ def _evaluations() -> dict:
             "harness": (harness, "lm-evaluation-harness tasks (local task files, offline; needs samba-lm[eval])")}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Help that shows every default; a bad flag ends like every other bad input (see main)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _is_path(text: str) -> bool:
+    return Path(text).exists()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
+    from .data.sources import ON_BAD_FILE
     from .train.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="samba-lm", description=__doc__)
+    parser = _Parser(prog="samba-lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="tokenize a corpus into shards (trains a BPE tokenizer unless given one)")
-    p.add_argument("--source", nargs="+", default=["shakespeare"],
-                   help="'shakespeare', 'python-stdlib', or paths: text files/dirs, .jsonl, .parquet")
-    p.add_argument("--out", default="data/shakespeare")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-tokens", type=int, default=50_000_000)
-    p.add_argument("--jsonl-field", default="text")
-    p.add_argument("--parquet-column", default="text")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--source", action=ListOption, keep_whole=_is_path, default=["shakespeare"], metavar="SOURCE,...",
+                   help="'shakespeare', 'python-stdlib', or paths: text files and directories, .jsonl, .parquet; "
+                        "several are concatenated (a path that exists is taken whole, commas and all)")
+    p.add_argument("--out", default="data/shakespeare", help="the shard directory to write")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokens of the BPE trained on the training split")
+    p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of the documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
+    p.add_argument("--jsonl-field", default="text", help="the field of each .jsonl record that holds the text")
+    p.add_argument("--parquet-column", default="text", help="the column of a .parquet file that holds the text")
+    p.add_argument("--on-bad-file", default="skip", choices=ON_BAD_FILE,
+                   help="a file that is not UTF-8 text (binary, compressed, UTF-16, ...): skip it with a warning "
+                        "that names it, or stop with an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train a model (one process, or under torchrun with DDP/FSDP2)")
@@ -155,13 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
     p.add_argument("--model", required=True, help="a saved model, a training checkpoint or a run directory")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt", default="", help="the text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens that holds "
+                                                             "this much probability")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--sync-every", type=int, default=16,
                    help="decode steps between reads of the GPU: text appears in bursts of this many tokens")
     p.add_argument("--no-cuda-graph", action="store_true",
@@ -170,25 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model: perplexity vs length, passkey retrieval, phonebook lookup, "
                                    "lm-eval tasks")
-    evals = p.add_subparsers(dest="evaluation", required=True)
+    evals = p.add_subparsers(dest="evaluation", required=True, parser_class=_Parser)
     for name, (module, help_) in _evaluations().items():
         q = evals.add_parser(name, help=help_)
         module.add_arguments(q)
         q.set_defaults(func=module.run)
 
     p = sub.add_parser("info", help="parameters, state size and FLOPs per token of a preset or a model")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="the preset to describe")
     p.add_argument("--model", help="a saved model, checkpoint or run directory (instead of --preset)")
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows of the state whose size is shown")
+    p.add_argument("--seq-len", type=int, default=4096, help="context length of the FLOPs per token")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the state (the Mamba state stays float32)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("export", help="write a training checkpoint as one safetensors model")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (its newest)")
+    p.add_argument("--out", required=True, help="the directory to write config.json, model.safetensors and "
+                                                "tokenizer.json into")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -196,10 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = sys.argv if argv is None else ["samba-lm", *argv]  # the command that result files record
+    command = " ".join(["samba-lm", args.command] + ([args.evaluation] if args.command == "eval" else []))
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"samba-lm {args.command}: error: {e}") from None
+        raise SystemExit(f"{command}: error: {e}") from None
+    except OSError as e:
+        if not _from_the_file_system(e):
+            raise
+        raise SystemExit(f"{command}: error: {e.strerror}: {e.filename}") from None
+    except KeyboardInterrupt as e:  # Ctrl-C or, in train, SIGTERM: no traceback
+        from .train.signals import Interrupted
+
+        message = str(e) if isinstance(e, Interrupted) else "interrupted"
+        if message:  # the other ranks of a distributed run stay quiet
+            print(f"\n{command}: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
+
+
+def _from_the_file_system(e: OSError) -> bool:
+    """An OSError that says what is wrong with a path the user gave (permissions, a full disk, a file
+    where a directory should be), rather than a fault in this program."""
+    return e.filename is not None or e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 if __name__ == "__main__":

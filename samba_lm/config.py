@@ -42,6 +42,11 @@ class SambaConfig:
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
 
+    def __new__(cls, *args, **kwargs):
+        # The dataclass would refuse an unknown keyword with a TypeError that lists nothing.
+        check_field_names(cls, kwargs)
+        return super().__new__(cls)
+
     def __post_init__(self):
         # Resolve derived defaults in place (the dataclass is frozen, hence object.__setattr__).
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -72,10 +77,6 @@ class SambaConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> SambaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SambaConfig fields {unknown}; valid fields: {sorted(known)}")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -89,6 +90,9 @@ class SambaConfig:
             if not ok:
                 raise ValueError(f"SambaConfig.{fieldname}={getattr(self, fieldname)!r}: {rule}")
 
+        for name in FLOAT_FIELDS:  # before the rules below compare them with numbers
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number")
         need(_is_pos_int(self.d_model), "d_model", "must be a positive integer")
         need(_is_pos_int(self.vocab_size), "vocab_size", "must be a positive integer")
         need(len(self.layers) > 0, "layers", "must name at least one sub-layer")
@@ -115,6 +119,17 @@ class SambaConfig:
         need(self.norm_eps > 0, "norm_eps", "must be positive")
         need(self.init_std > 0, "init_std", "must be positive")
         need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be a bool")
+
+
+FLOAT_FIELDS = ("rope_base", "dt_min", "dt_max", "dt_init_floor", "norm_eps", "init_std")
+
+
+def check_field_names(cls, names) -> None:
+    """Refuse names that are not fields of the dataclass `cls`, listing the valid ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {', '.join(known)}")
 
 
 def _is_pos_int(v) -> bool:

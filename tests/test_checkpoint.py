@@ -1,4 +1,5 @@
-"""save_pretrained / load_pretrained: exact round trip, and clear errors for broken directories."""
+"""save_pretrained / load_pretrained: exact round trip, and clear errors for broken directories; training
+checkpoints verified before they are read."""
 
 import json
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 import samba_lm
+from samba_lm.checkpoint import (model_from_training_checkpoint, newest_intact_checkpoint, read_checkpoint_meta,
+                                 save_checkpoint, verify_checkpoint)
 
 from conftest import small_config, small_model
 
@@ -69,3 +72,52 @@ def test_bad_config_file(tmp_path):
                                                       "d_model": -4}))
     with pytest.raises(ValueError, match="SambaConfig.d_model"):
         samba_lm.load_pretrained(tmp_path)
+
+
+def test_a_saved_model_is_readable_by_everyone(tmp_path):
+    samba_lm.save_pretrained(small_model(), tmp_path)
+    assert {f.name: f.stat().st_mode & 0o777 for f in tmp_path.iterdir()} == {"config.json": 0o644,
+                                                                              "model.safetensors": 0o644}
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+def save_steps(root, steps):
+    """Training checkpoints of a small model at `steps`, as the trainer writes them."""
+    model = small_model(torch.float32)
+    meta = {"model_config": model.config.to_dict()}
+    return [save_checkpoint(root, step, {"model": model.state_dict()}, {"torch": torch.get_rng_state()}, meta)
+            for step in steps]
+
+
+def test_checkpoints_are_verified_against_the_sizes_they_were_written_with(tmp_path):
+    old, new = save_steps(tmp_path, [3, 6])
+    assert set(read_checkpoint_meta(new)["files"]) == {".metadata", "__0_0.distcp", "rank00000.pt"}
+    assert verify_checkpoint(new)["step"] == 6
+    shard = new / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"step_00000006 is damaged: .*__0_0\.distcp holds 100 bytes, [\d,]+ when"):
+        verify_checkpoint(new)
+    with pytest.raises(ValueError, match="__0_0.distcp holds 100 bytes"):
+        model_from_training_checkpoint(new)
+    found, passed_over = newest_intact_checkpoint(tmp_path)
+    assert found == old and len(passed_over) == 1 and "step_00000006 is damaged" in passed_over[0]
+    (old / "rank00000.pt").unlink()
+    with pytest.raises(ValueError, match="rank00000.pt is missing"):
+        verify_checkpoint(old)
+    assert newest_intact_checkpoint(tmp_path)[0] is None
+    (old / "meta.json").write_text("{trunc")
+    with pytest.raises(ValueError, match="step_00000003 is damaged: .*meta.json is not valid JSON"):
+        verify_checkpoint(old)
+
+
+def test_a_damaged_checkpoint_from_before_the_sizes_fails_in_one_line(tmp_path):
+    (path,) = save_steps(tmp_path, [3])
+    meta = read_checkpoint_meta(path)
+    del meta["files"]  # as checkpoints were written before meta.json listed them
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert verify_checkpoint(path)["step"] == 3
+    shard = path / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"step_00000003 could not be read \(.*\); it is damaged") as error:
+        model_from_training_checkpoint(path)
+    assert "\n" not in str(error.value)

@@ -1,15 +1,19 @@
 """The data pipeline: sources, tokenizer, token shards and the block loader (all on CPU, small corpora)."""
 
+import gzip
+import hashlib
 import itertools
 import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from samba_lm.data import (EOS, SOURCES, BlockLoader, TokenShards, TokenStream, build_shards, eos_id,
+from samba_lm.data import (EOS, SOURCES, BlockLoader, ReadLog, TokenShards, TokenStream, build_shards, eos_id,
                            iter_documents, load_tokenizer, train_tokenizer)
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "naïve", "café", "日本", "def", "return"]
@@ -78,8 +82,53 @@ def test_text_directory_source_sorted_recursive_skips_hidden_and_empty(tmp_path)
     (tmp_path / ".hidden.txt").write_text("hidden")
     (tmp_path / ".hidden_dir" / "x.txt").write_text("hidden too")
     (tmp_path / "z.txt").write_bytes(b"bad \xff byte")
-    assert list(iter_documents(str(tmp_path))) == ["first", "second", "bad \ufffd byte"]
+    log = ReadLog()
+    assert list(iter_documents(str(tmp_path), log=log)) == ["first", "second"]  # z.txt is not UTF-8
+    assert log.files == 3 and list(log.skipped) == [str(tmp_path / "z.txt")]
     assert list(iter_documents(tmp_path / "a.txt")) == ["first"]
+
+
+def write_bad_files(root):
+    """Two text files and one of each kind of file that is not UTF-8 text; their reasons, by name."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "a.txt").write_text("a first document")
+    (root / "b.md").write_bytes(b"\xef\xbb\xbfa second one, behind a UTF-8 byte-order mark")
+    bad = {"image.png": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "a PNG image"),
+           "text.gz": (gzip.compress(b"compressed text"), "gzip-compressed"),
+           "utf16.txt": ("UTF-16 text".encode("utf-16"), "UTF-16 text: convert it to UTF-8"),
+           "utf16le.txt": ("no mark".encode("utf-16-le"), "a NUL byte at offset 1"),
+           "latin1.txt": ("café".encode("latin-1"), r"not UTF-8 \(byte 0xe9 at offset 3\)"),
+           "records.jsonl": (b"\x00\x01binary", "a NUL byte at offset 0"),
+           "table.parquet": (b"not parquet at all", "not a Parquet file")}
+    for name, (raw, _) in bad.items():
+        (root / name).write_bytes(raw)
+    return {name: why for name, (_, why) in bad.items()}
+
+
+def test_files_that_are_not_text_are_left_out_with_a_reason(tmp_path, capsys):
+    reasons = write_bad_files(tmp_path / "corpus")
+    log = ReadLog()
+    docs = list(iter_documents(tmp_path / "corpus", log=log))
+    assert docs == ["a first document", "a second one, behind a UTF-8 byte-order mark"]
+    assert log.files == 2 and sorted(Path(f).name for f in log.skipped) == sorted(reasons)
+    warned = capsys.readouterr().err
+    for name, why in reasons.items():
+        assert re.search(why, log.skipped[str(tmp_path / "corpus" / name)]), name
+        assert f"warning: skipping {tmp_path / 'corpus' / name}: " in warned
+    for name, why in reasons.items():  # refused one by one, each naming itself
+        with pytest.raises(ValueError, match=f"{re.escape(name)}: .*{why}.*--on-bad-file skip"):
+            list(iter_documents(tmp_path / "corpus" / name, on_bad_file="error"))
+    with pytest.raises(ValueError, match=r"holds no non-empty document; left out as not text: .*image\.png \(a PNG"):
+        list(iter_documents(tmp_path / "corpus" / "image.png"))
+    with pytest.raises(ValueError, match="on_bad_file must be one of skip, error"):
+        iter_documents(tmp_path / "corpus", on_bad_file="ignore")
+
+
+def test_a_jsonl_file_that_turns_bad_after_its_start_names_the_line(tmp_path):
+    file = tmp_path / "data.jsonl"  # the start (64 KB) is checked as a whole; a later line on its own
+    file.write_bytes(b'{"text": "fine"}\n' * 5000 + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl, line 5001: not UTF-8 \(byte 0xe9\)"):
+        list(iter_documents(file))
 
 
 def test_jsonl_source_reads_the_field_and_names_a_bad_line(tmp_path):
@@ -268,6 +317,30 @@ def test_build_errors(corpus, tmp_path):
     assert not (tmp_path / "o" / "index.json").exists()
 
 
+def test_a_build_records_what_it_read_and_left_out(tmp_path):
+    reasons = write_bad_files(tmp_path / "corpus")
+    index = build_shards(str(tmp_path / "corpus"), tmp_path / "out", vocab_size=300, val_fraction=0, progress=False)
+    assert index["read"]["files"] == 2 and index["read"]["documents"] == 2
+    assert sorted(Path(s["file"]).name for s in index["read"]["skipped"]) == sorted(reasons)
+    assert "\ufffd" not in "".join(split_documents(TokenShards(tmp_path / "out"), "train"))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match="--on-bad-file skip"):  # refused before the old build is touched
+        build_shards(str(tmp_path / "corpus"), tmp_path / "out", vocab_size=300, on_bad_file="error", progress=False)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+
+
+def test_each_split_records_the_sha256_of_its_tokens(built, corpus, tmp_path):
+    out, index, _ = built
+    for name, split in index["splits"].items():
+        stored = b"".join((out / s["file"]).read_bytes() for s in split["shards"])
+        assert split["sha256"] == hashlib.sha256(stored).hexdigest()
+        assert TokenShards(out).split(name).sha256 == split["sha256"]
+    resharded = build_shards(str(corpus[0]), tmp_path, vocab_size=320, val_fraction=0.2, shard_tokens=7,
+                             progress=False)
+    assert len(resharded["splits"]["train"]["shards"]) > 1
+    assert resharded["splits"]["train"]["sha256"] == index["splits"]["train"]["sha256"]  # the tokens, not the files
+
+
 def test_opening_bad_shard_directories(built, tmp_path):
     out, index, _ = built
     with pytest.raises(FileNotFoundError, match="samba-lm data"):
@@ -369,7 +442,7 @@ def test_resume_from_state_dict_continues_exactly(tmp_path):
     for _ in range(7):
         uninterrupted.next_batch(24)
     state = uninterrupted.state_dict()
-    assert state == {"position": 168, "seq_len": 31, "seed": 11, "n_blocks": 156}
+    assert state == {"position": 168, "seq_len": 31, "seed": 11, "n_blocks": 156, "data_sha256": None}
     resumed = BlockLoader(stream, 31, seed=11)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as stored in a checkpoint
     two_ranks = [BlockLoader(stream, 31, seed=11, rank=r, world_size=2) for r in range(2)]
@@ -391,6 +464,16 @@ def test_load_state_dict_rejects_another_run(tmp_path):
             other.load_state_dict(state)
     with pytest.raises(ValueError, match="position"):
         loader.load_state_dict({**state, "position": -1})
+
+
+def test_load_state_dict_rejects_other_data_of_the_same_size(tmp_path):
+    paths = write_stream(tmp_path, 1000, shard_tokens=1000).paths
+    ours, theirs = (BlockLoader(TokenStream(paths, "<u2", sha256=h), 9) for h in ("a" * 64, "b" * 64))
+    with pytest.raises(ValueError, match="data differs.*bbbbbbbbbbbb.*aaaaaaaaaaaa"):
+        theirs.load_state_dict(ours.state_dict())
+    unknown = BlockLoader(TokenStream(paths, "<u2"), 9)  # shards or a checkpoint from before fingerprints
+    unknown.load_state_dict(ours.state_dict())
+    ours.load_state_dict({k: v for k, v in unknown.state_dict().items() if k != "data_sha256"})
 
 
 def test_seq_len_longer_than_the_data(tmp_path):

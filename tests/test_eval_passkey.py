@@ -16,6 +16,7 @@ from samba_lm.data import BlockLoader, TokenShards, build_shards, eos_id, load_t
 from samba_lm.data.passkey import (FILLER, INTRO, NEEDLE, QUESTION, PasskeyBlocks, filler_ids, passkey_answer,
                                    passkey_prompt, retrieved)
 from samba_lm.eval import passkey
+from samba_lm.options import parse_count
 from samba_lm.train import TrainConfig, train
 
 
@@ -143,7 +144,7 @@ def test_bad_arguments(tmp_path, flags, message):
 
 
 def test_lengths_take_k_suffixes():
-    assert [passkey.parse_length(s) for s in ("4096", "4K", "256k", "1M")] == [4096, 4096, 262144, 1 << 20]
+    assert [parse_count(s) for s in ("4096", "4K", "256k", "1M")] == [4096, 4096, 262144, 1 << 20]
 
 
 # ----------------------------------------------------------------------------- the fine-tuning task

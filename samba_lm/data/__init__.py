@@ -8,8 +8,8 @@
 
 from .loader import BlockLoader
 from .shards import TokenShards, TokenStream, build_shards
-from .sources import SOURCES, iter_documents
+from .sources import SOURCES, ReadLog, iter_documents
 from .tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer
 
-__all__ = ["EOS", "SOURCES", "BlockLoader", "TokenShards", "TokenStream", "build_shards", "eos_id",
+__all__ = ["EOS", "SOURCES", "BlockLoader", "ReadLog", "TokenShards", "TokenStream", "build_shards", "eos_id",
            "iter_documents", "load_tokenizer", "train_tokenizer"]

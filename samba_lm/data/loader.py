@@ -3,6 +3,8 @@
 Block i is tokens [i*(seq_len+1), (i+1)*(seq_len+1)) (inputs are block[:-1], targets block[1:]).
 The global order is epoch 0's permutation of the blocks, then epoch 1's, and so on; `position`
 counts blocks consumed by all ranks together, so it is all a resume needs, whatever the world size.
+The state also records what must not change under it: seq_len, seed, the number of blocks and the
+data's fingerprint (the split's sha256 from the shard index).
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ class BlockLoader:
         return torch.from_numpy(batch)
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seq_len": self.seq_len, "seed": self.seed, "n_blocks": self.n_blocks}
+        return {"position": self.position, "seq_len": self.seq_len, "seed": self.seed, "n_blocks": self.n_blocks,
+                "data_sha256": self.stream.sha256}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at `state["position"]`; the data, seq_len and seed must be those the state was saved with."""
+        """Resume at `state["position"]`; the data, seq_len and seed must be those the state was saved with.
+        A state or a stream without a fingerprint (written before there was one) is checked by size only."""
         for key in ("seq_len", "seed", "n_blocks"):
             if key not in state:
                 raise ValueError(f"loader state has no {key!r}")
@@ -79,6 +83,10 @@ class BlockLoader:
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
                                  f"{getattr(self, key)!r}: resuming on other data or another seq_len/seed "
                                  "would silently change the run")
+        saved, now = state.get("data_sha256"), self.stream.sha256
+        if saved and now and saved != now:
+            raise ValueError(f"the data differs from the data the state was saved with (its tokens' sha256 is "
+                             f"{now[:12]}..., it was {saved[:12]}...)")
         position = state.get("position")
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:
             raise ValueError(f"loader state position must be an int >= 0, got {position!r}")

@@ -7,11 +7,14 @@ A shard directory holds:
     index.json                      written last, so its presence means the build finished
 
 The corpus is streamed (one pass to count documents, one to train the tokenizer, one to encode),
-never held in memory, and the same inputs and seed give byte-identical files.
+never held in memory, and the same inputs and seed give byte-identical files. The index records each
+split's sha256 over its token ids, computed while writing: a checkpoint carries it, so that a run
+never resumes on other data, and a resume checks it without reading the shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,8 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .sources import iter_documents
-from .tokenizer import eos_id, load_tokenizer, train_tokenizer
+from ..options import check_out_dir
+from .sources import ReadLog, iter_documents
+from .tokenizer import check_vocab_size, eos_id, load_tokenizer, train_tokenizer
 
 FORMAT = "samba-lm-shards/1"
 INDEX_FILE = "index.json"
@@ -36,11 +40,14 @@ _BATCH_CHARS = 8_000_000  # ... or fewer when they are long, to bound memory
 def build_shards(source: str | list[str], out_dir: str | os.PathLike, vocab_size: int = 4096,
                  tokenizer: str | None = None, val_fraction: float = 0.05, seed: int = 0,
                  shard_tokens: int = 50_000_000, jsonl_field: str = "text", parquet_column: str = "text",
-                 progress: bool = True) -> dict:
+                 on_bad_file: str = "skip", progress: bool = True) -> dict:
     """Tokenize `source` (one source or a list, concatenated) into shards in `out_dir`; return the index.
 
     Documents are split into train/val by a `seed`ed shuffle; the tokenizer is trained on the train
-    documents only (`vocab_size` is then an upper bound), or loaded from `tokenizer` if given.
+    documents only (`vocab_size` is then an upper bound), or loaded from `tokenizer` if given. Files
+    that are not text are left out with a warning or stop the build (`on_bad_file`, see
+    `iter_documents`); `index["read"]` says what was read and left out. Every argument is checked,
+    and the corpus read once, before anything in `out_dir` changes.
     """
     sources = [os.fspath(source)] if isinstance(source, (str, os.PathLike)) else [os.fspath(s) for s in source]
     if not sources:
@@ -51,24 +58,28 @@ def build_shards(source: str | list[str], out_dir: str | os.PathLike, vocab_size
         raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    out = check_out_dir(out_dir, "out_dir")
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
 
-    def documents() -> Iterator[str]:
+    def documents(log: ReadLog) -> Iterator[str]:
         for s in sources:
-            yield from iter_documents(s, jsonl_field=jsonl_field, parquet_column=parquet_column)
+            yield from iter_documents(s, jsonl_field, parquet_column, on_bad_file, log)
 
-    n_docs = sum(1 for _ in documents())
+    # The first pass warns about the files it leaves out and fills `log`; the later passes leave out
+    # the same files into logs of their own, silently.
+    log = ReadLog()
+    n_docs = sum(1 for _ in documents(log))
     is_val = _val_mask(n_docs, val_fraction, seed)
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    else:
-        train_docs = (d for d, v in zip(documents(), is_val, strict=True) if not v)
+    if tok is None:
+        train_docs = (d for d, v in zip(documents(ReadLog(warn=False)), is_val, strict=True) if not v)
         bar = tqdm(train_docs, total=n_docs - sum(is_val), unit="doc", desc="training tokenizer",
                    disable=not progress)
         tok = train_tokenizer(bar, vocab_size)
     eos, vocab = eos_id(tok), tok.get_vocab_size()
     dtype_name = "uint16" if vocab <= 1 << 16 else "uint32"
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Drop a previous build's index and shards first: they must never pass for this build's.
     (out / INDEX_FILE).unlink(missing_ok=True)
@@ -84,7 +95,7 @@ def build_shards(source: str | list[str], out_dir: str | os.PathLike, vocab_size
     writers = {split: _ShardWriter(out, split, DTYPES[dtype_name], shard_tokens) for split in SPLITS}
     n_split = dict.fromkeys(SPLITS, 0)
     with tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not progress) as bar:
-        for batch, flags in _batches(zip(documents(), is_val, strict=True)):
+        for batch, flags in _batches(zip(documents(ReadLog(warn=False)), is_val, strict=True)):
             for encoding, val in zip(tok.encode_batch(batch, add_special_tokens=False), flags):
                 split = "val" if val else "train"
                 writers[split].write(np.array(encoding.ids + [eos], dtype=DTYPES[dtype_name]))
@@ -96,9 +107,11 @@ def build_shards(source: str | list[str], out_dir: str | os.PathLike, vocab_size
         writer.close()
         if n_split[split]:
             splits[split] = {"shards": writer.shards, "documents": n_split[split],
-                             "tokens": sum(s["tokens"] for s in writer.shards)}
+                             "tokens": sum(s["tokens"] for s in writer.shards), "sha256": writer.sha256.hexdigest()}
+    read = {"files": log.files, "documents": n_docs,
+            "skipped": [{"file": file, "reason": why} for file, why in log.skipped.items()]}
     index = {"format": FORMAT, "dtype": dtype_name, "vocab_size": vocab, "eos_id": eos, "seed": seed,
-             "val_fraction": float(val_fraction), "sources": sources, "splits": splits}
+             "val_fraction": float(val_fraction), "sources": sources, "read": read, "splits": splits}
     tmp = out / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, out / INDEX_FILE)
@@ -136,6 +149,7 @@ class _ShardWriter:
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.shards: list[dict] = []  # {"file", "tokens"} of each finished shard
+        self.sha256 = hashlib.sha256()  # over the split's ids as stored, whatever the sharding
         self._file, self._name, self._count = None, "", 0
 
     def write(self, ids: np.ndarray) -> None:
@@ -144,7 +158,9 @@ class _ShardWriter:
                 self._name = f"{self.split}_{len(self.shards):03d}.bin"
                 self._file = open(self.out / (self._name + ".tmp"), "wb")
             take = ids[:self.shard_tokens - self._count]
-            self._file.write(take.tobytes())
+            raw = take.tobytes()
+            self._file.write(raw)
+            self.sha256.update(raw)
             self._count += len(take)
             ids = ids[len(take):]
             if self._count == self.shard_tokens:
@@ -159,10 +175,11 @@ class _ShardWriter:
 
 
 class TokenStream:
-    """The shards of one split, memory-mapped read-only and read as one sequence of token ids."""
+    """The shards of one split, memory-mapped read-only and read as one sequence of token ids.
+    `sha256`: the split's fingerprint from its index (None for shards built before there was one)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], dtype: np.dtype | str):
-        self.paths = [Path(p) for p in paths]
+    def __init__(self, paths: Sequence[str | os.PathLike], dtype: np.dtype | str, sha256: str | None = None):
+        self.paths, self.sha256 = [Path(p) for p in paths], sha256
         # numpy cannot map an empty file; an empty shard holds nothing to read anyway.
         self._maps = [np.memmap(p, dtype=np.dtype(dtype), mode="r") for p in self.paths if p.stat().st_size]
         self._starts = np.cumsum([0] + [len(m) for m in self._maps])  # first token of each shard; last = total
@@ -222,8 +239,8 @@ class TokenShards:
     def split(self, name: str) -> TokenStream:
         if name not in self.index["splits"]:
             raise ValueError(f"no split {name!r} in {self.path} (available: {', '.join(self.splits)})")
-        files = [self.path / shard["file"] for shard in self.index["splits"][name]["shards"]]
-        return TokenStream(files, self._dtype)
+        split = self.index["splits"][name]
+        return TokenStream([self.path / shard["file"] for shard in split["shards"]], self._dtype, split.get("sha256"))
 
 
 def _check_index(index, where: Path) -> None:

@@ -15,10 +15,14 @@ EOS = "<|endoftext|>"
 MIN_VOCAB = 256 + 1 + 1  # every byte, EOS, and at least one merge
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer of at most `vocab_size` tokens (fewer on a tiny corpus)."""
+def check_vocab_size(vocab_size) -> None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB} (256 bytes + EOS + merges), got {vocab_size!r}")
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer of at most `vocab_size` tokens (fewer on a tiny corpus)."""
+    check_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

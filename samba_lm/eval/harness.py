@@ -20,8 +20,10 @@ What is notable:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..generation import generate_stream
+from ..options import DEVICE_HELP, ListOption, check_out_dir, resolve_device
 from ..prompts import left_pad
 from .ppl import DTYPES, stream_nll
 from .record import run_record, write_json
@@ -81,12 +84,10 @@ class SambaHarnessLM(TemplateLM):
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         if dtype not in (None, "auto", *DTYPES):
             raise ValueError(f"samba-lm model_args: dtype must be one of {['auto', *DTYPES]}, got {dtype!r}")
-        from ..cli import resolve_device
-
         try:
             self._device = resolve_device(device)
-        except ValueError:
-            raise ValueError(f"samba-lm model_args: device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+        except ValueError as e:
+            raise ValueError(f"samba-lm model_args: {e}") from None
         if (pretrained is None) == (model is None):
             raise ValueError("samba-lm model_args: give pretrained=PATH (a saved model, training checkpoint or run "
                              "directory), or model= and tokenizer= in Python; not both")
@@ -249,16 +250,16 @@ def _cut(text: str, until) -> str:
 # ---------------------------------------------------------------------------- command line
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="a saved model, a training checkpoint or a run directory")
-    parser.add_argument("--tasks", required=True,
-                        help="comma-separated lm-eval task names or task YAML files, e.g. samba_tiny_mc")
+    parser.add_argument("--tasks", required=True, action=ListOption, metavar="TASK,TASK,...",
+                        help="lm-eval task names or task YAML files, e.g. samba_tiny_mc,samba_tiny_ppl")
     parser.add_argument("--include-path", action="append", default=[],
                         help="a directory of lm-eval task YAML files (repeatable); samba-lm's own is always included")
-    parser.add_argument("--limit", type=float, help="examples per task (a fraction of them if < 1)")
-    parser.add_argument("--num-fewshot", type=int)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=float, help="examples per task (a fraction of them if < 1; default: all)")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
+    parser.add_argument("--batch-size", type=int, default=8, help="requests scored or generated together")
     parser.add_argument("--chunk-size", type=int, default=2048, help="tokens per forward call when streaming")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (sampling, few-shot examples)")
     parser.add_argument("--out", default="eval/harness", help="directory for harness.json")
 
 
@@ -269,9 +270,8 @@ def run(args) -> dict:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise ValueError(f"--tasks: give one or more task names, got {args.tasks!r}")
+    tasks = args.tasks
+    check_out_dir(args.out, "--out")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     for name, value in (("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
@@ -292,10 +292,11 @@ def run(args) -> dict:
                         chunk_size=args.chunk_size)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     started = time.perf_counter()
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                      num_fewshot=args.num_fewshot, log_samples=False, random_seed=args.seed,
-                                      numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                      fewshot_random_seed=args.seed)
+    with _quiet_git_hash():
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                          num_fewshot=args.num_fewshot, log_samples=False, random_seed=args.seed,
+                                          numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                          fewshot_random_seed=args.seed)
     seconds = time.perf_counter() - started
     payload = json.loads(json.dumps(results, default=handle_non_serializable))
     payload.update(seconds=round(seconds, 2), lm_eval=lm_eval.__version__,
@@ -305,6 +306,26 @@ def run(args) -> dict:
     print(make_table(results))
     print(f"{seconds:.1f} s; wrote {out / 'harness.json'}")
     return payload
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records `git describe` of the working directory and lets git print "fatal: not a git
+    repository" outside one; ask git the same with its complaints silenced."""
+    import lm_eval.evaluator
+
+    def git_hash():
+        try:
+            found = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True)
+        except FileNotFoundError:  # no git here
+            return None
+        return found.stdout.strip() if found.returncode == 0 else None
+
+    real, lm_eval.evaluator.get_git_commit_hash = lm_eval.evaluator.get_git_commit_hash, git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = real
 
 
 def main():

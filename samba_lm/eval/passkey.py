@@ -20,15 +20,10 @@ from tqdm import tqdm
 from ..data import eos_id
 from ..data.passkey import passkey_prompt, random_key, retrieved
 from ..generation import generate
+from ..options import DEVICE_HELP, ListOption, check_out_dir, parse_count, resolve_device
 from .record import pyplot, run_record, write_json
 
 PAPER_DEPTHS = [i / 10 for i in range(11)]
-
-
-def parse_length(text: str) -> int:
-    """A token count: 4096, 4K (= 4096) or 1M (= 1048576)."""
-    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
-    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def check_grid(lengths, depths, n_keys, max_new_tokens):
@@ -118,24 +113,24 @@ def format_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", required=True, help="a saved model, a training checkpoint or a run directory")
-    parser.add_argument("--lengths", nargs="+", type=parse_length, default=[4096],
-                        help="prompt lengths in tokens (4096 or 4K; the paper: 4K to 256K)")
-    parser.add_argument("--depths", nargs="+", type=float, default=PAPER_DEPTHS,
-                        help="needle depths, fractions of the filler (default: 0, 0.1, .., 1 as in the paper)")
+    parser.add_argument("--lengths", action=ListOption, item=parse_count, default=[4096], metavar="N,N,...",
+                        help="prompt lengths in tokens, e.g. 4K,16K (the paper: 4K to 256K)")
+    parser.add_argument("--depths", action=ListOption, item=float, default=PAPER_DEPTHS, metavar="D,D,...",
+                        help="needle depths, fractions of the filler (the paper's: 0, 0.1, .., 1)")
     parser.add_argument("--keys", type=int, default=5, help="random keys per (length, depth) cell")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated after the question")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", default="results", help="directory for passkey.json and passkey.png")
 
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, write OUT/passkey.json and OUT/passkey.png, print the table; return the payload."""
-    from ..cli import load_for_inference, resolve_device
+    from ..cli import load_for_inference
 
     check_grid(args.lengths, args.depths, args.keys, args.max_new_tokens)  # before loading anything
-    device = resolve_device(args.device)
-    model, tokenizer = load_for_inference(args.model, device)
+    check_out_dir(args.out, "--out")
+    model, tokenizer = load_for_inference(args.model, resolve_device(args.device))
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model}: cannot build the prompts")
     result = passkey_grid(model, tokenizer, args.lengths, args.depths, args.keys, args.seed, args.max_new_tokens)

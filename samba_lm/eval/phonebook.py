@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..data import eos_id
 from ..generation import generate
+from ..options import DEVICE_HELP, ListOption, check_out_dir, resolve_device
 from .record import pyplot, run_record, write_json
 
 FIRST_NAMES = """
@@ -138,22 +139,22 @@ def format_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", required=True, help="a saved model, a training checkpoint or a run directory")
-    parser.add_argument("--entries", nargs="+", type=int, default=[10, 30, 100, 300, 1000],
+    parser.add_argument("--entries", action=ListOption, item=int, default=[10, 30, 100, 300, 1000], metavar="N,N,...",
                         help=f"phonebook sizes (at most {MAX_ENTRIES})")
     parser.add_argument("--trials", type=int, default=10, help="phonebooks per size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the books and of the entries asked for")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated after the question")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", default="results", help="directory for phonebook.json and phonebook.png")
 
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, write OUT/phonebook.json and OUT/phonebook.png, print the table; return the payload."""
-    from ..cli import load_for_inference, resolve_device
+    from ..cli import load_for_inference
 
     check_args(args.entries, args.trials, args.max_new_tokens)  # before loading anything
-    device = resolve_device(args.device)
-    model, tokenizer = load_for_inference(args.model, device)
+    check_out_dir(args.out, "--out")
+    model, tokenizer = load_for_inference(args.model, resolve_device(args.device))
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model}: cannot build the prompts")
     result = phonebook_eval(model, tokenizer, args.entries, args.trials, args.seed, args.max_new_tokens)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.sources import ON_BAD_FILE
+from ..options import DEVICE_HELP, ListOption, check_out_dir, parse_count, resolve_device
 from .documents import iter_long_documents
 from .record import pyplot, run_record, write_json
 
@@ -144,18 +146,12 @@ def encode_long(tokenizer, text: str, max_tokens: int | None = None, piece_chars
     return torch.cat(ids)[:max_tokens]
 
 
-def parse_lengths(text: str) -> list[int]:
-    """'1K,4K,1M,3000' -> [1024, 4096, 1048576, 3000] (sorted, without repeats)."""
-    lengths = set()
-    for item in text.split(","):
-        item = item.strip().upper()
-        scale = {"K": K, "M": K**2}.get(item[-1:], 1)
-        digits = item[:-1] if scale > 1 else item
-        if not digits.isdigit() or int(digits) * scale < 2:
-            raise ValueError(f"--lengths: {item!r} is not a prefix length: an integer >= 2, optionally with "
-                             f"K (x1024) or M (x1048576), comma-separated: 1K,4K,16K,1M")
-        lengths.add(int(digits) * scale)
-    return sorted(lengths)
+def check_lengths(lengths) -> list[int]:
+    """--lengths sorted, without repeats; each >= 2, since a prefix of N tokens holds N-1 predictions."""
+    short = [n for n in lengths if n < 2]
+    if short:
+        raise ValueError(f"--lengths: {short[0]} is not a prefix length: give token counts >= 2, e.g. 1K,4K,16K,1M")
+    return sorted(set(lengths))
 
 
 def add_arguments(parser):
@@ -163,26 +159,31 @@ def add_arguments(parser):
     parser.add_argument("--source", default="shakespeare",
                         help="'shakespeare' (the works as one document), 'austen' (six novels; "
                              "'austen:DIR' for an unpacked r-cran-janeaustenr), or a text file or directory")
-    parser.add_argument("--max-tokens", type=int, help="truncate every document to this many tokens")
+    parser.add_argument("--on-bad-file", default="skip", choices=ON_BAD_FILE,
+                        help="a file that is not UTF-8 text: skip it with a warning, or stop with an error")
+    parser.add_argument("--max-tokens", type=int, help="truncate each document to this many tokens (default: no limit)")
     parser.add_argument("--chunk-size", type=int, default=2048, help="tokens per forward call")
-    parser.add_argument("--lengths", help="prefix lengths for the prefix-average perplexity, e.g. 4K,16K,1M "
-                                          "(default: 1K, 2K, 4K, ... up to the longest document)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--lengths", action=ListOption, item=parse_count, metavar="N,N,...",
+                        help="prefix lengths for the prefix-average perplexity, e.g. 4K,16K,1M "
+                             "(default: 1K, 2K, 4K, ... up to the longest document)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="weights and activations (the Mamba state stays fp32); bfloat16 is the fast one on GPUs")
     parser.add_argument("--out", default="eval/ppl", help="directory for ppl.json and ppl.png")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> dict:
     """Evaluate, write `out/ppl.json` (+ `out/ppl.png` with matplotlib), print a table, return the payload."""
-    from ..cli import load_for_inference, resolve_device
+    from ..cli import load_for_inference
 
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2 (a document needs 2 tokens for one prediction), got {args.max_tokens}")
-    lengths = parse_lengths(args.lengths) if args.lengths else None
+    lengths = check_lengths(args.lengths) if args.lengths else None
+    check_out_dir(args.out, "--out")
+    texts = iter_long_documents(args.source, args.on_bad_file)  # a missing source fails here, at once
     device = resolve_device(args.device)
     model, tokenizer = load_for_inference(args.model, device)
     if tokenizer is None:
@@ -190,7 +191,7 @@ def run(args) -> dict:
     model = model.to(DTYPES[args.dtype])
 
     documents = []
-    for name, text in iter_long_documents(args.source):
+    for name, text in texts:
         ids = encode_long(tokenizer, text, args.max_tokens)
         if len(ids) < 2:
             print(f"skipping {name}: fewer than 2 tokens")

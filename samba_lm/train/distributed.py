@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..options import resolve_device
+
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
@@ -37,9 +39,7 @@ class DistEnv:
 def setup(device: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -101,6 +101,14 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)  # SUM: gloo has no AVG
         value /= dist.get_world_size()
     return value
+
+
+def max_across_ranks(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def barrier():

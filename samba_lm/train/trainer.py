@@ -4,7 +4,8 @@ The same `train(cfg)` runs in one process or under `torchrun --nproc_per_node N`
 A run lives in `cfg.out_dir`: tokenizer.json, train_config.json, metrics.jsonl, tensorboard/,
 checkpoints/step_*/ (resumable bit-exactly), and at the end model/ (save_pretrained + tokenizer)
 and loss.png. `cfg.task` picks the training data: token shards ("lm") or passkey prompts made on the
-fly ("passkey"); `cfg.init_from` fine-tunes a trained model instead of initialising one.
+fly ("passkey"); `cfg.init_from` fine-tunes a trained model instead of initialising one. SIGINT
+(Ctrl-C) or SIGTERM stops a run at the next step boundary with a checkpoint (signals.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -22,29 +24,34 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from ..checkpoint import (list_checkpoints, load_checkpoint, load_model_and_tokenizer_path, prune_checkpoints,
+from ..checkpoint import (load_checkpoint, load_model_and_tokenizer_path, newest_intact_checkpoint, prune_checkpoints,
                           read_checkpoint_meta, save_checkpoint, save_pretrained)
 from ..config import SambaConfig
 from ..data import BlockLoader, TokenShards, TokenStream, load_tokenizer
 from ..data.passkey import PasskeyBlocks
 from ..flops import flops_per_token
 from ..model import SambaLM
+from ..options import check_out_dir
 from . import distributed as D
 from .config import TrainConfig
 from .metrics import MetricsLogger, perplexity, plot_losses
 from .optim import build_optimizer, lr_at
+from .signals import Interrupted, StopRequest
+
+RECENT_SAVE_S = 60  # a stop by signal writes no checkpoint when one is younger than this
 
 
 def train(cfg: TrainConfig) -> dict:
     env = D.setup(cfg.device)
     try:
-        return _run(cfg, env)
+        with StopRequest() as stop:  # armed at the first step: until then a signal stops at once
+            return _run(cfg, env, stop)
     finally:
         D.teardown()
 
 
-def _run(cfg: TrainConfig, env: D.DistEnv) -> dict:
-    out = Path(cfg.out_dir)
+def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
+    out = check_out_dir(cfg.out_dir, "out_dir")
     init, init_tokenizer = pretrained(cfg.init_from) if cfg.init_from else (None, None)
     data = task_data(cfg, env, init_tokenizer)
     model_cfg = model_config(cfg, data.vocab_size, init.config if init is not None else None)
@@ -65,6 +72,8 @@ def _run(cfg: TrainConfig, env: D.DistEnv) -> dict:
 
     bar = _progress(cfg, env, step)
     tokens_per_step, last = cfg.batch_size * cfg.seq_len, {}
+    saved = None, -math.inf  # (path, time) of this process's last checkpoint
+    stop.arm()
     while step < cfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.steps, cfg.lr, round(cfg.warmup_fraction * cfg.steps), cfg.min_lr_ratio)
@@ -80,12 +89,19 @@ def _run(cfg: TrainConfig, env: D.DistEnv) -> dict:
             log.log(step, val_loss=last["val_loss"], val_ppl=perplexity(last["val_loss"]))
         _report(bar, step, cfg, last, env.is_main)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            _save(out, step, model, optimizer, train_loader, model_cfg, cfg)
+            saved = _save(out, step, model, optimizer, train_loader, model_cfg, cfg), time.monotonic()
+        signum = D.max_across_ranks(stop.signum or 0, env.device)  # every rank stops at the same step
+        if signum and step < cfg.steps:  # at the last step the run ends as it would have anyway
+            bar.close()
+            if time.monotonic() - saved[1] > RECENT_SAVE_S:
+                saved = _save(out, step, model, optimizer, train_loader, model_cfg, cfg), time.monotonic()
+            raise Interrupted(signum, _stopped(signum, step, saved) if env.is_main else "")
     bar.close()
     log.close()
     export(model, model_cfg, out / "model", out / "tokenizer.json", env)
     if env.is_main:
-        plot_losses(out / "metrics.jsonl", out / "loss.png", f"{_model_name(cfg)} on {data.name}")
+        png = plot_losses(out / "metrics.jsonl", out / "loss.png", f"{_model_name(cfg)} on {data.name}")
+        _where_it_went(out, step, cfg, png)
     return last
 
 
@@ -198,15 +214,35 @@ def _announce(cfg, env, model_cfg, micro, accum, data, resume, log):
         f"  model:  {json.dumps(model_cfg.to_dict())}",
     ]
     if resume:
-        done = resume[1]["step"] >= cfg.steps
-        lines.append(f"  {'already trained' if done else 'resuming'}: {resume[0]} (step {resume[1]['step']})"
-                     + ("; raise --steps to train further" if done else ""))
+        lines += [f"  {note}" for note in resume.notes]
+        at = resume.meta["step"]
+        if at > cfg.steps:
+            lines.append(f"  nothing to train: the newest checkpoint, {resume.path}, is at step {at}, past --steps "
+                         f"{cfg.steps}; raise --steps to train further, or start a new run in another --out-dir")
+        else:
+            lines.append(f"  {'already trained' if at == cfg.steps else 'resuming'}: {resume.path} (step {at})"
+                         + ("; raise --steps to train further" if at == cfg.steps else ""))
     print("\n".join(lines), flush=True)
 
 
 def _progress(cfg, env, step):
-    return tqdm(total=cfg.steps, initial=step, disable=not (env.is_main and cfg.progress), unit="step",
-                dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=cfg.steps, initial=step, disable=not (env.is_main and cfg.progress) or step >= cfg.steps,
+                unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def _stopped(signum: int, step: int, saved: tuple) -> str:
+    path, at = saved
+    older = "" if path.name.endswith(f"_{step:08d}") else f" (written {time.monotonic() - at:.0f} s ago, so kept)"
+    return (f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {path}{older}; "
+            f"run the same command again to resume")
+
+
+def _where_it_went(out: Path, step: int, cfg: TrainConfig, png: Path | None):
+    lines = [f"samba-lm train: done at step {step}. The run is in {out}:",
+             f"  model:   {out / 'model'} (config.json, model.safetensors, tokenizer.json)",
+             f"  loss:    {png if png is not None else 'no loss.png (matplotlib is not installed)'}",
+             f"  metrics: {out / 'metrics.jsonl'}" + (f", {out / 'tensorboard'}" if cfg.tensorboard else "")]
+    print("\n".join(lines), flush=True)
 
 
 def _report(bar, step, cfg, last, is_main):
@@ -270,29 +306,45 @@ def _rng_state() -> dict:
     return state
 
 
-def _save(out, step, model, optimizer, loader, model_cfg, cfg):
+def _save(out, step, model, optimizer, loader, model_cfg, cfg) -> Path:
     meta = {"loader": loader.state_dict(), "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict()}
-    save_checkpoint(out / "checkpoints", step, _stateful(model, optimizer), _rng_state(), meta)
+    path = save_checkpoint(out / "checkpoints", step, _stateful(model, optimizer), _rng_state(), meta)
     prune_checkpoints(out / "checkpoints", cfg.keep_last)
+    return path
 
 
-def _resumable(cfg, model_cfg, loader):
-    """(path, meta) of the newest checkpoint to resume from, after checking it fits this run; the
-    loader is positioned there already."""
-    found = list_checkpoints(Path(cfg.out_dir) / "checkpoints") if cfg.resume else []
-    if not found:
+class Resume(NamedTuple):
+    path: Path
+    meta: dict
+    notes: list[str]  # for the console: checkpoints passed over, checks that could not be made
+
+
+def _resumable(cfg, model_cfg, loader) -> Resume | None:
+    """The newest intact checkpoint to resume from, after checking it fits this run; the loader is
+    positioned there already."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    found, damaged = newest_intact_checkpoint(root) if cfg.resume else (None, [])
+    if found is None:
+        if damaged:
+            raise ValueError(f"no checkpoint in {root} can be resumed: {'; '.join(damaged)}. Delete the damaged "
+                             f"ones to start this run again, or choose another out_dir")
         return None
-    meta = read_checkpoint_meta(found[-1])
+    notes = [f"{why}; passed over for an older checkpoint" for why in damaged]
+    meta = read_checkpoint_meta(found)
     saved, now = meta["model_config"], model_cfg.to_dict()
     diff = {k: (saved.get(k), now[k]) for k in now if k != "name" and saved.get(k) != now[k]}
     if diff:
-        raise ValueError(f"checkpoint {found[-1]} was written for another model ({diff}, saved vs now); "
-                         f"use another out_dir or --no-resume")
+        raise ValueError(f"checkpoint {found} was written for another model ({diff}, saved vs now); "
+                         f"to train this one, choose another out_dir")
     try:
         loader.load_state_dict(meta["loader"])
     except ValueError as e:
-        raise ValueError(f"checkpoint {found[-1]} cannot resume on this data: {e}") from None
-    return found[-1], meta
+        raise ValueError(f"checkpoint {found} cannot resume on {cfg.data}: {e}. To train on this data from the "
+                         f"start, choose another out_dir (or delete {root})") from None
+    if cfg.task == "lm" and not (meta["loader"].get("data_sha256") and loader.stream.sha256):
+        notes.append(f"the data cannot be checked against {found} beyond its size: the checkpoint or the shards "
+                     f"predate data fingerprints (rebuilding the shards with `samba-lm data` records one)")
+    return Resume(found, meta, notes)
 
 
 def _restore(path, model, optimizer) -> int:

@@ -82,6 +82,18 @@ def test_resume_after_a_crash_gives_the_same_losses(corpus, tmp_path, monkeypatc
     assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")  # bit-exact, step for step
 
 
+def test_a_resume_with_other_numerics_says_so(corpus, tmp_path, monkeypatch, capsys):
+    """Bit-exact resume needs the same threads and kernels (trainer.numerics): a resume without them
+    goes on, and says that its losses may differ in the last bits."""
+    train(small_run(corpus, tmp_path, steps=3))
+    real = trainer_module.numerics
+    monkeypatch.setattr(trainer_module, "numerics", lambda device: {**real(device), "threads": 99})
+    capsys.readouterr()
+    train(small_run(corpus, tmp_path, steps=4))
+    out = capsys.readouterr().out
+    assert "other numerics" in out and f"threads {torch.get_num_threads()} -> 99" in out
+
+
 def test_killed_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(small_run(corpus, tmp_path).to_dict()))
     script = textwrap.dedent(f"""

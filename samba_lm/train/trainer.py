@@ -57,7 +57,7 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
     model_cfg = model_config(cfg, data.vocab_size, init.config if init is not None else None)
     micro, accum = batch_plan(cfg, env.world_size)
     train_loader, val_stream = data.train, data.val if cfg.eval_batches else None
-    resume = _resumable(cfg, model_cfg, train_loader)  # incompatible checkpoints fail here, before any work
+    resume = _resumable(cfg, model_cfg, train_loader, env.device)  # incompatible ones fail here, before any work
     log = MetricsLogger(out, env.is_main, cfg.tensorboard, resume_step=resume[1]["step"] if resume else None)
     _announce(cfg, env, model_cfg, micro, accum, data, resume, log)
 
@@ -307,7 +307,8 @@ def _rng_state() -> dict:
 
 
 def _save(out, step, model, optimizer, loader, model_cfg, cfg) -> Path:
-    meta = {"loader": loader.state_dict(), "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict()}
+    meta = {"loader": loader.state_dict(), "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
+            "numerics": numerics(next(model.parameters()).device)}
     path = save_checkpoint(out / "checkpoints", step, _stateful(model, optimizer), _rng_state(), meta)
     prune_checkpoints(out / "checkpoints", cfg.keep_last)
     return path
@@ -319,7 +320,7 @@ class Resume(NamedTuple):
     notes: list[str]  # for the console: checkpoints passed over, checks that could not be made
 
 
-def _resumable(cfg, model_cfg, loader) -> Resume | None:
+def _resumable(cfg, model_cfg, loader, device) -> Resume | None:
     """The newest intact checkpoint to resume from, after checking it fits this run; the loader is
     positioned there already."""
     root = Path(cfg.out_dir) / "checkpoints"
@@ -341,10 +342,25 @@ def _resumable(cfg, model_cfg, loader) -> Resume | None:
     except ValueError as e:
         raise ValueError(f"checkpoint {found} cannot resume on {cfg.data}: {e}. To train on this data from the "
                          f"start, choose another out_dir (or delete {root})") from None
+    then, now = meta.get("numerics"), numerics(device)
+    if then is not None and then != now:
+        changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in now if then.get(k) != now.get(k))
+        notes.append(f"resuming with other numerics than {found} was written with ({changed}): the run continues, "
+                     "but its losses may differ from an uninterrupted run's in the last bits")
     if cfg.task == "lm" and not (meta["loader"].get("data_sha256") and loader.stream.sha256):
         notes.append(f"the data cannot be checked against {found} beyond its size: the checkpoint or the shards "
                      f"predate data fingerprints (rebuilding the shards with `samba-lm data` records one)")
     return Resume(found, meta, notes)
+
+
+def numerics(device: torch.device) -> dict:
+    """What a bit-exact resume needs to be the same (it is checked, and a difference noted): on a CPU the
+    intra-op threads and the vector kernels torch dispatches to (reductions split by thread), on a GPU
+    its name and the torch version."""
+    if device.type == "cpu":
+        return {"device": "cpu", "threads": torch.get_num_threads(),
+                "kernels": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    return {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
 
 
 def _restore(path, model, optimizer) -> int:

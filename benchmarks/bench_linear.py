@@ -29,7 +29,10 @@ from samba_lm.ops import triton_linear  # noqa: E402
 SHAPES = {"mlp gate_up": (16384, 2048), "mlp down": (2048, 8192), "mamba in_proj": (8192, 2048),
           "mamba out_proj": (2048, 4096), "attention qkv": (2560, 2048), "attention out": (2048, 2048),
           "tied head": (50304, 2048)}
-TILES = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (256, 512) for w, s in ((4, 4), (4, 6), (8, 4))]
+TILES = [(bn, bk, w, s, 1) for bn in (16, 32, 64) for bk in (256, 512) for w, s in ((4, 4), (4, 6), (8, 4))]
+# K splits where the columns alone give too few programs to keep every SM streaming
+SPLIT_TILES = [(bn, bk, 4, 4, split) for bn in (16, 32, 64) for bk in (256, 512) for split in (2, 4, 8)]
+SPLIT_MAX_N = 4096
 L2_BYTES = 512 * 2**20  # the copies of a weight that one timing walks through: several times the 60 MB L2
 
 
@@ -63,7 +66,7 @@ def main():
             cublas = graphed_us(lambda i: F.linear(x, weights[i]), copies)
             ref = F.linear(x, weights[0]).float()
             ours = {}
-            for tile in TILES:
+            for tile in TILES + (SPLIT_TILES if N <= SPLIT_MAX_N else []):
                 try:
                     err = (triton_linear.rows_matmul(x, weights[0], tile).float() - ref).norm() / ref.norm()
                     assert err < 1e-2, f"tile {tile}: relative error {err:.2e}"
@@ -72,12 +75,13 @@ def main():
                     print(f"  {name} M={M} tile {tile}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             tile = min(ours, key=ours.get)
             row = dict(shape=name, M=M, N=N, K=K, cublas_us=cublas, cublas_tb_s=nbytes / cublas / 1e6,
-                       ours_us=ours[tile], ours_tb_s=nbytes / ours[tile] / 1e6, tile=tile)
+                       ours_us=ours[tile], ours_tb_s=nbytes / ours[tile] / 1e6, tile=tile,
+                       unsplit_us=min(t for k, t in ours.items() if k[4] == 1))
             rows.append(row)
             if ours[tile] < cublas:
                 best[f"{triton_linear.row_class(M)},{N},{K}"] = tile
             print(f"{name:15s} M={M:2d}: cuBLAS {cublas:7.2f} us ({row['cublas_tb_s']:.2f} TB/s), ours {ours[tile]:7.2f} "
-                  f"us ({row['ours_tb_s']:.2f} TB/s) tile {tile}", flush=True)
+                  f"us ({row['ours_tb_s']:.2f} TB/s) tile {tile}; unsplit {row['unsplit_us']:7.2f} us", flush=True)
             del weights
             torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)

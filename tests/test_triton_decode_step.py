@@ -28,7 +28,8 @@ def mamba_args(batch, E, N, K, R, g):
 def test_mamba_decode_step_matches_the_reference(batch, monkeypatch):
     from samba_lm.ops import triton_mamba
 
-    monkeypatch.setattr(triton_mamba, "CONV_BLOCK_E", 16)  # two channel blocks: two partials of x_proj
+    # two conv channel blocks (two partials of x_proj), two x_proj tiles, three scan channel blocks
+    monkeypatch.setattr(triton_mamba, "STEP_TILE", (16, 8, 4, 8, 2))
     g = torch.Generator().manual_seed(batch)
     exact = mamba_args(batch, 24, 4, 4, 5, g)
     low = {k: v.to(DEVICE, torch.float32) if v.is_floating_point() else v.to(DEVICE) for k, v in exact.items()}
@@ -133,3 +134,21 @@ def test_the_rows_matmul_matches_the_reference(M, N, K, dtype):
     low = ops.linear_reference(x.to(dtype).double(), w.to(dtype).double())  # the same rounded inputs, exactly
     assert y.shape == (M, 1, N) and y.dtype == dtype and rel_err(y, low) < 1e-2
     torch.library.opcheck(torch.ops.samba_lm.rows_matmul.default, (x[:, 0].to(DEVICE, dtype), w.to(DEVICE, dtype)))
+
+
+@pytest.mark.parametrize("split", [2, 3, 8])
+def test_the_split_k_rows_matmul_sums_its_splits_once(split):
+    """K in splits, the last to finish summing the partials: the same product, twice in a row (the
+    arrival counters re-arm), and every split's order fixed (two calls agree bit for bit)."""
+    from samba_lm.ops import triton_linear
+
+    g = torch.Generator().manual_seed(split)
+    x = torch.randn(3, 200, generator=g, dtype=torch.float64)
+    w = torch.randn(40, 200, generator=g, dtype=torch.float64)
+    xs, ws = x.to(DEVICE, torch.bfloat16), w.to(DEVICE, torch.bfloat16)
+    tile = (16, 32, 4, 2, split)
+    first, second = triton_linear.rows_matmul(xs, ws, tile), triton_linear.rows_matmul(xs, ws, tile)
+    assert torch.equal(first, second)
+    assert rel_err(first, xs.double() @ ws.double().T) < 1e-2
+    assert not triton_linear._COUNTERS[xs.device].any()
+

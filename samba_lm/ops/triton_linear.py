@@ -5,8 +5,12 @@ Layout (as `linear.py`): x [..., K] viewed as [M, K] rows with a unit last strid
 K in BLOCK_K steps, a [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tl.dot each (rows padded to BLOCK_M,
 16 or 64), fp32 accumulation, software-pipelined loads (num_stages) so that several weight tiles are
 in flight per SM: what streams the weights at the memory's rate is bytes in flight, not arithmetic.
-No split over K, so no second pass: cuBLAS's split-K kernels for these shapes add a reduction launch
-each (48 per samba-1.7b step). Tiles per (M, N, K) come from `benchmarks/bench_linear.py` (H200):
+Where N alone gives too few programs (d_model outputs from a long K: the MLP's down and Mamba's
+out_proj), K is split as well, in one launch: each split writes an fp32 partial and counts itself in
+on an arrival counter; the last split of a column block sums the partials in split order (the same
+bits whichever finishes last) and re-arms the counter. cuBLAS's split-K adds a reduction launch
+instead (48 per samba-1.7b step). The counters are shared by all calls on a device: calls run one after
+another on one stream. Tiles per (M, N, K) come from `benchmarks/bench_linear.py` (H200):
 `TILES`; shapes where cuBLAS was faster are not in it and go to `F.linear`, as does everything with
 gradients, under autocast, more rows, or other dtypes. What the reference covers that this does not:
 all of that, and CPUs (except under TRITON_INTERPRET=1).
@@ -23,12 +27,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr, WIDEN: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _rows_kernel(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, s_xm, s_ym, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
+                 WIDEN: tl.constexpr):
+    """Program (column block, K split): its share of K for BLOCK_N outputs. With SPLIT > 1 the last
+    split of a column block to finish sums the others' fp32 partials, in split order."""
+    col = tl.program_id(0)
+    n = col * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
+    if SPLIT == 1:  # (a loop from 0 to K streams faster than one over a split's span)
+        k_start, k_end = 0, K
+    else:
+        span = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+        k_start = tl.program_id(1) * span
+        k_end = tl.minimum(k_start + span, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * s_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :], other=0.0)
         if EVEN:  # N and K multiples of the tile: the weight tiles need no masks
@@ -39,30 +53,44 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_ym, BLOCK_M: tl.constexpr
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(y_ptr + m[:, None] * s_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
+    out = (m < M)[:, None] & (n < N)[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptr + m[:, None] * s_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out)
+    else:
+        parts = part_ptr + m[:, None] * N + n[None, :]  # [SPLIT, BLOCK_M, N], fp32
+        tl.store(parts + tl.program_id(1) * BLOCK_M * N, acc, mask=out)
+        tl.debug_barrier()  # all of this program's partials are written before it counts itself done
+        if tl.atomic_add(count_ptr + col, 1, sem="acq_rel") == SPLIT - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):  # a fixed order: the same sum whichever split came last
+                total += tl.load(parts + s * BLOCK_M * N, mask=out, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + m[:, None] * s_ym + n[None, :], total.to(y_ptr.dtype.element_ty), mask=out)
+            tl.atomic_xchg(count_ptr + col, 0)  # re-armed for the next call (and the next graph replay)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by (row class, N, K), the row class 1, 16 (2 to 16 rows)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, K splits) by (row class, N, K), the row class 1, 16 (2 to 16 rows)
 # or 64 (17 to 64); see the module docstring.
 # H200, 2026-12-01: at 1 and 16 rows ours beat cuBLAS on every shape but the MLP's gate_up (by 3 to 13%:
-# cuBLAS's split-K reduction launches go), at 64 rows only on the two smallest.
-TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (1, 2048, 8192): (16, 512, 4, 4),
-    (1, 8192, 2048): (64, 256, 4, 4),
-    (1, 2048, 4096): (16, 512, 4, 4),
-    (1, 2560, 2048): (32, 256, 4, 4),
-    (1, 2048, 2048): (16, 512, 4, 4),
-    (1, 50304, 2048): (32, 256, 4, 4),
-    (16, 2048, 8192): (16, 512, 4, 4),
-    (16, 8192, 2048): (64, 256, 4, 4),
-    (16, 2048, 4096): (16, 512, 4, 4),
-    (16, 2560, 2048): (32, 256, 4, 4),
-    (16, 2048, 2048): (16, 512, 4, 4),
-    (16, 50304, 2048): (32, 256, 4, 4),
-    (64, 2048, 4096): (16, 256, 4, 4),
-    (64, 2048, 2048): (16, 256, 4, 4),
+# cuBLAS's split-K reduction launches go), at 64 rows on the three with N = 2048. 1 and 16 rows share
+# tiles, so a row's bits do not depend on how many rows come with it (up to 16).
+TILES: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
+    (1, 2048, 8192): (64, 256, 4, 4, 4),
+    (1, 8192, 2048): (64, 256, 4, 4, 1),
+    (1, 2048, 4096): (64, 256, 4, 4, 4),
+    (1, 2560, 2048): (32, 256, 4, 4, 1),
+    (1, 2048, 2048): (16, 512, 4, 4, 1),
+    (1, 50304, 2048): (32, 256, 4, 4, 1),
+    (16, 2048, 8192): (64, 256, 4, 4, 4),
+    (16, 8192, 2048): (64, 256, 4, 4, 1),
+    (16, 2048, 4096): (64, 256, 4, 4, 4),
+    (16, 2560, 2048): (32, 256, 4, 4, 1),
+    (16, 2048, 2048): (16, 512, 4, 4, 1),
+    (16, 50304, 2048): (32, 256, 4, 4, 1),
+    (64, 2048, 8192): (32, 256, 4, 4, 2),
+    (64, 2048, 4096): (32, 256, 4, 4, 2),
+    (64, 2048, 2048): (16, 256, 4, 4, 1),
 }
-DEFAULT_TILE = (32, 256, 4, 4)  # for shapes not measured (tests, other models)
+DEFAULT_TILE = (32, 256, 4, 4, 1)  # for shapes not measured (tests, other models)
 MAX_ROWS = 64
 
 
@@ -83,12 +111,30 @@ def rows_matmul(x2, weight, tile=None):
     """[M, K] x [N, K]^T -> [M, N], M <= 64, with the given tile or the table's (the default if none)."""
     M, K = x2.shape
     N = weight.shape[0]
-    block_n, block_k, warps, stages = tile or TILES.get((row_class(M), N, K), DEFAULT_TILE)
+    block_n, block_k, warps, stages, split = tile or TILES.get((row_class(M), N, K), DEFAULT_TILE)
+    split = max(1, min(split, triton.cdiv(K, block_k)))  # no split without a K tile of its own
+    columns = triton.cdiv(N, block_n)
     y = x2.new_empty(M, N)
-    _rows_kernel[(triton.cdiv(N, block_n),)](
-        x2, weight, y, M, N, K, x2.stride(0), y.stride(0), BLOCK_M=_bucket(M), BLOCK_N=block_n, BLOCK_K=block_k,
+    parts = x2.new_empty(split, _bucket(M), N, dtype=torch.float32) if split > 1 else y
+    _rows_kernel[(columns, split)](
+        x2, weight, y, parts, _counters(x2.device, columns) if split > 1 else y, M, N, K, x2.stride(0), y.stride(0),
+        BLOCK_M=_bucket(M), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         EVEN=N % block_n == 0 and K % block_k == 0, WIDEN=_interpreting(), num_warps=warps, num_stages=stages)
     return y
+
+
+COUNTERS = 1 << 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-column-block arrival counters of the split-K kernels, zero between calls (each call's last
+    split re-arms its own): one buffer per device, shared by every call on it."""
+    if n > COUNTERS:
+        raise ValueError(f"rows_matmul: {n} column blocks, more than the {COUNTERS} arrival counters")
+    if device not in _COUNTERS:  # never reallocated: captured graphs keep its address
+        _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 @torch.library.custom_op("samba_lm::rows_matmul", mutates_args=())

@@ -6,7 +6,7 @@ and ssm_state [B, E, N] contiguous, ssm_state fp32. A one-token call without gra
 
     _conv_step_kernel   x (zeroed at a negative position) -> conv with the state (shifted in place)
                         -> silu -> x' (zeroed again)                                   [B, E]
-                        and x_proj's partial sums over the program's channels   [E / 256, B, R + 2N]
+                        and x_proj's partial sums over the program's channels     [E / C, B, R + 2N]
     _scan_step_kernel   (dt, B, C) = the partials summed; delta = softplus(dt_proj_weight @ dt +
                         dt_proj_bias); A = -exp(A_log); h <- exp(delta A) h + delta x' B (in place);
                         y = (C.h + D x') silu(z)
@@ -107,52 +107,66 @@ def _scan_step_kernel(xz_ptr, x_ptr, part_ptr, w_ptr, bias_ptr, alog_ptr, D_ptr,
     tl.store(y_ptr + b * E + e, y.to(y_ptr.dtype.element_ty), mask=em)
 
 
-CONV_BLOCK_E = 256  # channels per conv program: E / 256 partials of x_proj per row (16 at samba-1.7b)
-SCAN_BLOCK_E = 64  # x a [64, R] tile of dt_proj's weight (R = 128 at samba-1.7b)
-O_CHUNK = 32  # x_proj outputs per [32, 256] weight tile in the conv program
+# (conv channels per program, x_proj outputs per weight tile, conv warps, scan channels per program,
+# scan warps). A conv program of C channels leaves E / C partials of x_proj per row, which every scan
+# program sums. One tile at every batch size: the partials' grouping and each reduction's order, so a
+# row's bits, do not depend on the rows beside it. `benchmarks/bench_mamba_step.py`, H200, 2026-12-01:
+# conv + scan 18.4 / 34.5 us at batch 16 / 64, the best there (the previous (256, 32, 4, 64, 4): 23.5 /
+# 47.6); at batch 1 the best tile of its own, (64, 32, 4, 16, 4), took 13.4 us against the previous 19.4.
+STEP_TILE = (256, 32, 2, 32, 1)
 
 
 @torch.library.custom_op("samba_lm::mamba_conv_step", mutates_args=("conv_state",))
 def _conv_step_op(xz: torch.Tensor, positions: torch.Tensor | None, conv_weight: torch.Tensor,
                   conv_bias: torch.Tensor | None, conv_state: torch.Tensor,
                   x_proj_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight)
+
+
+def conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, tile=None):
     batch = xz.shape[0]
     E, K = conv_weight.shape
-    x, part = _conv_step_outputs(xz, conv_weight, x_proj_weight)
+    block_e, o_chunk, warps = (tile or STEP_TILE)[:3]
+    x, part = _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e)
     _conv_step_kernel[(part.shape[0], batch)](
         xz, positions if positions is not None else conv_state, conv_weight.contiguous(),
         conv_bias if conv_bias is not None else conv_weight, conv_state, x_proj_weight.contiguous(), x, part,
         batch, E, x_proj_weight.shape[0], xz.stride(0), K=K, HAS_BIAS=conv_bias is not None,
-        HAS_POS=positions is not None, BLOCK_E=CONV_BLOCK_E,
-        BLOCK_O=triton.cdiv(x_proj_weight.shape[0], O_CHUNK) * O_CHUNK, O_CHUNK=O_CHUNK, num_warps=4)
+        HAS_POS=positions is not None, BLOCK_E=block_e,
+        BLOCK_O=triton.cdiv(x_proj_weight.shape[0], o_chunk) * o_chunk, O_CHUNK=o_chunk, num_warps=warps)
     return x, part
 
 
-def _conv_step_outputs(xz, conv_weight, x_proj_weight):
+def _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e):
     """x' [B, 1, E] in xz's dtype, and x_proj's partial sums [channel blocks, B, R + 2N] in fp32."""
     E = conv_weight.shape[0]
     return (xz.new_empty(xz.shape[0], 1, E),
-            xz.new_empty(triton.cdiv(E, CONV_BLOCK_E), xz.shape[0], x_proj_weight.shape[0], dtype=torch.float32))
+            xz.new_empty(triton.cdiv(E, block_e), xz.shape[0], x_proj_weight.shape[0], dtype=torch.float32))
 
 
 @_conv_step_op.register_fake
 def _(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight):
-    return _conv_step_outputs(xz, conv_weight, x_proj_weight)
+    return _conv_step_outputs(xz, conv_weight, x_proj_weight, STEP_TILE[0])
 
 
 @torch.library.custom_op("samba_lm::mamba_scan_step", mutates_args=("ssm_state",))
 def _scan_step_op(xz: torch.Tensor, x: torch.Tensor, part: torch.Tensor, dt_proj_weight: torch.Tensor,
                   dt_proj_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor | None,
                   ssm_state: torch.Tensor) -> torch.Tensor:
+    return scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state)
+
+
+def scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, tile=None):
     batch = xz.shape[0]
     E, N = A_log.shape
     R = dt_proj_weight.shape[1]
+    block_e, warps = (tile or STEP_TILE)[3:]
     y = x.new_empty(batch, 1, E)
-    _scan_step_kernel[(triton.cdiv(E, SCAN_BLOCK_E), batch)](
+    _scan_step_kernel[(triton.cdiv(E, block_e), batch)](
         xz, x, part, dt_proj_weight.contiguous(), dt_proj_bias, A_log.contiguous(), D if D is not None else dt_proj_bias,
         ssm_state, y, batch, E, R, N, part.shape[2], part.shape[0], xz.stride(0), HAS_D=D is not None,
-        BLOCK_E=SCAN_BLOCK_E, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=triton.next_power_of_2(N),
-        BLOCK_P=triton.next_power_of_2(part.shape[0]), num_warps=4)
+        BLOCK_E=block_e, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=triton.next_power_of_2(N),
+        BLOCK_P=triton.next_power_of_2(part.shape[0]), num_warps=warps)
     return y
 
 

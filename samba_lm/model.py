@@ -18,14 +18,15 @@ from torch import nn
 
 from .config import SambaConfig
 from .layers import Attention, Mamba, RMSNorm, SwiGLU
-from .ops import linear
+from .ops import linear, linear_cross_entropy
 from .state import SambaState, start_positions
 
 
 @dataclass
 class SambaOutput:
-    logits: torch.Tensor  # [B, T, vocab] (or [B, logits_to_keep, vocab])
+    logits: torch.Tensor | None  # [B, T, vocab] (or [B, logits_to_keep, vocab]); None when labels were given
     state: SambaState | None
+    loss: torch.Tensor | None = None  # with labels: mean next-token cross-entropy, a float32 (float64) scalar
 
 
 def build_mixer(kind: str, cfg: SambaConfig) -> nn.Module:
@@ -61,6 +62,9 @@ class SambaLM(nn.Module):
         self.layers = nn.ModuleList(Residual(kind, config) for kind in config.layers)
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Activation checkpointing (a trainer option): in training without a state, keep only each
+        # sub-layer's inputs and recompute its activations in the backward.
+        self.checkpoint_layers = False
         self.init_weights()
 
     @torch.no_grad()
@@ -112,24 +116,47 @@ class SambaLM(nn.Module):
         return SambaState(records, pos, self.config)
 
     def forward(self, input_ids: torch.Tensor, state: SambaState | None = None,
-                logits_to_keep: int = 0) -> SambaOutput:
+                logits_to_keep: int = 0, labels: torch.Tensor | None = None) -> SambaOutput:
         """input_ids [B, T] -> logits [B, T, vocab]; with a state, continues its stream in place.
 
-        logits_to_keep > 0 computes logits for the last that many positions only (prefill)."""
+        logits_to_keep > 0 computes logits for the last that many positions only (prefill).
+        labels [B, T] (int64, each position's next token, -100 ignored; training, so no state): the
+        loss instead of the logits, by `ops.linear_cross_entropy`, which never holds [B, T, vocab]."""
         batch, T = self._check_inputs(input_ids, state, logits_to_keep)
+        self._check_labels(labels, input_ids, state, logits_to_keep)
         start = state.pos[:, None] if state is not None else 0
         positions = (start + torch.arange(T, device=input_ids.device)[None]).expand(batch, T)
         h = self.embedding(input_ids)
         h, delta = h.to(torch.promote_types(h.dtype, torch.float32)), None
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled() and state is None
         for i, layer in enumerate(self.layers):
-            h, delta = layer(h, delta, positions, state.layers[i] if state is not None else None)
+            if recompute:
+                h, delta = torch.utils.checkpoint.checkpoint(layer, h, delta, positions, use_reentrant=False)
+            else:
+                h, delta = layer(h, delta, positions, state.layers[i] if state is not None else None)
         if state is not None:
             state.pos += T
         if logits_to_keep:
             h, delta = h[:, -logits_to_keep:], delta[:, -logits_to_keep:]
         _, x = self.norm_f(h, delta)
-        logits = linear(x, (self.lm_head if self.lm_head is not None else self.embedding).weight)
-        return SambaOutput(logits, state)
+        weight = (self.lm_head if self.lm_head is not None else self.embedding).weight
+        if labels is not None:
+            return SambaOutput(None, state, linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten()))
+        return SambaOutput(linear(x, weight), state)
+
+    @staticmethod
+    def _check_labels(labels, input_ids, state, logits_to_keep):
+        if labels is None:
+            return
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be an int64 tensor of next-token ids (-100 ignored), got {got}")
+        if labels.shape != input_ids.shape or labels.device != input_ids.device:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)} on {input_ids.device}, "
+                             f"got {tuple(labels.shape)} on {labels.device}")
+        if state is not None or logits_to_keep:
+            raise ValueError("labels are for training on whole sequences: they cannot be combined with a state "
+                             "or logits_to_keep (compute the loss from the logits there)")
 
     def _check_inputs(self, input_ids, state, logits_to_keep):
         if not isinstance(input_ids, torch.Tensor):

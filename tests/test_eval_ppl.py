@@ -108,7 +108,10 @@ def test_memory_stays_flat_in_the_document_length(monkeypatch):
                 storages = {}
                 for obj in gc.get_objects():
                     if issubclass(type(obj), torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
-                        storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+                        try:
+                            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+                        except RuntimeError:  # a fake tensor that an earlier torch.compile test left: no memory
+                            continue
                 seen["tensors"] = sum(n for ptr, n in storages.items() if ptr not in own)
                 del storages
                 tracemalloc.reset_peak()  # the meter's own allocations are not stream_nll's

@@ -82,6 +82,18 @@ def test_resume_after_a_crash_gives_the_same_losses(corpus, tmp_path, monkeypatc
     assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")  # bit-exact, step for step
 
 
+def test_activation_checkpointing_gives_the_same_run(corpus, tmp_path, capsys):
+    """Bit-exact: the recompute in the backward is the forward's own computation, deterministic on a CPU."""
+    train(small_run(corpus, tmp_path / "plain", micro_batch_size=2))
+    capsys.readouterr()
+    train(small_run(corpus, tmp_path / "checkpointed", micro_batch_size=2, activation_checkpointing=True))
+    assert ", activation checkpointing" in capsys.readouterr().out
+    assert losses(tmp_path / "checkpointed") == losses(tmp_path / "plain")
+    plain = samba_lm.load_pretrained(tmp_path / "plain" / "model").state_dict()
+    checkpointed = samba_lm.load_pretrained(tmp_path / "checkpointed" / "model").state_dict()
+    assert all(torch.equal(checkpointed[n], plain[n]) for n in plain)
+
+
 def test_a_resume_with_other_numerics_says_so(corpus, tmp_path, monkeypatch, capsys):
     """Bit-exact resume needs the same threads and kernels (trainer.numerics): a resume without them
     goes on, and says that its losses may differ in the last bits."""

@@ -13,6 +13,7 @@ from .attention import attention, attention_reference, attention_with_cache, att
 from .conv import causal_conv1d, causal_conv1d_reference
 from .dispatch import use_kernels
 from .linear import linear, linear_reference
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .mamba import mamba_inner, mamba_inner_reference
 from .norm import add_rmsnorm, add_rmsnorm_reference
 from .rope import qkv_rope, qkv_rope_reference
@@ -22,7 +23,8 @@ from .swiglu import swiglu, swiglu_reference
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
-           "choose_tokens_reference", "linear", "linear_reference", "mamba_inner",
+           "choose_tokens_reference", "linear", "linear_reference", "linear_cross_entropy",
+           "linear_cross_entropy_reference", "mamba_inner",
            "mamba_inner_reference", "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
            "swiglu", "swiglu_reference", "use_kernels"]
 

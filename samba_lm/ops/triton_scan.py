@@ -581,17 +581,14 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     segments = 1 if save_carries else _segments(batch, E, T, u.device)
     sequential = _sequential(batch, E, u.device) or segments > 1
     carry_t = _carry_steps(batch, E, N, u.device) if save_carries else SEQUENTIAL_CARRY_T
-    n_chunks = triton.cdiv(T, carry_t)
-    y = torch.empty(batch, T, E, device=u.device, dtype=u.dtype)
-    carries = torch.empty(batch, n_chunks if save_carries else 0, N, E, device=u.device, dtype=torch.float32)
+    y, final_out, carries = _forward_outputs(u, A, save_carries)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries, BLOCK_N=block_n)
     seq_e, seq_warps = SEQUENTIAL_FORWARD
     if sequential:  # states [N, E]-major (channels contiguous), B and C in fp32 (no per-thread conversions)
         A, B, C = A.t(), B.float(), C.float()
         initial_state = initial_state.transpose(1, 2) if initial_state is not None else None
-    final = torch.empty(batch, N, E, device=u.device, dtype=torch.float32) if sequential else (
-        torch.empty(batch, E, N, device=u.device, dtype=torch.float32))
+    final = torch.empty(batch, N, E, device=u.device, dtype=torch.float32) if sequential else final_out
     dummy = final
     args = (u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
@@ -612,11 +609,21 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
                                                             **launch)
         _scan_fwd_seq_kernel[(*programs, segments)](*args, ends, dts, *strides, *tail, **flags,
                                                     PASS=2 if segments > 1 else 0, **launch)
-        final = final.transpose(1, 2).contiguous()
+        final = final_out.copy_(final.transpose(1, 2))
     else:
         _scan_fwd_kernel[(batch, triton.cdiv(E, block_e))](
             *args, *strides, **flags, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=warps)
     return y, final, carries
+
+
+def _forward_outputs(u, A, save_carries: bool):
+    """y [B, T, E] in u's dtype, the final state [B, E, N] and, for a backward, the states saved every
+    `_carry_steps` steps [B, chunks, N, E] (fp32): the launcher's outputs, and the fake's."""
+    batch, T, E = u.shape
+    N = A.shape[1]
+    chunks = triton.cdiv(T, _carry_steps(batch, E, N, u.device)) if save_carries else 0
+    return (u.new_empty(batch, T, E), u.new_empty(batch, E, N, dtype=torch.float32),
+            u.new_empty(batch, chunks, N, E, dtype=torch.float32))
 
 
 def _carry_steps(batch: int, E: int, N: int, device) -> int:
@@ -715,11 +722,7 @@ def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries):
-    batch, T, E = u.shape
-    N = A.shape[1]
-    chunks = triton.cdiv(T, _carry_steps(batch, E, N, u.device)) if save_carries else 0
-    return (u.new_empty(batch, T, E), u.new_empty(batch, E, N, dtype=torch.float32),
-            u.new_empty(batch, chunks, N, E, dtype=torch.float32))
+    return _forward_outputs(u, A, save_carries)
 
 
 @torch.library.custom_op("samba_lm::selective_scan_bwd", mutates_args=())
@@ -748,6 +751,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy, d_final, _d_carries):
     u, delta, A, B, C, D, z, delta_bias, carries = ctx.saved_tensors
+    if carries.shape[1] == 0 and u.shape[1] > 0:
+        raise RuntimeError("samba_lm::selective_scan_fwd ran with save_carries=False (an inference forward): "
+                           "it has no backward")
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
         dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries)
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),

@@ -57,6 +57,9 @@ class TrainConfig:
                                 "or fp32, bf16")
     parallel: str = option("ddp", "under torchrun: ddp, or fsdp (FSDP2, one shard unit per sub-layer)")
     compile: bool = option(False, "torch.compile every sub-layer")
+    activation_checkpointing: bool = option(False, "keep only each sub-layer's inputs for the backward and "
+                                                   "recompute its activations there: less memory, the same "
+                                                   "losses, one more forward per sub-layer")
     seed: int = option(0, "seed of the initialisation and of the data order")
     # evaluation, logging, checkpoints
     eval_every: int = option(50, "steps between validation losses")

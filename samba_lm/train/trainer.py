@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from tqdm import tqdm
 
@@ -65,7 +64,7 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
     if init is not None and not resume:
         model.load_state_dict(init.state_dict())  # cast to the fp32 master weights
     del init  # one copy of the weights is enough
-    model = D.parallelize(model, cfg.parallel, env, compile=cfg.compile)
+    model = D.parallelize(model, cfg.parallel, env, compile=cfg.compile, checkpoint=cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.exempt_from_decay)
     step = _restore(resume[0], model, optimizer) if resume else _start_run(cfg, env, data.tokenizer, model_cfg)
     autocast = _autocast(cfg, env.device)
@@ -205,7 +204,7 @@ def _announce(cfg, env, model_cfg, micro, accum, data, resume, log):
         f"samba-lm train: {'fine-tuning ' + cfg.init_from if cfg.init_from else cfg.model} "
         f"({n_params / 1e6:.2f}M parameters), task {cfg.task}",
         f"  processes {env.world_size} x {env.device} ({cfg.parallel if env.distributed else 'single'}), "
-        f"dtype {cfg.dtype}",
+        f"dtype {cfg.dtype}" + (", activation checkpointing" if cfg.activation_checkpointing else ""),
         f"  batch {cfg.batch_size} x {cfg.seq_len} = {cfg.batch_size * cfg.seq_len} tokens/step "
         f"(micro {micro} x accumulation {accum} x processes {env.world_size})",
         f"  {cfg.steps} steps = {cfg.steps * cfg.batch_size * cfg.seq_len / 1e6:.2f}M tokens; {data.about}",
@@ -266,8 +265,7 @@ def train_step(model, optimizer, loader, micro, accum, autocast, env, clip) -> t
     for i, block in enumerate(batch.split(micro)):
         block = block.to(env.device, non_blocking=True)
         with D.gradient_sync(model, i == accum - 1), autocast():
-            logits = model(block[:, :-1]).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten()) / accum
+            loss = model(block[:, :-1], labels=block[:, 1:]).loss / accum  # chunked: no [B, T, vocab] logits
             loss.backward()
         total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
@@ -287,8 +285,7 @@ def evaluate(model, stream, cfg, micro, autocast, env) -> float:
     for _ in range(n):
         block = loader.next_batch(micro * env.world_size).to(env.device)
         with autocast():
-            logits = model(block[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten())
+            total += model(block[:, :-1], labels=block[:, 1:]).loss
     model.train()
     return D.mean_across_ranks(total / n).item()
 

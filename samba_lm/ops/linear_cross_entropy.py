@@ -1,0 +1,149 @@
+"""The LM head and its loss in one op: mean cross-entropy of (x @ weight^T) without the full logits.
+
+Shapes (N tokens, D = d_model, V = vocab):
+    x [..., D] (flattened to [N, D])   weight [V, D] (the tied embedding or lm_head)
+    targets [...] = x's leading dims, int64 in [0, V) or ignore_index   -> loss, a 0-dim tensor
+
+    loss = mean over targets != ignore_index of  logsumexp(x_n @ weight^T) - (x_n @ weight^T)[targets_n]
+
+equal to `F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)` (float64
+for float64 inputs; no valid target gives NaN, as there). The tokens go through in chunks of
+`chunk_tokens`: a chunk's logits are computed by `F.linear` (so under autocast the matmul runs in the
+autocast dtype, as the head's would), cast to float32 and reduced to their logsumexp and target logit;
+only those N numbers are kept. The backward recomputes each chunk's logits and turns them into
+(softmax - one-hot) / n_valid, giving that chunk's dx = g @ weight and adding g^T @ x_chunk to dweight
+(accumulated in float32, cast to weight's dtype at the end), under the forward's autocast state. Memory
+is O(chunk_tokens * V) plus a weight-sized gradient, never [N, V]: at B8 T4096 V32000 the full float32
+logits would be 4.2 GB, and as much again for their gradient.
+
+Default chunk: 2**26 // V tokens (at least 1), so that a chunk's float32 logits hold at most 2**26
+elements = 256 MB (2097 tokens at V = 32000); the log-softmax's temporaries are the same size.
+
+This chunked autograd function is the algorithm itself, registered as the "reference" backend: there
+is no separate unfused reference (the tests compare it with F.cross_entropy of the full logits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import dispatch
+from ._checks import check_float, compute_dtype
+
+CHUNK_ELEMENTS = 2**26  # float32 logits per chunk: 256 MB
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def _autocasting(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def _no_autocast(device: torch.device):
+    """The backward casts explicitly to the forward's matmul dtype, whatever autocast the caller has on."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, chunk):
+        valid = targets != ignore_index
+        n_valid = valid.sum()
+        safe = torch.where(valid, targets, 0)
+        lse = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
+        total = torch.zeros((), dtype=lse.dtype, device=x.device)
+        ctx.mm = x.dtype  # the matmul dtype: autocast's, or x's
+        for s in range(0, x.shape[0], chunk):
+            logits = F.linear(x[s:s + chunk], weight)
+            ctx.mm = logits.dtype
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            lse_c = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            lse[s:s + chunk] = lse_c
+            total += torch.where(valid[s:s + chunk], lse_c - target, 0).sum()
+            del logits
+        ctx.save_for_backward(x, weight, safe, valid, lse, n_valid)
+        ctx.chunk = chunk
+        return total / n_valid
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, safe, valid, lse, n_valid = ctx.saved_tensors
+        want_x, want_w = ctx.needs_input_grad[:2]
+        dx = torch.empty_like(x) if want_x else None
+        dw = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) if want_w else None
+        scale, mm = grad / n_valid, ctx.mm
+        with _no_autocast(x.device):
+            w = weight.to(mm)
+            for s in range(0, x.shape[0], ctx.chunk):
+                xc = x[s:s + ctx.chunk].to(mm)
+                g = F.linear(xc, w).to(lse.dtype).sub_(lse[s:s + ctx.chunk, None]).exp_()  # softmax
+                g[torch.arange(g.shape[0], device=g.device), safe[s:s + ctx.chunk]] -= 1
+                g = g.mul_(torch.where(valid[s:s + ctx.chunk], scale, 0)[:, None]).to(mm)
+                if want_x:
+                    dx[s:s + ctx.chunk] = g @ w
+                if want_w:
+                    dw += (g.t() @ xc).to(dw.dtype)
+        return dx, dw.to(weight.dtype) if want_w else None, None, None, None
+
+
+def linear_cross_entropy_reference(x, weight, targets, ignore_index=-100, chunk_tokens=None):
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
+    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), ignore_index, chunk)
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, chunk_tokens=None):
+    """Mean cross-entropy of the logits x @ weight^T against targets, chunked (see module docstring).
+
+    chunk_tokens: tokens per chunk (default `default_chunk_tokens(V)`, 256 MB of float32 logits)."""
+    op = "linear_cross_entropy"
+    check_float(op, "x", x)
+    check_float(op, "weight", weight)
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: weight must be [V, D] with D = x's last dim ({tuple(x.shape)}), "
+                         f"got {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{op}: x is on {x.device} but weight on {weight.device}")
+    if x.dtype != weight.dtype and not _autocasting(x.device):
+        raise ValueError(f"{op}: x ({x.dtype}) and weight ({weight.dtype}) must have one dtype outside autocast")
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
+        got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"{op}: targets must be an int64 tensor of token ids, got {got}")
+    if tuple(targets.shape) != tuple(x.shape[:-1]) or targets.device != x.device:
+        raise ValueError(f"{op}: targets must have x's leading dims {tuple(x.shape[:-1])} on {x.device}, "
+                         f"got {tuple(targets.shape)} on {targets.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"{op}: chunk_tokens must be an int >= 1 or None (the default), got {chunk_tokens!r}")
+    _check_targets(op, targets, ignore_index, weight.shape[0])
+    fn = dispatch.resolve(op, x.device, x.dtype)
+    return fn(x, weight, targets, ignore_index, chunk_tokens)
+
+
+def _check_targets(op: str, targets: torch.Tensor, ignore_index: int, vocab: int):
+    """Targets in [0, V) or ignore_index: a ValueError on a CPU, a device-side assertion elsewhere (no
+    host sync); skipped while compiling."""
+    if torch.compiler.is_compiling() or targets.numel() == 0:
+        return
+    message = f"{op}: targets must lie in [0, V={vocab}) or equal ignore_index={ignore_index}"
+    ok = ((targets >= 0) & (targets < vocab)) | (targets == ignore_index)
+    if targets.device.type == "cpu":
+        if not ok.all():
+            bad = targets[~ok]
+            raise ValueError(f"{message}, got values in [{bad.min().item()}, {bad.max().item()}]")
+    elif targets.device.type != "meta":
+        torch._assert_async(ok.all(), message)
+
+
+dispatch.register("linear_cross_entropy", "reference", linear_cross_entropy_reference)

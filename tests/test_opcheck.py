@@ -1,0 +1,188 @@
+"""Every samba_lm custom op through `torch.library.opcheck` (schema, fake implementation against the
+launcher's real outputs, autograd registration, AOT dispatch), with the arguments the public ops
+really pass: each scenario runs a public op under the Triton backend (on CPUs through
+TRITON_INTERPRET=1), records every samba_lm op it calls, and checks each recorded call. A fake that
+disagrees with its launcher (the crash torch.compile met on samba-421m) fails here."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from samba_lm import ops
+
+triton = pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32 = torch.float32
+
+
+class Record(TorchDispatchMode):
+    """Every samba_lm op called inside, with copies of its arguments as they were at the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "samba_lm":
+            copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+            self.calls.append((func, [copy(a) for a in args], {k: copy(v) for k, v in (kwargs or {}).items()}))
+        return func(*args, **(kwargs or {}))
+
+
+def recorded(fn) -> list:
+    with ops.use_kernels("triton"), Record() as rec:
+        fn()
+    return rec.calls
+
+
+def r(*shape, dtype=F32, grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(grad)
+
+
+def scan_args(batch, T, E, N, grad, h0=True):
+    return dict(u=r(batch, T, E, grad=grad), delta=r(batch, T, E, grad=grad) - 1,
+                A=(-torch.rand(E, N, device=DEVICE) * 3).requires_grad_(grad), B=r(batch, T, N, grad=grad),
+                C=r(batch, T, N, grad=grad), D=r(E, grad=grad), z=r(batch, T, E, grad=grad),
+                delta_bias=(r(E) * 0.1).requires_grad_(grad),
+                initial_state=r(batch, E, N, grad=grad) if h0 else None)
+
+
+def scan_train():
+    y, h = ops.selective_scan(**scan_args(2, 19, 40, 4, grad=True))
+    (y.sum() + h.sum()).backward()
+
+
+def scan_step_at_a_time_train(monkeypatch):
+    from samba_lm.ops import triton_scan
+
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 1)  # the step-at-a-time kernels
+    assert triton_scan._sequential(2, 40, torch.device(DEVICE)) or DEVICE == "cuda"
+    y, h = ops.selective_scan(**scan_args(2, 19, 40, 4, grad=True))
+    (y.sum() + h.sum()).backward()
+
+
+def scan_inference_segments(monkeypatch):
+    from samba_lm.ops import triton_scan
+
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_SEGMENT", 8)
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM", 10**6)
+    with torch.no_grad():
+        ops.selective_scan(**scan_args(1, 37, 40, 4, grad=False))
+
+
+def scan_decode():
+    with torch.no_grad():
+        ops.selective_scan(**scan_args(3, 1, 40, 4, grad=False))
+
+
+def conv_train_and_step():
+    x, w, b = r(2, 19, 24, grad=True), r(24, 4, grad=True), r(24, grad=True)
+    y, s = ops.causal_conv1d(x, w, b, r(2, 24, 3))
+    (y.sum() + s.sum()).backward()
+    with torch.no_grad():
+        ops.causal_conv1d(r(2, 1, 24), w.detach(), b.detach(), r(2, 24, 3))
+
+
+def attention_train():
+    q, k, v = r(2, 19, 4, 16, grad=True), r(2, 19, 2, 16, grad=True), r(2, 19, 2, 16, grad=True)
+    pos = torch.arange(19, device=DEVICE).expand(2, 19)
+    ops.attention(q, k, v, pos, 8).sum().backward()
+
+
+def attention_with_caches():
+    """A positional cache as the state keeps it: a prefill chunk, then one decode step, each storing
+    itself in the cache."""
+    with torch.no_grad():
+        k_cache, v_cache = r(2, 8, 2, 16), r(2, 8, 2, 16)
+        cache_pos = torch.full((2, 8), -1, device=DEVICE, dtype=torch.long)
+        pos = torch.arange(5, device=DEVICE).expand(2, 5).contiguous()
+        ops.attention_with_cache(r(2, 5, 4, 16), r(2, 5, 2, 16), r(2, 5, 2, 16), pos, 8, k_cache, v_cache, cache_pos)
+        ops.attention_with_cache(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), pos[:, -1:] + 1, 8,
+                                 k_cache, v_cache, cache_pos)
+
+
+def attention_decode_over_prefix():
+    with torch.no_grad():
+        k, v = r(2, 9, 2, 16), r(2, 9, 2, 16)
+        prefix_pos = torch.arange(9, device=DEVICE).expand(2, 9).contiguous()
+        ops.attention(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), prefix_pos[:, -1:] + 1, 8, k, v, prefix_pos)
+        ops.attention(r(2, 3, 4, 16), r(2, 3, 2, 16), r(2, 3, 2, 16), prefix_pos[:, -3:] + 3, 8, k, v, prefix_pos)
+
+
+def rope_train():
+    qkv = r(2, 5, (4 + 2 * 2) * 16, grad=True)
+    sum(o.sum() for o in ops.qkv_rope(qkv, torch.arange(5, device=DEVICE).expand(2, 5), 4, 2, 10000.0)).backward()
+
+
+def norm_and_swiglu_train():
+    h, d, w = r(2, 3, 32, grad=True), r(2, 3, 32, grad=True), r(32, grad=True)
+    s, y = ops.add_rmsnorm(h, d, w, 1e-5)
+    (s.sum() + y.sum() + ops.swiglu(r(2, 3, 48, grad=True)).sum()).backward()
+
+
+def mamba_decode_step():
+    from test_triton_decode_step import mamba_args
+
+    g = torch.Generator().manual_seed(0)
+    args = {k: v.to(DEVICE, F32) if v.is_floating_point() else v.to(DEVICE)
+            for k, v in mamba_args(3, 24, 4, 4, 5, g).items()}
+    with torch.no_grad():
+        ops.mamba_inner(**args)
+
+
+def rows_matmul():
+    with torch.no_grad():
+        ops.linear(r(3, 1, 64, dtype=torch.bfloat16), r(40, 64, dtype=torch.bfloat16))
+
+
+def choose():
+    batch = 3
+    with torch.no_grad():
+        ops.choose_tokens(r(batch, 97), torch.full((batch,), 0.8, device=DEVICE), torch.full((batch,), -1e9, device=DEVICE),
+                          torch.arange(batch, device=DEVICE), torch.arange(batch, device=DEVICE) + 4,
+                          torch.zeros(batch, device=DEVICE, dtype=torch.long),
+                          torch.zeros(batch, device=DEVICE, dtype=torch.bool), torch.tensor([5], device=DEVICE))
+
+
+SCENARIOS = {
+    "scan, chunked, training": lambda mp: scan_train(),
+    "scan, step at a time, training": scan_step_at_a_time_train,
+    "scan, time segments, inference": scan_inference_segments,
+    "scan, decode step": lambda mp: scan_decode(),
+    "conv, training and decode step": lambda mp: conv_train_and_step(),
+    "attention, training": lambda mp: attention_train(),
+    "attention, decode and prefill over a prefix": lambda mp: attention_decode_over_prefix(),
+    "rope, training": lambda mp: rope_train(),
+    "add_rmsnorm and swiglu, training": lambda mp: norm_and_swiglu_train(),
+    "mamba decode step": lambda mp: mamba_decode_step(),
+    "attention over a positional cache": lambda mp: attention_with_caches(),
+    "rows matmul": lambda mp: rows_matmul(),
+    "choose tokens": lambda mp: choose(),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_custom_op_a_scenario_calls_passes_opcheck(scenario, monkeypatch):
+    calls = recorded(lambda: SCENARIOS[scenario](monkeypatch))
+    assert calls, "the scenario called no samba_lm op: it no longer reaches the Triton backend"
+    for func, args, kwargs in calls:
+        # Inputs that require grad where the op has a backward: opcheck then checks its registration too.
+        differentiable = torch._library.custom_ops.OPDEFS[func._schema.name]._backward_fn is not None
+        names = [a.name for a in func._schema.arguments]
+        if "save_carries" in names and not args[names.index("save_carries")]:
+            differentiable = False  # an inference forward: no carries saved, no backward (it raises)
+        args = [a.requires_grad_(True) if differentiable and isinstance(a, torch.Tensor) and a.is_floating_point()
+                else a for a in args]
+        torch.library.opcheck(func, tuple(args), kwargs)
+
+
+def test_the_scenarios_cover_every_custom_op(monkeypatch):
+    """A new custom op needs a scenario here."""
+    seen = set()
+    for name, scenario in SCENARIOS.items():
+        with monkeypatch.context() as mp:
+            seen |= {func._schema.name for func, _, _ in recorded(lambda: scenario(mp))}
+    registered = {f"samba_lm::{name}" for name in dir(torch.ops.samba_lm)
+                  if isinstance(getattr(torch.ops.samba_lm, name), torch._ops.OpOverloadPacket)}
+    missing = registered - seen
+    assert not missing, f"custom ops no scenario calls: {sorted(missing)}"

@@ -156,7 +156,7 @@ def test_no_prefix():
 def test_splits_heuristic(monkeypatch):
     """Splits cover the cache in whole tiles, as many as fill the GPU's SMs when B * Hkv alone does
     not, at most MAX_SPLITS."""
-    monkeypatch.setattr(triton_attention_decode, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(triton_attention_decode, "multiprocessors", lambda device: 132)
     splits = lambda P, programs: triton_attention_decode._splits(P, 64, programs, torch.device("cuda"))  # noqa: E731
     for P, programs in [(1, 1), (2047, 4), (2047, 64), (4096, 1), (10**6, 1), (8192, 512), (8192, 1024)]:
         keys, n = splits(P, programs)

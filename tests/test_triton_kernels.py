@@ -177,7 +177,9 @@ def test_model_streams_through_the_triton_kernels():
     from conftest import small_config
 
     torch.manual_seed(0)
-    model = samba_lm.SambaLM(small_config(layers=("mamba", "mlp", "swa", "mlp", "attn", "mlp"))).to(DEVICE).eval()
+    # head_dim 16: the smallest the attention kernels take (a forced backend never falls back)
+    model = samba_lm.SambaLM(small_config(layers=("mamba", "mlp", "swa", "mlp", "attn", "mlp"), head_dim=16))
+    model = model.to(DEVICE).eval()
     ids = torch.randint(0, 97, (2, 21), device=DEVICE)
     with torch.no_grad(), ops.use_kernels("triton"):
         full = model(ids).logits
@@ -191,3 +193,8 @@ def test_forcing_triton_where_it_cannot_run_is_an_error():
     x = torch.randn(1, 3, 4, dtype=torch.float64)
     with ops.use_kernels("triton"), pytest.raises(RuntimeError, match="does not run"):
         ops.causal_conv1d(x, torch.randn(4, 4, dtype=torch.float64))
+    q, k = torch.randn(1, 3, 2, 8, device=DEVICE), torch.randn(1, 3, 1, 8, device=DEVICE)
+    pos = torch.arange(3, device=DEVICE)[None]
+    with ops.use_kernels("triton"), pytest.raises(RuntimeError, match="does not run head_dim 8"):
+        ops.attention(q, k, k, pos, 2)
+    torch.testing.assert_close(ops.attention(q, k, k, pos, 2), ops.attention_reference(q, k, k, pos, 2))

@@ -4,8 +4,6 @@ Triton implementations register themselves when Triton is importable; the dispat
 CUDA (see dispatch.py).
 """
 
-import os
-
 import torch
 
 from . import dispatch
@@ -20,6 +18,7 @@ from .rope import qkv_rope, qkv_rope_reference
 from .sample import choose_tokens, choose_tokens_reference
 from .scan import selective_scan, selective_scan_reference
 from .swiglu import swiglu, swiglu_reference
+from .triton_common import interpreting
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
@@ -30,8 +29,7 @@ __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_refer
 
 
 def _triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    return dtype in (torch.float16, torch.bfloat16, torch.float32) and (device.type == "cuda" or interpreting)
+    return dtype in (torch.float16, torch.bfloat16, torch.float32) and (device.type == "cuda" or interpreting())
 
 
 try:

@@ -42,6 +42,12 @@ def _requested() -> str | None:
     return env or None
 
 
+def forced() -> str | None:
+    """The backend forced now (`use_kernels` or SAMBA_LM_KERNELS), if any: a backend that cannot run
+    an input raises then, instead of handing it to the reference."""
+    return _requested()
+
+
 def resolve(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
     table = _registry[op]
     want = _requested()

@@ -45,15 +45,15 @@ to the reference.
 from __future__ import annotations
 
 import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import dispatch
 from .attention import attention_reference, cache_append
 from .triton_attention_decode import attention_decode, attention_decode_append
+from .triton_common import interpreting
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -407,11 +407,10 @@ def _prefix_args(k, v, k_prefix, v_prefix, prefix_pos):
 def _precision(dtype) -> str:
     """tl.dot's input precision: 16-bit inputs are exact anyway; fp32 gets 3xTF32 on GPUs. Under
     TRITON_INTERPRET=1, exact fp32 products, and bf16 widened (the interpreter mishandles bf16 dots)."""
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if dtype == torch.bfloat16 and interpreting:
+    if dtype == torch.bfloat16 and interpreting():
         return "widen"
     if dtype == torch.float32:
-        return "ieee" if interpreting else "tf32x3"
+        return "ieee" if interpreting() else "tf32x3"
     return "tf32"
 
 
@@ -566,6 +565,9 @@ def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_
 
 def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
     if not supported(q.shape[-1], q.dtype):
+        if dispatch.forced() == "triton":  # asked for the kernel: say it cannot, never run something else
+            raise RuntimeError(f"kernel backend 'triton' for op 'attention' does not run head_dim {q.shape[-1]} with "
+                               f"{q.dtype}: head dims {sorted(FWD_TILES)} (float32: up to 128)")
         return attention_reference(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
     if k_prefix is not None and k_prefix.shape[1] == 0:  # an empty cache (full attention's first call)
         k_prefix = v_prefix = prefix_pos = None

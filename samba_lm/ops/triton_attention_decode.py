@@ -42,11 +42,11 @@ float64, CPUs (except under TRITON_INTERPRET=1), other head dims.
 from __future__ import annotations
 
 import math
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import interpreting, multiprocessors, row_stride
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -175,19 +175,11 @@ def _block_n(Dh: int) -> int:
     return max(32, min(64, 4096 // Dh))
 
 
-def _multiprocessors(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _splits(P: int, block_n: int, programs: int, device) -> tuple[int, int]:
     """(keys per split, a multiple of block_n; number of splits) for P cached keys and `programs` =
     B * Hkv: enough programs to fill the GPU, each split at least MIN_SPLIT_BLOCKS tiles."""
     blocks = triton.cdiv(P, block_n)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), programs)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device), programs)
     per_split = max(MIN_SPLIT_BLOCKS, triton.cdiv(blocks, wanted), triton.cdiv(blocks, MAX_SPLITS))
     return per_split * block_n, triton.cdiv(blocks, per_split)
 
@@ -196,11 +188,6 @@ def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype):
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"attention_decode: {name} must be {dtype} of shape {tuple(shape)}, got {got}")
-
-
-def _row_stride(x: torch.Tensor) -> torch.Tensor:
-    """Kernels take batch, slot and head strides but need the last dim contiguous."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefix_pos=None):
@@ -259,7 +246,7 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached: bool
     batch, _, H, Dh = q.shape
     Hkv = k.shape[2]
     P = k_prefix.shape[1] if k_prefix is not None else 0
-    q, k, v = (_row_stride(x) for x in (q, k, v))
+    q, k, v = (row_stride(x) for x in (q, k, v))
     qk_scale = LOG2E / math.sqrt(Dh)
     reach = window or 2**63 - 1  # visible distances are < reach; window 0 has no limit
     G = H // Hkv
@@ -271,13 +258,13 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached: bool
     acc = torch.empty(batch, H, n_splits, Dh, **f32)
     if n_splits:
         if not cached:  # a cache that is appended to must be the caller's own buffers, never a copy
-            k_prefix, v_prefix, prefix_pos = (_row_stride(x) for x in (k_prefix, v_prefix, prefix_pos))
+            k_prefix, v_prefix, prefix_pos = (row_stride(x) for x in (k_prefix, v_prefix, prefix_pos))
         _decode_split_kernel[(batch, Hkv, n_splits)](
             q, k_prefix, v_prefix, prefix_pos, q_pos, m, l, acc, P, keys_per_split, reach, qk_scale,
             q.stride(0), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
             v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), prefix_pos.stride(0), q_pos.stride(0),
             G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
-            DOT_F32=_interpreting(), POSITIONAL=cached, num_warps=_split_warps(G))
+            DOT_F32=interpreting(), POSITIONAL=cached, num_warps=_split_warps(G))
     out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
     block_s = triton.next_power_of_2(max(n_splits, 1))
     warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread

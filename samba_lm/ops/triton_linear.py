@@ -18,12 +18,12 @@ all of that, and CPUs (except under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .triton_common import interpreting
 
 
 @triton.jit
@@ -103,10 +103,6 @@ def row_class(M: int) -> int:
     return 1 if M == 1 else _bucket(M)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def rows_matmul(x2, weight, tile=None):
     """[M, K] x [N, K]^T -> [M, N], M <= 64, with the given tile or the table's (the default if none)."""
     M, K = x2.shape
@@ -119,7 +115,7 @@ def rows_matmul(x2, weight, tile=None):
     _rows_kernel[(columns, split)](
         x2, weight, y, parts, _counters(x2.device, columns) if split > 1 else y, M, N, K, x2.stride(0), y.stride(0),
         BLOCK_M=_bucket(M), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-        EVEN=N % block_n == 0 and K % block_k == 0, WIDEN=_interpreting(), num_warps=warps, num_stages=stages)
+        EVEN=N % block_n == 0 and K % block_k == 0, WIDEN=interpreting(), num_warps=warps, num_stages=stages)
     return y
 
 
@@ -153,7 +149,7 @@ def linear_triton(x, weight):
     eligible = (0 < M <= MAX_ROWS and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
                 and weight.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
-    if not eligible or (not _interpreting() and (row_class(M), weight.shape[0], K) not in TILES):
+    if not eligible or (not interpreting() and (row_class(M), weight.shape[0], K) not in TILES):
         return F.linear(x, weight)
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:

@@ -56,11 +56,11 @@ which has no PTX: there the backward sums dB and dC with `tl.sum`; the PTX path 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import interpreting, multiprocessors, row_stride
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -567,16 +567,11 @@ def _config(E: int, N: int, which: str = "fwd"):
     return block_e, block_n, TILES["block_t"], warps
 
 
-def _row_stride(x: torch.Tensor) -> torch.Tensor:
-    """Kernels take batch and time strides but need the last dim contiguous."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries: bool):
     batch, T, E = u.shape
     N = A.shape[1]
-    u, delta, B, C = (_row_stride(x) for x in (u, delta, B, C))
-    z = _row_stride(z) if z is not None else None
+    u, delta, B, C = (row_stride(x) for x in (u, delta, B, C))
+    z = row_stride(z) if z is not None else None
     block_e, block_n, block_t, warps = _config(E, N)
     segments = 1 if save_carries else _segments(batch, E, T, u.device)
     sequential = _sequential(batch, E, u.device) or segments > 1
@@ -634,7 +629,7 @@ def _carry_steps(batch: int, E: int, N: int, device) -> int:
 def _segments(batch: int, E: int, T: int, device) -> int:
     """Time segments for an inference forward: 1 when rows x channel blocks fill the GPU already."""
     programs = batch * triton.cdiv(E, SEQUENTIAL_FORWARD[0])
-    sms = _multiprocessors(device)
+    sms = multiprocessors(device)
     if programs >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * sms:
         return 1
     return max(1, min(triton.cdiv(SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM * sms, programs), T // SEQUENTIAL_MIN_SEGMENT))
@@ -642,22 +637,13 @@ def _segments(batch: int, E: int, T: int, device) -> int:
 
 def _sequential(batch: int, E: int, device) -> bool:
     """Whether the step-at-a-time kernels have enough programs to fill the GPU."""
-    return batch * triton.cdiv(E, SEQUENTIAL_FORWARD[0]) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * _multiprocessors(device)
-
-
-def _interpreting() -> bool:
-    """Under TRITON_INTERPRET=1 there is no PTX: inline assembly falls back to `tl.sum`."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _multiprocessors(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return batch * triton.cdiv(E, SEQUENTIAL_FORWARD[0]) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * multiprocessors(device)
 
 
 def _superblocks(batch: int, E: int, block_e: int, device) -> tuple[int, int]:
     """(channel blocks per backward program, programs per row): enough programs to fill the GPU."""
     blocks = triton.cdiv(E, block_e)
-    sms = _multiprocessors(device)
+    sms = multiprocessors(device)
     programs = min(blocks, max(1, triton.cdiv(8 * sms, batch)))
     n_sub = triton.cdiv(blocks, programs)
     return n_sub, triton.cdiv(blocks, n_sub)
@@ -666,8 +652,8 @@ def _superblocks(batch: int, E: int, block_e: int, device) -> tuple[int, int]:
 def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     batch, T, E = u.shape
     N = A.shape[1]
-    u, delta, B, C, dy = (_row_stride(x) for x in (u, delta, B, C, dy))
-    z = _row_stride(z) if z is not None else None
+    u, delta, B, C, dy = (row_stride(x) for x in (u, delta, B, C, dy))
+    z = row_stride(z) if z is not None else None
     block_e, block_n, block_t, warps = _config(E, N, "bwd")
     seq_e = SEQUENTIAL_FORWARD[0]
     sequential = SEQUENTIAL_BACKWARD and _sequential(batch, E, u.device)
@@ -699,7 +685,7 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
                  HAS_DHT=d_final is not None, BLOCK_N=block_n)
     if sequential:
         scratch = torch.empty(batch, n_sb, SEQUENTIAL_CARRY_T, block_n, seq_e, **f32)  # a segment's states
-        warp_sums = block_n == 16 and seq_e == 32 and SEQUENTIAL_FORWARD[1] == 1 and not _interpreting()
+        warp_sums = block_n == 16 and seq_e == 32 and SEQUENTIAL_FORWARD[1] == 1 and not interpreting()
         _scan_bwd_seq_kernel[(batch, n_sb)](*args, scratch, T, E, N, *strides, B.stride(2), C.stride(2), 0,
                                             **flags, BLOCK_E=seq_e, CARRY_T=SEQUENTIAL_CARRY_T, WARP_SUMS=warp_sums,
                                             num_warps=SEQUENTIAL_FORWARD[1])

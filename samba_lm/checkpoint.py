@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import SambaConfig
+from .data.tokenizer import load_tokenizer
 from .model import SambaLM
 from .options import first_line
 
@@ -265,3 +266,10 @@ def load_model_and_tokenizer_path(path: str | os.PathLike, device=None) -> tuple
         run = where
     found = [p for p in (where / "tokenizer.json", run / "tokenizer.json") if p.is_file()]
     return model, (found[0] if found else None)
+
+
+def load_for_inference(path: str | os.PathLike, device=None):
+    """(model in eval mode, tokenizer or None) from a saved model, a training checkpoint or a run
+    directory: what `samba-lm generate` and the evaluations load."""
+    model, tokenizer = load_model_and_tokenizer_path(path, device)
+    return model.eval(), load_tokenizer(tokenizer) if tokenizer is not None else None

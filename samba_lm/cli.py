@@ -43,16 +43,8 @@ def cmd_train(args):
     train(config_from_args(args))
 
 
-def load_for_inference(path, device=None):
-    """(model, tokenizer or None) from a saved model, a training checkpoint or a run directory."""
-    from .checkpoint import load_model_and_tokenizer_path
-    from .data import load_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer_path(path, device)
-    return model.eval(), load_tokenizer(tokenizer) if tokenizer is not None else None
-
-
 def cmd_generate(args):
+    from .checkpoint import load_for_inference
     from .data import eos_id
     from .engine import check_generation_args
     from .generation import generate_stream

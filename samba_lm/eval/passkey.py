@@ -126,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, write OUT/passkey.json and OUT/passkey.png, print the table; return the payload."""
-    from ..cli import load_for_inference
+    from ..checkpoint import load_for_inference
 
     check_grid(args.lengths, args.depths, args.keys, args.max_new_tokens)  # before loading anything
     check_out_dir(args.out, "--out")

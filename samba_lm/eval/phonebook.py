@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, write OUT/phonebook.json and OUT/phonebook.png, print the table; return the payload."""
-    from ..cli import load_for_inference
+    from ..checkpoint import load_for_inference
 
     check_args(args.entries, args.trials, args.max_new_tokens)  # before loading anything
     check_out_dir(args.out, "--out")

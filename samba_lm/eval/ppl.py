@@ -175,7 +175,7 @@ def add_arguments(parser):
 
 def run(args) -> dict:
     """Evaluate, write `out/ppl.json` (+ `out/ppl.png` with matplotlib), print a table, return the payload."""
-    from ..cli import load_for_inference
+    from ..checkpoint import load_for_inference
 
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")

@@ -34,3 +34,12 @@ def check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str):
     if not isinstance(t, torch.Tensor) or t.dim() != rank:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{op}: {name} must have layout {layout}, got {got}")
+
+
+def check_projection(op: str, x: torch.Tensor, weight: torch.Tensor, layout: str = "[N, K]"):
+    """x [..., K] and a float weight [N, K] (nn.Linear's layout) that multiplies it."""
+    check_float(op, "x", x)
+    check_float(op, "weight", weight)
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: weight must be {layout} with {layout[-2]} = x's last dim ({tuple(x.shape)}), "
+                         f"got {tuple(weight.shape)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from . import dispatch
-from ._checks import check_float
+from ._checks import check_projection
 
 
 def linear_reference(x, weight):
@@ -23,11 +23,7 @@ def linear_reference(x, weight):
 def linear(x, weight):
     """x @ weight^T (see module docstring)."""
     op = "linear"
-    check_float(op, "x", x)
-    check_float(op, "weight", weight)
-    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: weight must be [N, K] with K = x's last dim ({tuple(x.shape)}), "
-                         f"got {tuple(weight.shape)}")
+    check_projection(op, x, weight)
     fn = dispatch.resolve(op, x.device, x.dtype)
     return fn(x, weight)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
-from ._checks import check_float, compute_dtype
+from ._checks import check_projection, compute_dtype
 
 CHUNK_ELEMENTS = 2**26  # float32 logits per chunk: 256 MB
 
@@ -106,11 +106,7 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, chunk_tokens=Non
 
     chunk_tokens: tokens per chunk (default `default_chunk_tokens(V)`, 256 MB of float32 logits)."""
     op = "linear_cross_entropy"
-    check_float(op, "x", x)
-    check_float(op, "weight", weight)
-    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: weight must be [V, D] with D = x's last dim ({tuple(x.shape)}), "
-                         f"got {tuple(weight.shape)}")
+    check_projection(op, x, weight, "[V, D]")
     if x.device != weight.device:
         raise ValueError(f"{op}: x is on {x.device} but weight on {weight.device}")
     if x.dtype != weight.dtype and not _autocasting(x.device):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import copy_bandwidth, graphed_ms, median_ms  # noqa: E402
 
 from samba_lm import ops  # noqa: E402
-from samba_lm.ops import triton_attention  # noqa: E402
+from samba_lm.ops import triton_attention, tuning  # noqa: E402
 
 WINDOW = 2048
 SHAPES = [(4, 4096), (1, 16384), (1, 65536)]
@@ -205,45 +205,40 @@ def sweep():
         results.append(dict(Dh=Dh, tiles_of="backward alone", ms=median_ms(bwd), kernels=kernel_ms(bwd)))
         print(results[-1], flush=True)
         for name, candidates in [
-                ("FWD_TILES", [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                ("fwd_tiles", [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
                                (64, 128, 4, 2)]),
-                ("DQ_TILES", [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                ("dq_tiles", [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
                               (128, 32, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2)]),
-                ("DKDV_TILES", [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3),
+                ("dkdv_tiles", [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3),
                                 (128, 64, 8, 2), (128, 32, 4, 2), (32, 64, 4, 2)])]:
-            base = dict(getattr(triton_attention, name))
+            base = getattr(tuning.current("attention"), name)
             for tiles in candidates:
-                setattr(triton_attention, name, {**base, Dh: tiles})
-                grad = name != "FWD_TILES"
+                grad = name != "fwd_tiles"
                 tensors = make_inputs(4, 4096, H, Hkv, Dh, grad=grad)
                 try:
-                    with ops.use_kernels("triton"):
+                    with ops.use_kernels("triton"), ops.tuned(attention={name: {**base, Dh: tiles}}):
                         ms = median_ms(fwd_bwd(fn, tensors) if grad else (lambda: fn(*tensors)))
                 except Exception as e:  # out of shared memory etc.
                     ms = str(e)[:80]
                 results.append(dict(Dh=Dh, tiles_of=name, tiles=tiles, ms=ms))
                 print(results[-1], flush=True)
-            setattr(triton_attention, name, base)
     return results
 
 
 def sweep_decode():
     """Batch 16 and 64 against a full window: programs per SM x warps of the split kernel x keys per tile."""
-    from samba_lm.ops import triton_attention_decode as dec
     results = []
-    base = (dec.PROGRAMS_PER_SM, dec._split_warps, dec._block_n)
     for H, Hkv, Dh in HEADS:
         for batch in (16, 64):
             for per_sm in (2, 4, 8, 16):
                 for warps in (2, 4, 8):
                     for block_n in (32, 64):
-                        dec.PROGRAMS_PER_SM = per_sm
-                        dec._split_warps, dec._block_n = (lambda G, w=warps: w), (lambda Dh, n=block_n: n)
-                        us = decode_ms(batch, H, Hkv, Dh, sdpa=False)[0] * 1e3
+                        with ops.tuned(attention_decode=dict(programs_per_sm=per_sm, split_warps=warps,
+                                                             keys_per_tile=block_n)):
+                            us = decode_ms(batch, H, Hkv, Dh, sdpa=False)[0] * 1e3
                         results.append(dict(Dh=Dh, heads=f"{H}/{Hkv}", B=batch, tiles_of="decode",
                                             tiles=(per_sm, warps, block_n), us=us))
                         print(results[-1], flush=True)
-    dec.PROGRAMS_PER_SM, dec._split_warps, dec._block_n = base
     return results
 
 
@@ -267,9 +262,9 @@ def main():
     if not args.no_decode:
         run_decode(rows, bw)
     md = table(rows, bw)
-    (out / "bench_attention.json").write_text(json.dumps({"rows": rows, "copy_bw": bw,
-                                                          "tiles": {n: getattr(triton_attention, n) for n in (
-                                                              "FWD_TILES", "DQ_TILES", "DKDV_TILES")}}, indent=1))
+    t = tuning.current("attention")
+    tiles = {n: dict(getattr(t, n)) for n in ("fwd_tiles", "dq_tiles", "dkdv_tiles")}
+    (out / "bench_attention.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "tiles": tiles}, indent=1))
     (out / "bench_attention.md").write_text(md + "\n")
     print(md)
 

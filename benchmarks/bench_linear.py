@@ -6,8 +6,8 @@ cuBLAS (`F.linear`), in the same run, at the shapes of samba-1.7b and llama3-1.6
 Each timing is one CUDA graph that multiplies by enough copies of the weight to overflow the L2 (a
 decode step reads each weight once, from HBM), divided by the copies: kernel time plus the gap a
 graph leaves between kernels, as in a captured decode step. Reports median microseconds and the
-weights' bytes over that time; writes the best tile per shape (`TILES` in triton_linear.py takes
-those where ours wins) to bench_linear.json.
+weights' bytes over that time; writes the best tile per shape (`LinearTuning.tiles` in triton_linear.py
+takes those where ours wins) to bench_linear.json.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ of their tiles, against the reference composition of ops, at samba-1.7b's sizes 
 Each timing is one CUDA graph over enough layers (their own weights and states) to overflow the L2, as
 a decode step meets them, divided by the layers. The conv kernel's channels per program fix how many
 partials the scan kernel sums, so the scan is swept for each; the best pair per batch and the shipped
-tile (`STEP_TILE` in triton_mamba.py, one for every batch) are reported and written to bench_mamba_step.json.
+tile (`MambaStepTuning.tile` in triton_mamba.py, one for every batch) are reported and written to bench_mamba_step.json.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main():
             s = min((t for t in scan_us if t[0] == channels), key=scan_us.get)
             pairs[(*c, *s[1:])] = conv_us[c] + scan_us[s]
         tile = min(pairs, key=pairs.get)
-        shipped = triton_mamba.STEP_TILE
+        shipped = triton_mamba.MambaStepTuning().tile
         row = dict(batch=batch, reference_us=reference, best_us=pairs[tile], tile=tile,
                    conv_us=conv_us[tile[:3]], scan_us=scan_us[(tile[0], *tile[3:])], shipped_tile=shipped,
                    shipped_us=conv_us.get(shipped[:3], float("nan")) + scan_us.get((shipped[0], *shipped[3:]),

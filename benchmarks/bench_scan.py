@@ -12,6 +12,7 @@ Layouts: ours [B, L, E] (what the Mamba layer produces), the peers' [B, E, L]; e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -25,7 +26,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samba_lm import ops  # noqa: E402
-from samba_lm.ops import triton_scan  # noqa: E402
+from samba_lm.ops import triton_scan, tuning  # noqa: E402
 
 E, N = 4096, 16
 
@@ -58,7 +59,7 @@ def exp_rate() -> float:
     return x.numel() * reps / (ms * 1e-3)
 
 
-def scan_inputs(batch, L, dtype=torch.bfloat16):
+def scan_inputs(batch, L, dtype=torch.bfloat16, E=E):
     g = dict(device="cuda", dtype=dtype)
     return dict(u=torch.randn(batch, L, E, **g), delta=torch.randn(batch, L, E, **g) * 0.5 - 1,
                 A=-torch.rand(E, N, device="cuda") * 8, B=torch.randn(batch, L, N, **g), C=torch.randn(batch, L, N, **g),
@@ -72,7 +73,9 @@ def fwd_bwd(fn, args, grads):
     def go():
         y = fn(**leaves)
         y = y[0] if isinstance(y, tuple) else y
-        y.backward(dy_cache.setdefault(y.shape, torch.randn_like(y)))
+        if y.shape not in dy_cache:  # one upstream gradient per shape, made outside the timed calls' work
+            dy_cache[y.shape] = torch.randn_like(y)
+        y.backward(dy_cache[y.shape])
     dy_cache = {}
     return go
 
@@ -126,7 +129,7 @@ def run_conv(rows, bw, peer):
         g = dict(device="cuda", dtype=torch.bfloat16)
         x, w, b = torch.randn(batch, L, E, **g), torch.randn(E, K, device="cuda"), torch.randn(E, device="cuda")
         for mode in ("fwd", "fwd+bwd"):
-            bytes_ = 2 * 2 * batch * L * E * (2 if mode == "fwd" else 4)
+            bytes_ = 2 * batch * L * E * (2 if mode == "fwd" else 5)  # bf16: x, y; then x, dy, dx
             args = dict(x=x, weight=w, bias=b)
             with ops.use_kernels("triton"):
                 ours = median_ms((lambda: ops.causal_conv1d(**args)) if mode == "fwd" else
@@ -192,12 +195,10 @@ def sweep():
     """Step-at-a-time kernels (channels per program x warps x steps per iteration) against the chunked
     ones, at B=8 and B=1, L=4096; with SWEEP_TILES=1 also the chunked kernels' tiles."""
     grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
-    saved = (triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_STEPS, triton_scan.SEQUENTIAL_BACKWARD,
-             triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM)
     results = []
 
-    def time(batch, args, label, fwd=True):
-        with ops.use_kernels("triton"):
+    def time(batch, args, label, fwd=True, **scan):
+        with ops.use_kernels("triton"), ops.tuned(scan=scan):
             f = median_ms(lambda: ops.selective_scan(**args), rep=50) if fwd else float("nan")
             fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
         results.append((label, batch, f, fb))
@@ -205,49 +206,56 @@ def sweep():
 
     for batch in (8, 1):
         args = scan_inputs(batch, 4096)
-        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_BACKWARD = 10**9, False
-        time(batch, args, "chunked forward, chunked backward")
-        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 0
+        time(batch, args, "chunked forward, chunked backward", sequential_min_programs_per_sm=10**9,
+             sequential_backward=False)
         for cfg in [(32, 1), (64, 1), (64, 2), (128, 2), (16, 1)]:
             for steps in (1, 2):
-                triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_STEPS = cfg, steps
                 for sequential_bwd in (False, True):
-                    triton_scan.SEQUENTIAL_BACKWARD = sequential_bwd
                     time(batch, args, f"step-at-a-time forward, channels {cfg[0]} warps {cfg[1]} steps {steps}, "
                                       f"{'step-at-a-time' if sequential_bwd else 'chunked'} backward",
-                         fwd=not sequential_bwd)
+                         fwd=not sequential_bwd, sequential_min_programs_per_sm=0, sequential_forward=cfg,
+                         sequential_steps=steps, sequential_backward=sequential_bwd)
         torch.cuda.empty_cache()
-    (triton_scan.SEQUENTIAL_FORWARD, triton_scan.SEQUENTIAL_STEPS, triton_scan.SEQUENTIAL_BACKWARD,
-     triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM) = saved
     if os.environ.get("SWEEP_TILES") == "1":
-        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = 10**9  # the chunked kernels alone
-        results += sweep_tiles(grads)
-        triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = saved[3]
+        with ops.tuned(scan=dict(sequential_min_programs_per_sm=10**9)):  # the chunked kernels alone
+            results += sweep_tiles(grads)
     return results
 
 
 def sweep_segments():
     """Inference forwards with few rows: time segments (programs per SM targeted, steps per segment at
     least) against one walk and the chunked kernel, at B = 1, 2, 4 and L = 4096, 16384."""
-    saved = (triton_scan.SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_MIN_SEGMENT,
-             triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM)
     results = []
     for batch, L in [(1, 4096), (1, 16384), (2, 4096), (4, 4096)]:
         args = scan_inputs(batch, L)
-        configs = [("chunked", None, None, 10**9), ("one walk", 1, 10**9, 0)]
-        configs += [(f"segments: {pps} programs/SM, >= {minseg} steps", pps, minseg, 4)
+        configs = [("chunked", dict(sequential_min_programs_per_sm=10**9, segment_below_programs_per_sm=0)),
+                   ("one walk", dict(sequential_min_programs_per_sm=0, segment_below_programs_per_sm=0))]
+        configs += [(f"segments: {pps} programs/SM, >= {minseg} steps",
+                     dict(sequential_segment_programs_per_sm=pps, sequential_min_segment=minseg))
                     for pps in (4, 8, 16, 32) for minseg in (64, 256)]
-        for label, pps, minseg, min_programs in configs:
-            triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM = min_programs
-            if pps is not None:
-                triton_scan.SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_MIN_SEGMENT = pps, minseg
-            with torch.no_grad(), ops.use_kernels("triton"):
+        for label, scan in configs:
+            with torch.no_grad(), ops.use_kernels("triton"), ops.tuned(scan=scan):
                 ms = median_ms(lambda: ops.selective_scan(**args), rep=50)
-            segs = triton_scan._segments(batch, E, L, torch.device("cuda"))
+                segs = triton_scan._segments(tuning.current("scan"), batch, E, L, torch.device("cuda"))
             results.append((label, batch, L, segs, ms))
             print(f"B={batch} L={L} {label} ({segs} segments): fwd {ms:.3f} ms", flush=True)
-            (triton_scan.SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM, triton_scan.SEQUENTIAL_MIN_SEGMENT,
-             triton_scan.SEQUENTIAL_MIN_PROGRAMS_PER_SM) = saved
+    return results
+
+
+def sweep_paths():
+    """Training (forward+backward): the step-at-a-time kernels against the chunked ones as the programs
+    per SM grow, to place `sequential_min_programs_per_sm`."""
+    results = []
+    for batch, e in [(1, 4096), (2, 4096), (4, 4096), (2, 2048), (4, 2048), (8, 2048), (8, 3072)]:
+        args = scan_inputs(batch, 4096, E=e)
+        times = {}
+        for label, threshold in (("step at a time", 0), ("chunked", 10**9)):
+            with ops.use_kernels("triton"), ops.tuned(scan=dict(sequential_min_programs_per_sm=threshold)):
+                times[label] = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, set(args)),
+                                         rep=100)
+        per_sm = batch * e / triton_scan.ScanTuning().sequential_forward[0] / torch.cuda.get_device_properties(0).multi_processor_count
+        results.append(dict(B=batch, E=e, programs_per_sm=per_sm, **times))
+        print(results[-1], flush=True)
     return results
 
 
@@ -257,9 +265,9 @@ def sweep_tiles(grads):
     for block_t in (16, 32, 64):
         for be in (8, 16, 32):
             for warps in (4, 8):
-                triton_scan.TILES.update(block_t=block_t, fwd=(be, warps), bwd=(be, warps))
                 try:
-                    with ops.use_kernels("triton"):
+                    with ops.use_kernels("triton"), ops.tuned(scan=dict(block_t=block_t, fwd_tile=(be, warps),
+                                                                        bwd_tile=(be, warps))):
                         f = median_ms(lambda: ops.selective_scan(**args), rep=50)
                         fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=50)
                 except Exception as e:  # out of resources for some tiles
@@ -293,11 +301,16 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--sweep", action="store_true", help="tile and path sweep of the training kernels")
     p.add_argument("--sweep-segments", action="store_true", help="time segments of inference forwards with few rows")
+    p.add_argument("--sweep-paths", action="store_true",
+                   help="training: step-at-a-time against chunked kernels as rows x channels grow")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         (out / "scan_sweep.json").write_text(json.dumps(sweep()))
+        return
+    if args.sweep_paths:
+        (out / "scan_paths_sweep.json").write_text(json.dumps(sweep_paths()))
         return
     if args.sweep_segments:
         (out / "scan_segments_sweep.json").write_text(json.dumps(sweep_segments()))
@@ -324,7 +337,8 @@ def main():
     run_decode(rows, bw, selective_state_update, causal_conv1d_update)
     md = table(rows, bw, exps, "mamba_ssm 2.3.2.post1, causal_conv1d 1.7.0 (CUDA, sm_90)")
     (out / "bench_scan.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "exp_rate": exps,
-                                                     "tiles": triton_scan.TILES}, indent=1))
+                                                     "tuning": dataclasses.asdict(tuning.current("scan"))},
+                                                    indent=1))
     (out / "bench_scan.md").write_text(md + "\n")
     print(md)
 

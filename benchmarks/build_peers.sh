@@ -3,11 +3,13 @@
 # only. The sdists are fetched on a machine with network into vendor/ (never committed):
 #   MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE pip download --no-deps \
 #     --no-build-isolation --no-binary :all: mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0 -d vendor
+# PEERS="causal_conv1d" builds only that one (about a minute; mamba_ssm takes about four).
 set -euo pipefail
+peers=${PEERS:-causal_conv1d mamba_ssm}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${PEERS_DIR:-/tmp/peers}
 mkdir -p "$work" && cd "$work"
-for f in "$repo"/vendor/mamba_ssm-*.tar.gz "$repo"/vendor/causal_conv1d-*.tar.gz; do tar xzf "$f"; done
+for p in $peers; do tar xzf "$repo"/vendor/$p-*.tar.gz; done
 # Keep only the sm_90 -gencode pair: the full list compiles for eight architectures.
 python3 - <<'PY'
 import glob, re
@@ -21,7 +23,7 @@ PY
 export MAX_JOBS=8 TORCH_CUDA_ARCH_LIST=9.0 MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
 logs=${OUT:-$work}
 install() { python3 -m pip install --no-index --no-deps --no-build-isolation --target "$work/site" . ; }
-(cd causal_conv1d-* && install > "$logs/build_causal_conv1d.log" 2>&1) &
-(cd mamba_ssm-* && install > "$logs/build_mamba_ssm.log" 2>&1) &
+for p in $peers; do (cd $p-* && install > "$logs/build_$p.log" 2>&1) & done
 wait
-PYTHONPATH="$work/site" python3 -c "import causal_conv1d, mamba_ssm; print('peers built:', causal_conv1d.__version__, mamba_ssm.__version__)"
+for p in $peers; do PYTHONPATH="$work/site" python3 -c "import $p; print('peer built:', '$p', $p.__version__)"; done
+echo "peers built"

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import SambaConfig
 from .layers import Attention, Mamba, RMSNorm, SwiGLU
-from .ops import linear, linear_cross_entropy
+from .ops import linear, linear_cross_entropy, recomputed
 from .state import SambaState, start_positions
 
 
@@ -27,6 +27,7 @@ class SambaOutput:
     logits: torch.Tensor | None  # [B, T, vocab] (or [B, logits_to_keep, vocab]); None when labels were given
     state: SambaState | None
     loss: torch.Tensor | None = None  # with labels: mean next-token cross-entropy, a float32 (float64) scalar
+    losses: torch.Tensor | None = None  # with labels: [B, T] float32 (float64) per-position losses, 0 at -100
 
 
 def build_mixer(kind: str, cfg: SambaConfig) -> nn.Module:
@@ -120,10 +121,12 @@ class SambaLM(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab]; with a state, continues its stream in place.
 
         logits_to_keep > 0 computes logits for the last that many positions only (prefill).
-        labels [B, T] (int64, each position's next token, -100 ignored; training, so no state): the
-        loss instead of the logits, by `ops.linear_cross_entropy`, which never holds [B, T, vocab]."""
+        labels [B, T] (int64, each position's next token, -100 ignored): the loss instead of the logits,
+        by `ops.linear_cross_entropy`, which never holds [B, T, vocab]: `losses` per position and `loss`
+        their mean over the labelled ones. For training, and with a state for streaming evaluation
+        (`eval ppl`); not with logits_to_keep."""
         batch, T = self._check_inputs(input_ids, state, logits_to_keep)
-        self._check_labels(labels, input_ids, state, logits_to_keep)
+        self._check_labels(labels, input_ids, logits_to_keep)
         start = state.pos[:, None] if state is not None else 0
         positions = (start + torch.arange(T, device=input_ids.device)[None]).expand(batch, T)
         h = self.embedding(input_ids)
@@ -131,7 +134,7 @@ class SambaLM(nn.Module):
         recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled() and state is None
         for i, layer in enumerate(self.layers):
             if recompute:
-                h, delta = torch.utils.checkpoint.checkpoint(layer, h, delta, positions, use_reentrant=False)
+                h, delta = recomputed(layer, h, delta, positions)
             else:
                 h, delta = layer(h, delta, positions, state.layers[i] if state is not None else None)
         if state is not None:
@@ -141,11 +144,13 @@ class SambaLM(nn.Module):
         _, x = self.norm_f(h, delta)
         weight = (self.lm_head if self.lm_head is not None else self.embedding).weight
         if labels is not None:
-            return SambaOutput(None, state, linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten()))
+            # One chunked pass gives both: the mean's backward is the per-token one with 1 / n_valid each.
+            losses = linear_cross_entropy(x, weight, labels, reduction="none")
+            return SambaOutput(None, state, losses.sum() / (labels != -100).sum(), losses)
         return SambaOutput(linear(x, weight), state)
 
     @staticmethod
-    def _check_labels(labels, input_ids, state, logits_to_keep):
+    def _check_labels(labels, input_ids, logits_to_keep):
         if labels is None:
             return
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
@@ -154,9 +159,9 @@ class SambaLM(nn.Module):
         if labels.shape != input_ids.shape or labels.device != input_ids.device:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)} on {input_ids.device}, "
                              f"got {tuple(labels.shape)} on {labels.device}")
-        if state is not None or logits_to_keep:
-            raise ValueError("labels are for training on whole sequences: they cannot be combined with a state "
-                             "or logits_to_keep (compute the loss from the logits there)")
+        if logits_to_keep:
+            raise ValueError("labels cannot be combined with logits_to_keep: the loss needs every position "
+                             "(compute it from the kept logits instead)")
 
     def _check_inputs(self, input_ids, state, logits_to_keep):
         if not isinstance(input_ids, torch.Tensor):

@@ -11,7 +11,6 @@ import math
 import struct
 import sys
 import tracemalloc
-import types
 import zlib
 
 import pytest
@@ -19,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from conftest import small_model
 
+from samba_lm import model as samba_model
 from samba_lm import save_pretrained
 from samba_lm.data import train_tokenizer
 from samba_lm.eval import ppl
 from samba_lm.eval.documents import AUSTEN_NOVELS, iter_long_documents, read_lazyload_db
+from samba_lm.ops import linear_cross_entropy
 
 SAMBA = ("mamba", "mlp", "swa", "mlp")  # no full attention: its cache grows with the stream
 
@@ -46,6 +47,30 @@ def test_streamed_nll_equals_the_full_forward(chunk_size):
     torch.testing.assert_close(cumulative.diff(), expected, rtol=1e-10, atol=1e-10)
     assert sums.tokens == 45 and sums.bucket_count == [44]
     assert sums.bucket_sum[0] == pytest.approx(expected.sum().item(), rel=1e-12)
+
+
+def test_stream_nll_equals_the_old_per_chunk_logits():
+    """The numbers of the code before the head went through labels: each chunk's full logits, then
+    F.cross_entropy. stream_nll must give them (float32), and ask the model for losses, not logits."""
+    model = small_model(torch.float32, layers=SAMBA)
+    ids, chunk_size, lengths = torch.randint(0, 97, (1300,)), 300, [2, 500, 1024, 1300]
+    outputs = []
+    hook = model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        sums = ppl.stream_nll(model, ids, chunk_size, lengths, progress=False)
+    finally:
+        hook.remove()
+    assert outputs and all(o.logits is None and o.losses is not None for o in outputs)
+    state, nll = model.init_state(1), []
+    with torch.no_grad():
+        for s in range(0, 1299, chunk_size):
+            chunk = ids[s:min(s + chunk_size, 1299) + 1]
+            logits = model(chunk[None, :-1], state=state).logits[0]
+            nll.append(F.cross_entropy(logits, chunk[1:], reduction="none").double())
+    nll = torch.cat(nll)
+    assert sums.bucket_count == [1023, 276]
+    assert sums.bucket_sum == pytest.approx([nll[:1023].sum().item(), nll[1023:].sum().item()], rel=1e-6)
+    assert sums.prefix_sum == pytest.approx({n: nll[:n - 1].sum().item() for n in lengths}, rel=1e-6)
 
 
 def test_buckets_and_prefix_averages_match_a_direct_computation():
@@ -131,12 +156,12 @@ def test_memory_stays_flat_in_the_document_length(monkeypatch):
 
     kept = []
     for keep in (lambda nll: nll, lambda nll: nll.tolist()):
-        def leaky_cross_entropy(*args, **kwargs):
-            nll = F.cross_entropy(*args, **kwargs)
+        def leaky_cross_entropy(*args, **kwargs):  # stream_nll's losses come from the model's head op
+            nll = linear_cross_entropy(*args, **kwargs)
             kept.append(keep(nll))
             return nll
 
-        monkeypatch.setattr(ppl, "F", types.SimpleNamespace(cross_entropy=leaky_cross_entropy))
+        monkeypatch.setattr(samba_model, "linear_cross_entropy", leaky_cross_entropy)
         leaky = measure(8192)
         assert leaky[0] - short[0] > 20_000 or leaky[1] - short[1] > 20_000, (short, leaky)
         kept.clear()

@@ -1,4 +1,5 @@
-"""ops.linear_cross_entropy: the chunked head + loss against the full logits, and SambaLM(labels=...)."""
+"""ops.linear_cross_entropy: the chunked head + loss against the full logits (each reduction), and
+SambaLM(labels=...) with and without a state."""
 
 import inspect
 
@@ -13,11 +14,12 @@ from samba_lm.ops import dispatch
 from samba_lm.ops.linear_cross_entropy import default_chunk_tokens
 
 
-def unchunked(x, weight, targets, ignore_index=-100):
+def unchunked(x, weight, targets, ignore_index=-100, reduction="mean"):
     """The plain computation the op must equal: the full [N, V] logits, then F.cross_entropy."""
     logits = F.linear(x, weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+    out = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index, reduction=reduction)
+    return out.reshape(targets.shape) if reduction == "none" else out
 
 
 def inputs(N=11, D=6, V=13, dtype=torch.float64, ignored=()):
@@ -44,6 +46,41 @@ def test_matches_full_logits_in_float64(chunk, ignored):
     assert got[0].dtype == torch.float64
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("chunk", [1, 4, None])
+def test_sum_and_none_match_full_logits_in_float64(reduction, chunk):
+    """Values and gradients; for "none" a different gradient per token (and 0 at the ignored ones)."""
+    x, w, t = inputs(ignored=(0, 4, 5, 10))
+    weights = torch.rand(t.shape, dtype=torch.float64) if reduction == "none" else 1.0
+
+    def weighted(fn):
+        return lambda x, w, t, **kw: (fn(x, w, t, reduction=reduction, **kw) * weights).sum()
+
+    got = value_and_grads(weighted(ops.linear_cross_entropy), x, w, t, chunk_tokens=chunk)
+    want = value_and_grads(weighted(unchunked), x, w, t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    out = ops.linear_cross_entropy(x, w, t, chunk_tokens=chunk, reduction=reduction)
+    torch.testing.assert_close(out, unchunked(x, w, t, reduction=reduction), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no backward: the same numbers without the autograd Function
+        torch.testing.assert_close(ops.linear_cross_entropy(x, w, t, chunk_tokens=chunk, reduction=reduction), out)
+    if reduction == "none":
+        assert out.shape == t.shape and torch.all(out[[0, 4, 5, 10]] == 0)
+
+
+def test_none_keeps_the_leading_dims_and_gradchecks():
+    x, w, t = inputs(N=6, D=3, V=4, ignored=(2,))
+    x3, t3 = x.detach().reshape(2, 3, 3).requires_grad_(), t.reshape(2, 3)
+    out = ops.linear_cross_entropy(x3, w, t3, chunk_tokens=4, reduction="none")
+    assert out.shape == (2, 3) and out.dtype == torch.float64
+    torch.testing.assert_close(out, unchunked(x3, w, t3, reduction="none"), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, w: ops.linear_cross_entropy(x, w, t3, chunk_tokens=4, reduction="none"), (x3, w))
+    all_ignored = torch.full_like(t, -100)
+    assert ops.linear_cross_entropy(x, w, all_ignored, reduction="sum").item() == 0  # as F.cross_entropy
+    assert torch.all(ops.linear_cross_entropy(x, w, all_ignored, reduction="none") == 0)
 
 
 def test_leading_dims_and_another_ignore_index():
@@ -144,6 +181,9 @@ def test_bad_inputs():
         ops.linear_cross_entropy(x, w, t, chunk_tokens=0)
     with pytest.raises(ValueError, match="ignore_index"):
         ops.linear_cross_entropy(x, w, t, ignore_index=None)
+    for bad in ("avg", None, "MEAN"):
+        with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none', got"):
+            ops.linear_cross_entropy(x, w, t, reduction=bad)
 
 
 def test_shares_the_public_signature():
@@ -170,12 +210,41 @@ def test_model_loss_equals_cross_entropy_of_its_logits(tie):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_model_labels_are_for_training_only():
+def test_model_losses_per_position():
+    model = small_model()
+    ids = torch.randint(0, 97, (2, 10))
+    labels = torch.randint(0, 97, (2, 10))
+    labels[1, 4:7] = -100
+    out = model(ids, labels=labels)
+    want = F.cross_entropy(model(ids).logits.transpose(1, 2), labels, reduction="none")
+    assert out.losses.shape == (2, 10) and out.losses.dtype == torch.float64
+    torch.testing.assert_close(out.losses, want, rtol=1e-12, atol=1e-12)
+    assert torch.all(out.losses[1, 4:7] == 0)
+    torch.testing.assert_close(out.loss, want.sum() / (labels != -100).sum(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_model_streams_labels_through_a_state(chunk):
+    """The state invariant for the loss: chunk by chunk with a state == the full forward, per position."""
+    model = small_model()  # float64, every layer kind
+    ids = torch.randint(0, 97, (2, 12))
+    labels = torch.randint(0, 97, (2, 12))
+    labels[0, 2] = -100
+    full = model(ids, labels=labels).losses
+    state = model.init_state(2)
+    parts = []
+    for s in range(0, 12, chunk):
+        out = model(ids[:, s:s + chunk], state=state, labels=labels[:, s:s + chunk])
+        assert out.logits is None and out.state is state
+        parts.append(out.losses)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert state.pos.tolist() == [12, 12]
+
+
+def test_model_label_errors():
     model = small_model()
     ids = torch.randint(0, 97, (2, 6))
-    with pytest.raises(ValueError, match="state"):
-        model(ids, state=model.init_state(2), labels=ids)
-    with pytest.raises(ValueError, match="logits_to_keep"):
+    with pytest.raises(ValueError, match="labels cannot be combined with logits_to_keep"):
         model(ids, logits_to_keep=1, labels=ids)
     with pytest.raises(ValueError, match="labels must have input_ids' shape"):
         model(ids, labels=ids[:, 1:])

@@ -15,17 +15,18 @@ triton = pytest.importorskip("triton", reason="Triton kernels need the `triton` 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def tiles_everywhere(tiles) -> dict:
+    """The attention tuning with one (BLOCK_M, BLOCK_N, warps, stages) for every kernel and head dim."""
+    table = {d: tiles for d in (16, 32, 64, 128, 256)}
+    return dict(fwd_tiles=table, dq_tiles=table, dkdv_tiles=table, fp32_tiles=tiles)
+
+
 @pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
+def small_tiles():
     """Small blocks on CPUs (the interpreter is slow), so that a short sequence still spans many
     blocks and every masked/unmasked range is exercised."""
-    if DEVICE == "cpu":
-        from samba_lm.ops import triton_attention
-
-        monkeypatch.setattr(triton_attention, "FWD_TILES", {d: (16, 16, 4, 1) for d in (16, 32, 64, 128, 256)})
-        monkeypatch.setattr(triton_attention, "DQ_TILES", {d: (16, 16, 4, 1) for d in (16, 32, 64, 128, 256)})
-        monkeypatch.setattr(triton_attention, "DKDV_TILES", {d: (16, 16, 4, 1) for d in (16, 32, 64, 128, 256)})
-        monkeypatch.setattr(triton_attention, "FP32_TILES", (16, 16, 4, 1))
+    with ops.tuned(attention=tiles_everywhere((16, 16, 4, 1)) if DEVICE == "cpu" else {}):
+        yield
 
 
 def inputs(batch, T, H, Hkv, Dh, P, dtype, seed, start=None):
@@ -151,15 +152,11 @@ def test_attention_empty_prefix_is_no_prefix():
 
 
 @pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
-def test_attention_with_query_and_key_blocks_of_different_sizes(monkeypatch, tiles):
+def test_attention_with_query_and_key_blocks_of_different_sizes(tiles):
     """Tables may pair query and key blocks of different sizes (dK/dV at head dim 64: 128 x 64)."""
-    from samba_lm.ops import triton_attention
-
-    for table in ("FWD_TILES", "DQ_TILES", "DKDV_TILES"):
-        monkeypatch.setattr(triton_attention, table, {d: (*tiles, 4, 1) for d in (16, 32, 64, 128, 256)})
-    monkeypatch.setattr(triton_attention, "FP32_TILES", (*tiles, 4, 1))
     exact, low = inputs(2, 45, 2, 1, 16, 13, torch.float32, seed=3, start=torch.tensor([[13], [10]]))
-    check(exact, low, 20, torch.float32)
+    with ops.tuned(attention=tiles_everywhere((*tiles, 4, 1))):
+        check(exact, low, 20, torch.float32)
 
 
 def test_attention_takes_strided_views():

@@ -7,10 +7,11 @@ of the error of the reference computed in the kernel's own dtype.
 import pytest
 import torch
 
+from samba_lm import ops
 from samba_lm.ops import attention_reference
 
 triton = pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
-from samba_lm.ops import triton_attention_decode  # noqa: E402
+from samba_lm.ops import triton_attention_decode, tuning  # noqa: E402
 from samba_lm.ops.triton_attention_decode import attention_decode  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,28 +19,24 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Tilings that make interpreter-sized caches take every path: several tiles in a split (online
 # softmax), several splits (the merge), splits of one tile (some entirely masked).
-def tiles_of_16(Dh):
-    return 16
-
-
 TILINGS = {
     "default": {},
-    "one-split-of-16-key-tiles": dict(_block_n=tiles_of_16, MIN_SPLIT_BLOCKS=10**6),
-    "splits-of-two-16-key-tiles": dict(_block_n=tiles_of_16, MIN_SPLIT_BLOCKS=2, PROGRAMS_PER_SM=10**6),
-    "splits-of-one-16-key-tile": dict(_block_n=tiles_of_16, MIN_SPLIT_BLOCKS=1, PROGRAMS_PER_SM=10**6),
+    "one-split-of-16-key-tiles": dict(keys_per_tile=16, min_split_blocks=10**6),
+    "splits-of-two-16-key-tiles": dict(keys_per_tile=16, min_split_blocks=2, programs_per_sm=10**6),
+    "splits-of-one-16-key-tile": dict(keys_per_tile=16, min_split_blocks=1, programs_per_sm=10**6),
 }
 
 
 @pytest.fixture(params=list(TILINGS)[:3])
-def tiling(request, monkeypatch):
-    for name, value in TILINGS[request.param].items():
-        monkeypatch.setattr(triton_attention_decode, name, value)
+def tiling(request):
+    with ops.tuned(attention_decode=TILINGS[request.param]):
+        yield
 
 
 @pytest.fixture
-def small_splits(monkeypatch):
-    for name, value in TILINGS["splits-of-one-16-key-tile"].items():
-        monkeypatch.setattr(triton_attention_decode, name, value)
+def small_splits():
+    with ops.tuned(attention_decode=TILINGS["splits-of-one-16-key-tile"]):
+        yield
 
 
 def ring_positions(q_pos, P, g):
@@ -139,7 +136,8 @@ def test_empty_splits_and_padding_queries(small_splits):
     pos[:, 32:] = torch.arange(41, 73).flip(0)  # 41..59 visible, 60.. future slots
     args = decode_args([60, -3, 0], pos, 8, 2, 64)
     args["prefix_pos"][2] = -1  # the third row: an empty cache, only the own key at position 0
-    assert triton_attention_decode._splits(P, 16, 3 * 2, torch.device(DEVICE)) == (16, 4)
+    splits = triton_attention_decode._splits(tuning.current("attention_decode"), P, 16, 3 * 2, torch.device(DEVICE))
+    assert splits == (16, 4)
     for dtype in (torch.float32, torch.float16):
         out = check(args, window, dtype).cpu()
         assert (out[1] == 0).all()
@@ -155,12 +153,13 @@ def test_no_prefix():
 
 def test_splits_heuristic(monkeypatch):
     """Splits cover the cache in whole tiles, as many as fill the GPU's SMs when B * Hkv alone does
-    not, at most MAX_SPLITS."""
+    not, at most `max_splits`."""
     monkeypatch.setattr(triton_attention_decode, "multiprocessors", lambda device: 132)
-    splits = lambda P, programs: triton_attention_decode._splits(P, 64, programs, torch.device("cuda"))  # noqa: E731
+    t = tuning.current("attention_decode")
+    splits = lambda P, programs: triton_attention_decode._splits(t, P, 64, programs, torch.device("cuda"))  # noqa: E731
     for P, programs in [(1, 1), (2047, 4), (2047, 64), (4096, 1), (10**6, 1), (8192, 512), (8192, 1024)]:
         keys, n = splits(P, programs)
-        assert keys % 64 == 0 and (n - 1) * keys < P <= n * keys and n <= triton_attention_decode.MAX_SPLITS
+        assert keys % 64 == 0 and (n - 1) * keys < P <= n * keys and n <= t.max_splits
     assert splits(2047, 4) == (64, 32)  # 128 programs, one tile each
     assert splits(2047, 64) == (256, 8)  # 512 programs
     assert splits(8192, 512) == (4096, 2)  # 1024 programs

@@ -25,16 +25,13 @@ def mamba_args(batch, E, N, K, R, g):
 
 
 @pytest.mark.parametrize("batch", [3, 17])
-def test_mamba_decode_step_matches_the_reference(batch, monkeypatch):
-    from samba_lm.ops import triton_mamba
-
-    # two conv channel blocks (two partials of x_proj), two x_proj tiles, three scan channel blocks
-    monkeypatch.setattr(triton_mamba, "STEP_TILE", (16, 8, 4, 8, 2))
+def test_mamba_decode_step_matches_the_reference(batch):
     g = torch.Generator().manual_seed(batch)
     exact = mamba_args(batch, 24, 4, 4, 5, g)
     low = {k: v.to(DEVICE, torch.float32) if v.is_floating_point() else v.to(DEVICE) for k, v in exact.items()}
     y_ref, conv_ref, ssm_ref = ops.mamba_inner_reference(**exact)
-    with torch.no_grad(), ops.use_kernels("triton"):
+    # two conv channel blocks (two partials of x_proj), two x_proj tiles, three scan channel blocks
+    with torch.no_grad(), ops.use_kernels("triton"), ops.tuned(mamba_step=dict(tile=(16, 8, 4, 8, 2))):
         conv, ssm = low["conv_state"], low["ssm_state"]
         y, conv_out, ssm_out = ops.mamba_inner(**low)
     assert conv_out is conv and ssm_out is ssm  # updated in place
@@ -103,13 +100,10 @@ def test_choose_tokens_matches_the_reference(temperature, top):
 
 
 @pytest.mark.parametrize("T, with_h0", [(37, True), (64, False), (9, True)])
-def test_the_segmented_scan_matches_the_reference(T, with_h0, monkeypatch):
+def test_the_segmented_scan_matches_the_reference(T, with_h0):
     """An inference forward with few rows walks time in segments, twice; the result is the one walk's."""
-    from samba_lm.ops import triton_scan
+    from samba_lm.ops import triton_scan, tuning
 
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_SEGMENT", 8)
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM", 10**6)
-    assert triton_scan._segments(2, 40, T, torch.device(DEVICE)) == max(1, T // 8)
     g = torch.Generator().manual_seed(T)
     batch, E, N = 2, 40, 4
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -117,7 +111,9 @@ def test_the_segmented_scan_matches_the_reference(T, with_h0, monkeypatch):
                 B=r(batch, T, N), C=r(batch, T, N), D=r(E), z=r(batch, T, E), delta_bias=r(E) * 0.3,
                 initial_state=r(batch, E, N) if with_h0 else None)
     y_ref, h_ref = ops.selective_scan_reference(**args)
-    with torch.no_grad(), ops.use_kernels("triton"):
+    with torch.no_grad(), ops.use_kernels("triton"), ops.tuned(
+            scan=dict(sequential_min_segment=8, sequential_segment_programs_per_sm=10**6)):
+        assert triton_scan._segments(tuning.current("scan"), batch, E, T, torch.device(DEVICE)) == max(1, T // 8)
         y, h = ops.selective_scan(**{k: None if v is None else v.to(DEVICE, torch.float32) for k, v in args.items()})
     assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
 

@@ -37,15 +37,13 @@ def rel_err(a, ref):
 
 
 @pytest.fixture(params=["chunked", "sequential", "sequential+backward", "sequential-1step+backward"])
-def forward_kernel(request, monkeypatch):
+def forward_kernel(request):
     """Every kernel: the dispatcher picks by how many programs fill the GPU; switches choose the
     backward after a step-at-a-time forward, and its steps per loop iteration."""
-    from samba_lm.ops import triton_scan
-
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 0 if "sequential" in request.param else 10**9)
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_BACKWARD", request.param.endswith("backward"))
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_STEPS", 1 if "1step" in request.param else 2)
-    return request.param
+    with ops.tuned(scan=dict(sequential_min_programs_per_sm=0 if "sequential" in request.param else 10**9,
+                             sequential_backward=request.param.endswith("backward"),
+                             sequential_steps=1 if "1step" in request.param else 2)):
+        yield request.param
 
 
 @pytest.mark.parametrize("T, dtype, flags", [
@@ -73,20 +71,16 @@ def test_scan_values_and_gradients(T, dtype, flags, forward_kernel):
 
 
 @pytest.mark.parametrize("N", [12, 16])
-def test_scan_backward_warp_sums(N, monkeypatch):
+def test_scan_backward_warp_sums(N):
     """d_state 16 (Samba's): on a GPU the step-at-a-time backward sums dB and dC over a warp with a
     PTX reduce-scatter; 40 channels leave a warp partly masked, N=12 leaves states padded."""
-    from samba_lm.ops import triton_scan
-
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_MIN_PROGRAMS_PER_SM", 0)
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_BACKWARD", True)
     exact, low = scan_args(2, 21, 40, N, torch.bfloat16, seed=N)
     g = torch.Generator().manual_seed(7)
     gy, gf = torch.randn(2, 21, 40, generator=g, dtype=torch.float64), torch.randn(2, 40, N, generator=g, dtype=torch.float64)
     _, _, d64 = run(ops.selective_scan_reference, exact, gy, gf)
     with ops.use_kernels("reference"):
         _, _, d_ref = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
-    with ops.use_kernels("triton"):
+    with ops.use_kernels("triton"), ops.tuned(scan=dict(sequential_min_programs_per_sm=0, sequential_backward=True)):
         _, _, d_tri = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
     for k in d64:
         assert rel_err(d_tri[k], d64[k]) <= 3 * rel_err(d_ref[k], d64[k]) + 1e-3, k
@@ -115,7 +109,8 @@ def test_scan_chunked_equals_whole_and_backward_is_deterministic(forward_kernel)
 
 @pytest.mark.parametrize("T, K, dtype, with_state", [(1, 4, torch.float32, True), (2, 4, torch.float32, True),
                                                      (77, 4, torch.float32, False), (70, 3, torch.bfloat16, True)])
-def test_conv_values_and_gradients(T, K, dtype, with_state):
+@pytest.mark.parametrize("tile", [None, (16, 32, 2)])  # the default, and one of many time and channel blocks
+def test_conv_values_and_gradients(T, K, dtype, with_state, tile):
     batch, E = 2, 70
     g = torch.Generator().manual_seed(T + K)
     exact = dict(x=torch.randn(batch, T, E, generator=g, dtype=torch.float64),
@@ -136,7 +131,7 @@ def test_conv_values_and_gradients(T, K, dtype, with_state):
     exact_out = go(ops.causal_conv1d_reference, exact)
     with ops.use_kernels("reference"):
         ref_out = go(ops.causal_conv1d, low)
-    with ops.use_kernels("triton"):
+    with ops.use_kernels("triton"), ops.tuned(conv=dict(fwd_tile=tile, bwd_tile=tile) if tile else {}):
         tri_out = go(ops.causal_conv1d, low)
     slack = 1e-6 if dtype == torch.float32 else 1e-3
     for i, (tri, ref, ex) in enumerate(zip(tri_out, ref_out, exact_out)):

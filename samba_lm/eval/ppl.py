@@ -2,9 +2,11 @@
 
 A document of any length goes through `model(chunk, state=state)` chunk by chunk, which equals one full
 forward (the state invariant), so memory does not grow with its length: the state is constant for
-Samba's Mamba and SWA layers (full-attention baselines keep a growing cache), one chunk's logits are
-alive at a time, and only running sums are kept. The NLL of position p is that of token p given tokens
-0..p-1 (token 0 has no prediction). Two views come from one pass:
+Samba's Mamba and SWA layers (full-attention baselines keep a growing cache), the chunk's losses come
+from `model(chunk, state=state, labels=...)` (`ops.linear_cross_entropy`: at most 2**26 float32 logits
+at a time whatever the chunk size, then only the chunk's per-position losses), and only running sums
+are kept. The NLL of position p is that of token p given tokens 0..p-1 (token 0 has no prediction).
+Two views come from one pass:
 - per bucket of position, 0-1K, 1K-2K, 2K-4K, ... doubling (K = 1024): mean NLL and perplexity;
 - the paper's prefix average (PAPER.md, "averages over all tokens of the prefix"): PPL at length N =
   exp(mean NLL over positions 1..N-1 of the first N tokens), a cumulative mean recorded as the stream
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.sources import ON_BAD_FILE
@@ -81,9 +82,8 @@ def stream_nll(model, ids, chunk_size: int = 2048, lengths=(), device=None, prog
         for start in range(0, n - 1, chunk_size):
             end = min(start + chunk_size, n - 1)  # feed tokens start..end-1, predict tokens start+1..end
             chunk = ids[start:end + 1].to(device=device, dtype=torch.long)
-            logits = model(chunk[None, :-1], state=state).logits[0]
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            nll = F.cross_entropy(logits, chunk[1:], reduction="none").double()
+            # The head and its loss in pieces of tokens: never the chunk's full [chunk_size, vocab] logits.
+            nll = model(chunk[None, :-1], state=state, labels=chunk[None, 1:]).losses[0].double()
             bucket = torch.bucketize(torch.arange(start + 1, end + 1, device=device), edges, right=True)
             sums.index_add_(0, bucket, nll)
             counts += torch.bincount(bucket, minlength=counts.numel())

@@ -7,7 +7,10 @@
     out  = out_proj(y)                       d_inner -> d
 
 Everything between the two projections is one op, `ops.mamba_inner` (a single pair of fused kernels
-per token when decoding). With a state, tokens at negative positions (left padding) are zeroed
+per token when decoding). With `recompute` (the trainer's `--recompute-mamba`), training keeps only
+that op's input xz for the backward and runs the op again there: the conv output, delta and the
+scan's saved states are not held between the passes (mamba_ssm's checkpoint_lvl=1 recomputes the
+first two). With a state, tokens at negative positions (left padding) are zeroed
 before and after the convolution, so a padded row's conv and SSM state are exactly those of its
 unpadded stream.
 """
@@ -19,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import linear, mamba_inner
+from ..ops import linear, mamba_inner, recomputed
 from ..state import MambaState
 
 
@@ -36,6 +39,7 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.recompute = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -58,9 +62,13 @@ class Mamba(nn.Module):
 
     def forward(self, x, positions, state=None):
         conv_state, ssm_state = state.read() if state is not None else (None, None)
-        y, conv_state, ssm_state = mamba_inner(
-            linear(x, self.in_proj.weight), positions if state is not None else None, self.conv1d.weight[:, 0], self.conv1d.bias,
-            self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, conv_state, ssm_state)
+        args = (linear(x, self.in_proj.weight), positions if state is not None else None, self.conv1d.weight[:, 0],
+                self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
+                conv_state, ssm_state)
+        if self.recompute and state is None and self.training and torch.is_grad_enabled():
+            y, conv_state, ssm_state = recomputed(mamba_inner, *args)
+        else:
+            y, conv_state, ssm_state = mamba_inner(*args)
         if state is not None:
             state.write(conv_state, ssm_state)
         return linear(y, self.out_proj.weight)

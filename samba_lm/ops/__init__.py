@@ -1,12 +1,15 @@
 """Hot functions, each a dispatching public op plus a plain-PyTorch reference with the same signature.
 
 Triton implementations register themselves when Triton is importable; the dispatcher uses them on
-CUDA (see dispatch.py).
+CUDA (see dispatch.py). Their tiles and path choices change only inside `with tuned(...)` (tuning.py).
 """
 
-import torch
+import contextlib
 
-from . import dispatch
+import torch
+import torch.utils.checkpoint
+
+from . import dispatch, tuning
 from .attention import attention, attention_reference, attention_with_cache, attention_with_cache_reference
 from .conv import causal_conv1d, causal_conv1d_reference
 from .dispatch import use_kernels
@@ -19,13 +22,31 @@ from .sample import choose_tokens, choose_tokens_reference
 from .scan import selective_scan, selective_scan_reference
 from .swiglu import swiglu, swiglu_reference
 from .triton_common import interpreting
+from .tuning import tuned
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
            "choose_tokens_reference", "linear", "linear_reference", "linear_cross_entropy",
            "linear_cross_entropy_reference", "mamba_inner",
            "mamba_inner_reference", "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
-           "swiglu", "swiglu_reference", "use_kernels"]
+           "recomputed", "swiglu", "swiglu_reference", "tuned", "use_kernels"]
+
+
+def recomputed(fn, *args):
+    """`fn(*args)` under torch.utils.checkpoint (non-reentrant): only the inputs are kept, and the
+    backward runs `fn` again under the kernel backend and tuning in force now (their blocks have
+    exited by then), so that it repeats this computation exactly. Under torch.compile the compiled
+    graph recomputes what it traced."""
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    backend, records = dispatch.forced_by_context(), tuning.overrides()
+
+    @contextlib.contextmanager
+    def again():
+        with use_kernels(backend) if backend else contextlib.nullcontext(), tuned(**records):
+            yield
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), again()))
 
 
 def _triton_supports(device: torch.device, dtype: torch.dtype) -> bool:

@@ -48,6 +48,11 @@ def forced() -> str | None:
     return _requested()
 
 
+def forced_by_context() -> str | None:
+    """The backend of the innermost `use_kernels` block, if any (SAMBA_LM_KERNELS aside)."""
+    return _forced[-1] if _forced else None
+
+
 def resolve(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
     table = _registry[op]
     want = _requested()

@@ -45,12 +45,15 @@ to the reference.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Mapping
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import dispatch
+from . import dispatch, tuning
 from .attention import attention_reference, cache_append
 from .triton_attention_decode import attention_decode, attention_decode_append
 from .triton_common import interpreting
@@ -355,27 +358,37 @@ def _attn_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim, for the forward, the dQ kernel
-# (which owns BLOCK_M queries) and the dK, dV kernel (which owns BLOCK_N keys). H100, B=4, L=4096,
-# W=2048, bf16: benchmarks/bench_attention.py --sweep train. The sweep and the tests replace these dicts.
-FWD_TILES = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
-DQ_TILES = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)}
-DKDV_TILES = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)}
+Tiles = tuple[int, int, int, int]  # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages)
 
 
-# fp32 inputs on a GPU: 3xTF32 products (about fp32's accuracy, on tensor cores) and small tiles, as
-# the three products per dot crowd the registers. Exact fp32 dots ran on CUDA cores at under 1 TFLOP/s
-# (H200, 12 heads x 128, 8,192 queries: 132 ms a call; now 2.2 ms). Head dim 256 spills even at these
-# tiles: fp32 there goes to the reference.
-FP32_TILES = (32, 32, 4, 2)
+@tuning.register("attention")
+@dataclass(frozen=True)
+class AttentionTuning(tuning.Tuning):
+    """The training kernels' tiles by head dim (`tuning.tuned(attention=...)`). H100, B=4, L=4096,
+    W=2048, bf16: benchmarks/bench_attention.py --sweep train."""
+
+    fwd_tiles: Mapping[int, Tiles] = tuning.table(
+        {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)})
+    """The forward's; its head dims are those the kernels run (others go to the reference)."""
+    dq_tiles: Mapping[int, Tiles] = tuning.table(
+        {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)})
+    """The dQ kernel's, which owns BLOCK_M queries."""
+    dkdv_tiles: Mapping[int, Tiles] = tuning.table(
+        {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)})
+    """The dK, dV kernel's, which owns BLOCK_N keys."""
+    fp32_tiles: Tiles = (32, 32, 4, 2)
+    """Every kernel's for fp32 inputs, at every head dim. On a GPU they run 3xTF32 products (about
+    fp32's accuracy, on tensor cores), and the three products per dot crowd the registers: small tiles.
+    Exact fp32 dots ran on CUDA cores at under 1 TFLOP/s (H200, 12 heads x 128, 8,192 queries: 132 ms
+    a call; now 2.2 ms). Head dim 256 spills even at these tiles: fp32 there goes to the reference."""
 
 
 def supported(head_dim: int, dtype: torch.dtype) -> bool:
-    return head_dim in FWD_TILES and (dtype != torch.float32 or head_dim <= 128)
+    return head_dim in tuning.current("attention").fwd_tiles and (dtype != torch.float32 or head_dim <= 128)
 
 
-def _tiles(table: dict, q: torch.Tensor) -> tuple:
-    return FP32_TILES if q.dtype == torch.float32 else table[q.shape[-1]]
+def _tiles(t: AttentionTuning, table: Mapping[int, Tiles], q: torch.Tensor) -> Tiles:
+    return t.fp32_tiles if q.dtype == torch.float32 else table[q.shape[-1]]
 
 
 def _tma_ready(x: torch.Tensor) -> torch.Tensor:
@@ -429,7 +442,8 @@ def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, po
     kp, vp, pp, P = _prefix_args(k, v, k_prefix, v_prefix, prefix_pos)
     out = torch.empty(batch, T, H, Dh, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, H, T, device=q.device, dtype=torch.float32)
-    block_m, block_n, warps, stages = _tiles(FWD_TILES, q)
+    t = tuning.current("attention")
+    block_m, block_n, warps, stages = _tiles(t, t.fwd_tiles, q)
     _check_grid(triton.cdiv(T, block_m), T)
     _attn_fwd_kernel[(batch * H, triton.cdiv(T, block_m))](
         q, *(_descriptor(x, block_n) for x in (k, v, kp, vp)), pp, q_pos.to(torch.int32).contiguous(), out, lse,
@@ -451,13 +465,14 @@ def attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefi
     dv = torch.empty(batch, T, Hkv, Dh, device=q.device, dtype=v.dtype)
     dkp, dvp = (torch.empty_like(kp), torch.empty_like(vp)) if P else (dk, dv)
     common = dict(G=H // Hkv, HEAD_DIM=Dh, PRECISION=_precision(q.dtype), HAS_PREFIX=P > 0)
-    block_m, block_n, warps, stages = _tiles(DQ_TILES, q)
+    t = tuning.current("attention")
+    block_m, block_n, warps, stages = _tiles(t, t.dq_tiles, q)
     _check_grid(triton.cdiv(T, block_m), T)
     _attn_bwd_dq_kernel[(batch * H, triton.cdiv(T, block_m))](
         q, *(_descriptor(x, block_n) for x in (k, v, kp, vp)), pp, positions, out.contiguous(), dout, lse, delta,
         dq, *_strides(q), T, P, H, window, 1.0 / math.sqrt(Dh), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         num_stages=stages, **common)
-    block_m, block_n, warps, stages = _tiles(DKDV_TILES, q)
+    block_m, block_n, warps, stages = _tiles(t, t.dkdv_tiles, q)
     n_prefix_blocks = triton.cdiv(P, block_n)
     _check_grid(n_prefix_blocks + triton.cdiv(T, block_n), T)
     _attn_bwd_dkdv_kernel[(batch * Hkv, n_prefix_blocks + triton.cdiv(T, block_n))](
@@ -501,12 +516,14 @@ def _setup(ctx, inputs, output):
     q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos = inputs
     ctx.save_for_backward(q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, *output)
     ctx.window = window
+    ctx.tuning = tuning.current("attention")
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, out, lse = ctx.saved_tensors
-    dq, dk, dv, dkp, dvp = _attention_bwd_op(dout, q, k, v, out, lse, q_pos, ctx.window, k_prefix, v_prefix,
-                                             prefix_pos)
+    with tuning.tuned(attention=ctx.tuning):  # the forward's: autograd's CUDA thread sees the defaults
+        dq, dk, dv, dkp, dvp = _attention_bwd_op(dout, q, k, v, out, lse, q_pos, ctx.window, k_prefix, v_prefix,
+                                                 prefix_pos)
     has_prefix = k_prefix is not None
     return dq, dk, dv, None, None, dkp if has_prefix else None, dvp if has_prefix else None, None
 
@@ -567,7 +584,8 @@ def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, pre
     if not supported(q.shape[-1], q.dtype):
         if dispatch.forced() == "triton":  # asked for the kernel: say it cannot, never run something else
             raise RuntimeError(f"kernel backend 'triton' for op 'attention' does not run head_dim {q.shape[-1]} with "
-                               f"{q.dtype}: head dims {sorted(FWD_TILES)} (float32: up to 128)")
+                               f"{q.dtype}: head dims {sorted(tuning.current('attention').fwd_tiles)} "
+                               f"(float32: up to 128)")
         return attention_reference(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
     if k_prefix is not None and k_prefix.shape[1] == 0:  # an empty cache (full attention's first call)
         k_prefix = v_prefix = prefix_pos = None

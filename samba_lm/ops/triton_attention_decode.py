@@ -42,10 +42,13 @@ float64, CPUs (except under TRITON_INTERPRET=1), other head dims.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .triton_common import interpreting, multiprocessors, row_stride
 
 # ----------------------------------------------------------------------------- kernels
@@ -153,13 +156,27 @@ def _decode_merge_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 LOG2E = 1.4426950408889634
-# Measured on an H100 in bf16, CUDA graphs decoding over enough caches in turn that they come from HBM:
-# splits as short as one tile spread small batches over more SMs (B=1, Hkv=4, Dh 64, 2047 keys: 6.0
-# us with 32 splits, 10.2 with splits of 4 tiles); 128 splits at most (B=1, Hkv=4, 32768 keys: 19 us
-# against 23 with 64; more would crowd the merge's registers).
-MIN_SPLIT_BLOCKS = 1  # tiles of keys per split at least
-PROGRAMS_PER_SM = 4  # splits are added until B * Hkv * SPLITS reaches this many programs per SM
-MAX_SPLITS = 128
+
+
+@tuning.register("attention_decode")
+@dataclass(frozen=True)
+class AttentionDecodeTuning(tuning.Tuning):
+    """How the decode kernel splits the cache, and its tiles (`tuning.tuned(attention_decode=...)`).
+    Measured on an H100 in bf16, CUDA graphs decoding over enough caches in turn that they come from
+    HBM (benchmarks/bench_attention.py --sweep decode)."""
+
+    min_split_blocks: int = 1
+    """Tiles of keys per split at least: splits as short as one tile spread small batches over more
+    SMs (B=1, Hkv=4, Dh 64, 2047 keys: 6.0 us with 32 splits, 10.2 with splits of 4 tiles)."""
+    programs_per_sm: int = 4
+    """Splits are added until B * Hkv * SPLITS reaches this many programs per SM."""
+    max_splits: int = 128
+    """Splits at most (B=1, Hkv=4, 32768 keys: 19 us against 23 with 64; more would crowd the merge's
+    registers)."""
+    keys_per_tile: int | None = None
+    """Keys per tile of the split kernel; None: `_block_n`'s choice by head dim."""
+    split_warps: int | None = None
+    """Warps of the split kernel; None: `_split_warps`'s choice by query heads per key/value head."""
 
 
 def _split_warps(G: int) -> int:
@@ -175,12 +192,12 @@ def _block_n(Dh: int) -> int:
     return max(32, min(64, 4096 // Dh))
 
 
-def _splits(P: int, block_n: int, programs: int, device) -> tuple[int, int]:
+def _splits(t: AttentionDecodeTuning, P: int, block_n: int, programs: int, device) -> tuple[int, int]:
     """(keys per split, a multiple of block_n; number of splits) for P cached keys and `programs` =
-    B * Hkv: enough programs to fill the GPU, each split at least MIN_SPLIT_BLOCKS tiles."""
+    B * Hkv: enough programs to fill the GPU, each split at least `min_split_blocks` tiles."""
     blocks = triton.cdiv(P, block_n)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device), programs)
-    per_split = max(MIN_SPLIT_BLOCKS, triton.cdiv(blocks, wanted), triton.cdiv(blocks, MAX_SPLITS))
+    wanted = triton.cdiv(t.programs_per_sm * multiprocessors(device), programs)
+    per_split = max(t.min_split_blocks, triton.cdiv(blocks, wanted), triton.cdiv(blocks, t.max_splits))
     return per_split * block_n, triton.cdiv(blocks, per_split)
 
 
@@ -251,8 +268,9 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached: bool
     reach = window or 2**63 - 1  # visible distances are < reach; window 0 has no limit
     G = H // Hkv
     f32 = dict(device=q.device, dtype=torch.float32)
-    block_n = _block_n(Dh)
-    keys_per_split, n_splits = _splits(P, block_n, batch * Hkv, q.device) if P else (0, 0)
+    t = tuning.current("attention_decode")
+    block_n = t.keys_per_tile or _block_n(Dh)
+    keys_per_split, n_splits = _splits(t, P, block_n, batch * Hkv, q.device) if P else (0, 0)
     m = torch.empty(batch, H, n_splits, **f32)
     l = torch.empty(batch, H, n_splits, **f32)
     acc = torch.empty(batch, H, n_splits, Dh, **f32)
@@ -264,7 +282,7 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached: bool
             q.stride(0), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
             v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), prefix_pos.stride(0), q_pos.stride(0),
             G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
-            DOT_F32=interpreting(), POSITIONAL=cached, num_warps=_split_warps(G))
+            DOT_F32=interpreting(), POSITIONAL=cached, num_warps=t.split_warps or _split_warps(G))
     out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
     block_s = triton.next_power_of_2(max(n_splits, 1))
     warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread

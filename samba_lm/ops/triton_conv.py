@@ -4,17 +4,23 @@ Layout (as `conv.py`): x [B, T, E] with channels contiguous, weight [E, K], bias
 [B, E, K-1] (the K-1 inputs before x). One program per (batch row, BLOCK_T steps, BLOCK_E channels):
 tiles are [BLOCK_T, BLOCK_E] with coalesced channel reads; the K taps are unrolled.
 
-Backward: the program owning positions s (from -(K-1), the state's slots, to T-1) recomputes the
-pre-activations it needs (K^2 cached loads for K <= 4), writes dx (or d initial_state for s < 0),
-and partial sums of d weight and d bias per (row, time block) that are added up afterwards in a
-fixed order (deterministic). What the reference covers that this does not: float64, CPUs.
+Backward, two passes: per output tile, the pre-activation again (K cached loads) and its gradient
+dpre, kept in float32 [B, T, E], with partial sums of d weight and d bias per (row, time block) that
+are added up afterwards in a fixed order (deterministic); then per input tile s (from -(K-1), the
+state's slots, to T-1), dx_s = sum_j w_j dpre_{s+K-1-j} (or d initial_state for s < 0). Recomputing
+dpre at K shifts instead (one pass) costs K^2 loads and K sigmoids per element. What the reference
+covers that this does not: float64, CPUs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+
+from . import tuning
 
 
 @triton.jit
@@ -47,9 +53,9 @@ def _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, 
 def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, T, E, s_xb, s_xt,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(2)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     tm, em = t < T, e < E
     pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt, K, HAS_BIAS, HAS_STATE)
     y = pre * tl.sigmoid(pre)
@@ -57,34 +63,46 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, T, E, s_xb, s_xt,
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, dy_ptr, dfinal_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
-                     T, E, s_xb, s_xt, s_yb, s_yt,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    b = tl.program_id(0)
+def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, dy_ptr, dpre_ptr, dw_ptr, db_ptr, T, E, s_xb, s_xt, s_yb, s_yt,
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per output tile: d pre-activation (float32, for the dx kernel) and this tile's d weight, d bias."""
+    b = tl.program_id(2)
     pid_t = tl.program_id(1)
-    s = pid_t * BLOCK_T - (K - 1) + tl.arange(0, BLOCK_T)  # input positions, the state's slots first
-    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    tm, em = t < T, e < E
+    mask = tm[:, None] & em[None, :]
+    pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt, K, HAS_BIAS, HAS_STATE)
+    dy = tl.load(dy_ptr + b * s_yb + t[:, None] * s_yt + e[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    dpre = tl.where(mask, dy * sig * (1.0 + pre * (1.0 - sig)), 0.0)
+    tl.store(dpre_ptr + (b * T + t[:, None]) * E + e[None, :], dpre, mask=mask)
+    part = (b * tl.num_programs(1) + pid_t) * E + e
+    if HAS_BIAS:
+        tl.store(db_ptr + part, tl.sum(dpre, axis=0), mask=em)
+    for k in tl.static_range(K):  # the same inputs as the forward's taps: cache hits
+        xk = _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, e, tm, em, T, E, s_xb, s_xt, K, HAS_STATE)
+        tl.store(dw_ptr + part * K + k, tl.sum(dpre * xk, axis=0), mask=em)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(w_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E,
+                        K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per input tile, from -(K-1) (the state's slots) to T-1: dx_s = sum_j w_j dpre_{s+K-1-j}."""
+    b = tl.program_id(2)
+    s = tl.program_id(1) * BLOCK_T - (K - 1) + tl.arange(0, BLOCK_T)
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     em = e < E
     sm = s < T
     dxcat = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for j in tl.static_range(K):
         t = s + (K - 1) - j  # the output that sees input s through tap j
         tm = (t >= 0) & (t < T) & sm
-        pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt, K, HAS_BIAS, HAS_STATE)
-        dy = tl.load(dy_ptr + b * s_yb + t[:, None] * s_yt + e[None, :], mask=tm[:, None] & em[None, :],
-                     other=0.0).to(tl.float32)
-        sig = tl.sigmoid(pre)
-        dpre = tl.where(tm[:, None] & em[None, :], dy * sig * (1.0 + pre * (1.0 - sig)), 0.0)
         w = tl.load(w_ptr + e * K + j, mask=em, other=0.0).to(tl.float32)
-        dxcat += w[None, :] * dpre
-        if j == K - 1:  # t == s: this program owns output s, so it sums d weight and d bias over it
-            part = (b * tl.num_programs(1) + pid_t) * E + e
-            if HAS_BIAS:
-                tl.store(db_ptr + part, tl.sum(dpre, axis=0), mask=em)
-            for k in tl.static_range(K):
-                xk = _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, e, tm, em, T, E, s_xb, s_xt, K, HAS_STATE)
-                tl.store(dw_ptr + part * K + k, tl.sum(dpre * xk, axis=0), mask=em)
+        dxcat += w[None, :] * tl.load(dpre_ptr + (b * T + t[:, None]) * E + e[None, :], mask=tm[:, None] & em[None, :],
+                                      other=0.0)
     if HAS_DFINAL:  # the final state is the last K-1 inputs: its gradient lands on them directly
         last = (s >= T - (K - 1)) & sm
         slot = tl.where(last, s - (T - (K - 1)), 0)
@@ -121,41 +139,58 @@ def _conv_step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, E, s_xb,
     tl.store(y_ptr + b * E + e, (acc * tl.sigmoid(acc)).to(y_ptr.dtype.element_ty), mask=em)
 
 
-BLOCK_T, BLOCK_E = 64, 64
+@tuning.register("conv")
+@dataclass(frozen=True)
+class ConvTuning(tuning.Tuning):
+    """The training kernels' tiles (`tuning.tuned(conv=...)`), (BLOCK_T, BLOCK_E, warps). H200,
+    2026-12-01, benchmarks/bench_conv.py at B8 L4096 E4096 bf16, 24 tiles each: forward 0.200 ms
+    (0.269 with the backward's tile; floor 0.126), forward+backward 1.76 ms with the backward's tile
+    the best of them (the next, (64, 128, 4), 1.83)."""
+
+    fwd_tile: tuple[int, int, int] = (64, 128, 4)
+    bwd_tile: tuple[int, int, int] = (64, 64, 4)
+    """Both backward kernels' tile."""
 
 
 def conv_forward(x, weight, bias, initial_state):
     batch, T, E = x.shape
     K = weight.shape[1]
+    block_t, block_e, warps = tuning.current("conv").fwd_tile
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
-    grid = (batch, triton.cdiv(T, BLOCK_T), triton.cdiv(E, BLOCK_E))
+    grid = (triton.cdiv(E, block_e), triton.cdiv(T, block_t), batch)  # channels fastest: whole rows at a time
     _conv_fwd_kernel[grid](x, weight.contiguous(), bias if bias is not None else y,
                            initial_state.contiguous() if initial_state is not None else y, y, T, E,
                            x.stride(0), x.stride(1), K=K, HAS_BIAS=bias is not None,
-                           HAS_STATE=initial_state is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+                           HAS_STATE=initial_state is not None, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
     past = initial_state.to(x.dtype) if initial_state is not None else x.new_zeros(batch, E, K - 1)
     final = torch.cat([past, x[:, max(0, T - (K - 1)):].transpose(1, 2)], dim=-1)[..., -(K - 1):].contiguous()
     return y, final
 
 
 def conv_backward(dy, d_final, x, weight, bias, initial_state):
+    """Two passes: d pre-activation per output tile (with the d weight / d bias partials, summed
+    afterwards in a fixed order: deterministic), then dx per input tile from K shifted reads of it."""
     batch, T, E = x.shape
     K = weight.shape[1]
+    block_t, block_e, warps = tuning.current("conv").bwd_tile
     x = x if x.stride(-1) == 1 else x.contiguous()
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    n_t = triton.cdiv(T + K - 1, BLOCK_T)
-    dx = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
-    ds = torch.empty(batch, E, K - 1, device=x.device, dtype=torch.float32)
+    weight, n_t, n_e = weight.contiguous(), triton.cdiv(T, block_t), triton.cdiv(E, block_e)
+    dpre = torch.empty(batch, T, E, device=x.device, dtype=torch.float32)
     dw = torch.empty(batch, n_t, E, K, device=x.device, dtype=torch.float32)
     db = torch.empty(batch, n_t, E, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(batch, n_t, triton.cdiv(E, BLOCK_E))](
-        x, weight.contiguous(), bias if bias is not None else dx,
-        initial_state.contiguous() if initial_state is not None else dx, dy,
-        d_final.contiguous() if d_final is not None else dx, dx, ds, dw, db, T, E,
+    state = initial_state.contiguous() if initial_state is not None else dpre
+    _conv_bwd_dpre_kernel[(n_e, n_t, batch)](
+        x, weight, bias if bias is not None else dpre, state, dy, dpre, dw, db, T, E,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), K=K, HAS_BIAS=bias is not None,
+        HAS_STATE=initial_state is not None, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
+    dx = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
+    ds = torch.empty(batch, E, K - 1, device=x.device, dtype=torch.float32)
+    _conv_bwd_dx_kernel[(n_e, triton.cdiv(T + K - 1, block_t), batch)](
+        weight, dpre, d_final.contiguous() if d_final is not None else dpre, dx, ds, T, E, K=K,
         HAS_STATE=initial_state is not None, HAS_DFINAL=d_final is not None,
-        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
     return dx, dw.sum((0, 1)), db.sum((0, 1)), ds
 
 
@@ -186,11 +221,13 @@ def _(dy, d_final, x, weight, bias, initial_state):
 def _setup(ctx, inputs, output):
     x, weight, bias, initial_state = inputs
     ctx.save_for_backward(x, weight, bias, initial_state)
+    ctx.tuning = tuning.current("conv")
 
 
 def _backward(ctx, dy, d_final):
     x, weight, bias, initial_state = ctx.saved_tensors
-    dx, dw, db, ds = _conv_bwd_op(dy.contiguous(), d_final, x, weight, bias, initial_state)
+    with tuning.tuned(conv=ctx.tuning):  # the forward's: autograd's CUDA thread sees the defaults
+        dx, dw, db, ds = _conv_bwd_op(dy.contiguous(), d_final, x, weight, bias, initial_state)
     return (dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None,
             ds.to(initial_state.dtype) if initial_state is not None else None)
 

@@ -11,18 +11,22 @@ on an arrival counter; the last split of a column block sums the partials in spl
 bits whichever finishes last) and re-arms the counter. cuBLAS's split-K adds a reduction launch
 instead (48 per samba-1.7b step). The counters are shared by all calls on a device: calls run one after
 another on one stream. Tiles per (M, N, K) come from `benchmarks/bench_linear.py` (H200):
-`TILES`; shapes where cuBLAS was faster are not in it and go to `F.linear`, as does everything with
+`LinearTuning.tiles`; shapes where cuBLAS was faster are not in it and go to `F.linear`, as does everything with
 gradients, under autocast, more rows, or other dtypes. What the reference covers that this does not:
 all of that, and CPUs (except under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import tuning
 from .triton_common import interpreting
 
 
@@ -68,30 +72,41 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, s_xm, s_ym, 
             tl.atomic_xchg(count_ptr + col, 0)  # re-armed for the next call (and the next graph replay)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, K splits) by (row class, N, K), the row class 1, 16 (2 to 16 rows)
-# or 64 (17 to 64); see the module docstring.
-# H200, 2026-12-01: at 1 and 16 rows ours beat cuBLAS on every shape but the MLP's gate_up (by 3 to 13%:
-# cuBLAS's split-K reduction launches go), at 64 rows on the three with N = 2048. 1 and 16 rows share
-# tiles, so a row's bits do not depend on how many rows come with it (up to 16).
-TILES: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
-    (1, 2048, 8192): (64, 256, 4, 4, 4),
-    (1, 8192, 2048): (64, 256, 4, 4, 1),
-    (1, 2048, 4096): (64, 256, 4, 4, 4),
-    (1, 2560, 2048): (32, 256, 4, 4, 1),
-    (1, 2048, 2048): (16, 512, 4, 4, 1),
-    (1, 50304, 2048): (32, 256, 4, 4, 1),
-    (16, 2048, 8192): (64, 256, 4, 4, 4),
-    (16, 8192, 2048): (64, 256, 4, 4, 1),
-    (16, 2048, 4096): (64, 256, 4, 4, 4),
-    (16, 2560, 2048): (32, 256, 4, 4, 1),
-    (16, 2048, 2048): (16, 512, 4, 4, 1),
-    (16, 50304, 2048): (32, 256, 4, 4, 1),
-    (64, 2048, 8192): (32, 256, 4, 4, 2),
-    (64, 2048, 4096): (32, 256, 4, 4, 2),
-    (64, 2048, 2048): (16, 256, 4, 4, 1),
-}
-DEFAULT_TILE = (32, 256, 4, 4, 1)  # for shapes not measured (tests, other models)
-MAX_ROWS = 64
+Tile = tuple[int, int, int, int, int]  # (BLOCK_N, BLOCK_K, num_warps, num_stages, K splits)
+
+
+@tuning.register("linear")
+@dataclass(frozen=True)
+class LinearTuning(tuning.Tuning):
+    """The few-rows kernel's tiles, and the shapes it takes from cuBLAS (`tuning.tuned(linear=...)`)."""
+
+    tiles: Mapping[tuple[int, int, int], Tile] = tuning.table({
+        (1, 2048, 8192): (64, 256, 4, 4, 4),
+        (1, 8192, 2048): (64, 256, 4, 4, 1),
+        (1, 2048, 4096): (64, 256, 4, 4, 4),
+        (1, 2560, 2048): (32, 256, 4, 4, 1),
+        (1, 2048, 2048): (16, 512, 4, 4, 1),
+        (1, 50304, 2048): (32, 256, 4, 4, 1),
+        (16, 2048, 8192): (64, 256, 4, 4, 4),
+        (16, 8192, 2048): (64, 256, 4, 4, 1),
+        (16, 2048, 4096): (64, 256, 4, 4, 4),
+        (16, 2560, 2048): (32, 256, 4, 4, 1),
+        (16, 2048, 2048): (16, 512, 4, 4, 1),
+        (16, 50304, 2048): (32, 256, 4, 4, 1),
+        (64, 2048, 8192): (32, 256, 4, 4, 2),
+        (64, 2048, 4096): (32, 256, 4, 4, 2),
+        (64, 2048, 2048): (16, 256, 4, 4, 1),
+    })
+    """Tiles by (row class, N, K), the row class 1, 16 (2 to 16 rows) or 64 (17 to 64); on a GPU only
+    these shapes run the kernel, the others cuBLAS. H200, 2026-12-01, benchmarks/bench_linear.py: at 1
+    and 16 rows ours beat cuBLAS on every shape but the MLP's gate_up (by 3 to 13%: cuBLAS's split-K
+    reduction launches go), at 64 rows on the three with N = 2048. 1 and 16 rows share tiles, so a
+    row's bits do not depend on how many rows come with it (up to 16)."""
+    default_tile: Tile = (32, 256, 4, 4, 1)
+    """For shapes not measured (under TRITON_INTERPRET=1, where every shape runs the kernel: tests)."""
+
+
+MAX_ROWS = 64  # the kernel's limit, not a tuning choice: rows pad to 16 or 64 (`_bucket`)
 
 
 def _bucket(M: int) -> int:
@@ -107,7 +122,8 @@ def rows_matmul(x2, weight, tile=None):
     """[M, K] x [N, K]^T -> [M, N], M <= 64, with the given tile or the table's (the default if none)."""
     M, K = x2.shape
     N = weight.shape[0]
-    block_n, block_k, warps, stages, split = tile or TILES.get((row_class(M), N, K), DEFAULT_TILE)
+    t = tuning.current("linear")
+    block_n, block_k, warps, stages, split = tile or t.tiles.get((row_class(M), N, K), t.default_tile)
     split = max(1, min(split, triton.cdiv(K, block_k)))  # no split without a K tile of its own
     columns = triton.cdiv(N, block_n)
     y = x2.new_empty(M, N)
@@ -149,7 +165,8 @@ def linear_triton(x, weight):
     eligible = (0 < M <= MAX_ROWS and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
                 and weight.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
-    if not eligible or (not interpreting() and (row_class(M), weight.shape[0], K) not in TILES):
+    measured = (row_class(M), weight.shape[0], K) in tuning.current("linear").tiles
+    if not eligible or not (measured or interpreting()):
         return F.linear(x, weight)
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:

@@ -24,10 +24,13 @@ the reference covers that this does not: float64, CPUs (except under TRITON_INTE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .mamba import mamba_inner_reference
 
 
@@ -107,13 +110,19 @@ def _scan_step_kernel(xz_ptr, x_ptr, part_ptr, w_ptr, bias_ptr, alog_ptr, D_ptr,
     tl.store(y_ptr + b * E + e, y.to(y_ptr.dtype.element_ty), mask=em)
 
 
-# (conv channels per program, x_proj outputs per weight tile, conv warps, scan channels per program,
-# scan warps). A conv program of C channels leaves E / C partials of x_proj per row, which every scan
-# program sums. One tile at every batch size: the partials' grouping and each reduction's order, so a
-# row's bits, do not depend on the rows beside it. `benchmarks/bench_mamba_step.py`, H200, 2026-12-01:
-# conv + scan 18.4 / 34.5 us at batch 16 / 64, the best there (the previous (256, 32, 4, 64, 4): 23.5 /
-# 47.6); at batch 1 the best tile of its own, (64, 32, 4, 16, 4), took 13.4 us against the previous 19.4.
-STEP_TILE = (256, 32, 2, 32, 1)
+@tuning.register("mamba_step")
+@dataclass(frozen=True)
+class MambaStepTuning(tuning.Tuning):
+    """The decode step's tile (`tuning.tuned(mamba_step=...)`)."""
+
+    tile: tuple[int, int, int, int, int] = (256, 32, 2, 32, 1)
+    """(conv channels per program, x_proj outputs per weight tile, conv warps, scan channels per
+    program, scan warps). A conv program of C channels leaves E / C partials of x_proj per row, which
+    every scan program sums. One tile at every batch size: the partials' grouping and each reduction's
+    order, so a row's bits, do not depend on the rows beside it. `benchmarks/bench_mamba_step.py`,
+    H200, 2026-12-01: conv + scan 18.4 / 34.5 us at batch 16 / 64, the best there (the previous (256,
+    32, 4, 64, 4): 23.5 / 47.6); at batch 1 the best tile of its own, (64, 32, 4, 16, 4), took 13.4 us
+    against the previous 19.4."""
 
 
 @torch.library.custom_op("samba_lm::mamba_conv_step", mutates_args=("conv_state",))
@@ -126,7 +135,7 @@ def _conv_step_op(xz: torch.Tensor, positions: torch.Tensor | None, conv_weight:
 def conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, tile=None):
     batch = xz.shape[0]
     E, K = conv_weight.shape
-    block_e, o_chunk, warps = (tile or STEP_TILE)[:3]
+    block_e, o_chunk, warps = (tile or tuning.current("mamba_step").tile)[:3]
     x, part = _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e)
     _conv_step_kernel[(part.shape[0], batch)](
         xz, positions if positions is not None else conv_state, conv_weight.contiguous(),
@@ -146,7 +155,7 @@ def _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e):
 
 @_conv_step_op.register_fake
 def _(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight):
-    return _conv_step_outputs(xz, conv_weight, x_proj_weight, STEP_TILE[0])
+    return _conv_step_outputs(xz, conv_weight, x_proj_weight, tuning.current("mamba_step").tile[0])
 
 
 @torch.library.custom_op("samba_lm::mamba_scan_step", mutates_args=("ssm_state",))
@@ -160,7 +169,7 @@ def scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, ti
     batch = xz.shape[0]
     E, N = A_log.shape
     R = dt_proj_weight.shape[1]
-    block_e, warps = (tile or STEP_TILE)[3:]
+    block_e, warps = (tile or tuning.current("mamba_step").tile)[3:]
     y = x.new_empty(batch, 1, E)
     _scan_step_kernel[(triton.cdiv(E, block_e), batch)](
         xz, x, part, dt_proj_weight.contiguous(), dt_proj_bias, A_log.contiguous(), D if D is not None else dt_proj_bias,

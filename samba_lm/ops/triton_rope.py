@@ -18,10 +18,13 @@ What the reference covers that this does not: float64, CPUs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .rope import rope_inv_freq
 
 
@@ -58,13 +61,19 @@ def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, T, H, Hkv,
     tl.store(dst + HALF, x2.to(dst.dtype.element_ty), mask=mask)
 
 
-BLOCK_T = 16
+@tuning.register("rope")
+@dataclass(frozen=True)
+class RopeTuning(tuning.Tuning):
+    """The rope kernel's tile (`tuning.tuned(rope=...)`)."""
+
+    block_t: int = 16
+    """Steps per program, forward and backward (a decode step: one)."""
 
 
 def _launch(qkv, q, k, v, positions, inv_freq, backward: bool):
     batch, T, H, Dh = q.shape
     Hkv = k.shape[2]
-    block_t = min(BLOCK_T, triton.next_power_of_2(T))  # a decode step: one row per program
+    block_t = min(tuning.current("rope").block_t, triton.next_power_of_2(T))  # a decode step: one row per program
     _qkv_rope_kernel[(triton.cdiv(T, block_t), batch, H + 2 * Hkv)](
         qkv, q, k, v, positions, inv_freq, T, H, Hkv, qkv.stride(0), qkv.stride(1), HALF=Dh // 2,
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(Dh // 2), BACKWARD=backward, num_warps=1 if T == 1 else 4)
@@ -120,11 +129,13 @@ def _(dq, dk, dv, positions, inv_freq):
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.tuning = tuning.current("rope")
 
 
 def _backward(ctx, dq, dk, dv):
     positions, inv_freq = ctx.saved_tensors
-    return _rope_bwd_op(dq, dk, dv, positions, inv_freq), None, None, None, None
+    with tuning.tuned(rope=ctx.tuning):  # the forward's: autograd's CUDA thread sees the defaults
+        return _rope_bwd_op(dq, dk, dv, positions, inv_freq), None, None, None, None
 
 
 torch.library.register_autograd("samba_lm::qkv_rope_fwd", _backward, setup_context=_setup)

@@ -10,10 +10,13 @@ TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .sample import MIX, SEED_SALT
 
 M0 = tl.constexpr(MIX[0])
@@ -66,7 +69,14 @@ def _choose_kernel(logits_ptr, temp_ptr, floor_ptr, seed_ptr, pos_ptr, tok_ptr, 
     tl.store(fin_ptr + b, (done | (tl.sum((stops == token).to(tl.int32), axis=0) > 0)).to(tl.int1))
 
 
-BLOCK_V = 2048
+@tuning.register("sample")
+@dataclass(frozen=True)
+class SampleTuning(tuning.Tuning):
+    """The token choice's tile (`tuning.tuned(sample=...)`)."""
+
+    block_v: int = 2048
+    """Vocabulary entries per step of a row's walk (the choice is the same at any size: ties go to the
+    smallest index)."""
 
 
 def choose_tokens_triton(logits, temperature, floor, seeds, positions, tokens, finished, stops):
@@ -85,7 +95,8 @@ def _choose_tokens_op(logits: torch.Tensor, temperature: torch.Tensor, floor: to
                       stops: torch.Tensor) -> None:
     batch, V = logits.shape
     _choose_kernel[(batch,)](logits, temperature, floor, seeds, positions, tokens, finished, stops, V,
-                             logits.stride(0), N_STOPS=len(stops), BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)),
+                             logits.stride(0), N_STOPS=len(stops),
+                             BLOCK_V=min(tuning.current("sample").block_v, triton.next_power_of_2(V)),
                              num_warps=8)
 
 

@@ -14,7 +14,7 @@ cumulative decay. Time is the leading axis so that Triton's default layout sprea
 states over threads and keeps a thread's time steps in its registers: the scan is then sequential
 within a thread (with time last, across threads, the forward took 9.96 ms instead of 5.03 ms at B=8,
 L=4096, E=4096 on an H100). Both forwards save the state entering each chunk of steps (fp32,
-[B, chunks, N, E]: every BLOCK_T steps, or SEQUENTIAL_CARRY_T when the step-at-a-time backward
+[B, chunks, N, E]: every BLOCK_T steps, or `sequential_carry_t` when the step-at-a-time backward
 follows) for the backward; nothing else is saved.
 
 The step-at-a-time kernels hold states as [N, E] tiles with channels across threads: A, the carries
@@ -34,7 +34,7 @@ Decode: a one-token call without gradients runs `_scan_step_kernel`, which reads
 state once, in place, and returns it as the final state.
 
 Backward, step at a time (when the forward is): one warp per (batch row, 32 channels) walks the
-SEQUENTIAL_CARRY_T-step segments last first. It recomputes a segment's states from the saved carry
+`sequential_carry_t`-step segments last first. It recomputes a segment's states from the saved carry
 into a per-program scratch (16 KB, meant to stay in L2), then walks the segment in reverse carrying
 q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1} needs no shifted decay: one exponential per step and
 pass. Each step's dB and dC are summed over the warp's channels and written per program: with
@@ -56,10 +56,13 @@ which has no PTX: there the backward sums dB and dC with `tl.sum`; the PTX path 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .triton_common import interpreting, multiprocessors, row_stride
 
 # ----------------------------------------------------------------------------- kernels
@@ -533,38 +536,56 @@ def _scan_step_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-# Tile shapes, measured on an H100 with benchmarks/bench_scan.py --sweep (see benchmarks/RESULTS.md).
-# BLOCK_T is shared by forward and backward: the forward saves one carried state per BLOCK_T steps.
-# The benchmark's sweep replaces this dict; nothing else should.
-TILES = {"block_t": 16, "fwd": (16, 4), "bwd": (32, 8)}  # (channels per tile for N=16, warps)
-# The step-at-a-time kernels (32 channels, one warp per program, two steps per loop iteration) win
-# when there are enough programs to fill the GPU. At B=8, L=4096, E=4096 on an H100: forward 1.78 ms
-# against 5.03 ms for the chunked one, forward+backward 12.2 ms against 41.8 ms (before the warp sums
-# and SEQUENTIAL_CARRY_T). At B=1 the chunked ones win (forward 0.91 ms against 1.58 ms).
-# bench_scan.py --sweep, see benchmarks/RESULTS.md.
-SEQUENTIAL_FORWARD = (32, 1)  # (channels per program, warps)
-SEQUENTIAL_STEPS = 2  # steps per forward loop iteration: 2 keeps two steps of loads in flight
-SEQUENTIAL_MIN_PROGRAMS_PER_SM = 4
-SEQUENTIAL_BACKWARD = True  # off: the chunked backward after a step-at-a-time forward (tests, sweep)
-# Steps between saved states when both step-at-a-time kernels run: the backward's scratch (8 x N x 32
-# fp32, 16 KB per program) then stays in L2. H100, B=8 L=4096, kernels alone: fwd+bwd 8.15 ms against
-# 9.87 ms with 16 steps, for twice the carries memory (4 N E bytes per 8 steps: 1.07 GB per layer there).
-SEQUENTIAL_CARRY_T = 8
-# Inference with too few rows to fill the GPU step by step: time splits into segments walked in parallel,
-# twice (end states from zero, then the walk from the combined states), until rows x channel blocks x
-# segments reach this many programs per SM; a segment keeps at least SEQUENTIAL_MIN_SEGMENT steps.
-# H200, B=1, E=4096, `bench_scan.py --sweep-segments`: L=4096 0.360 ms (33 segments) against 0.387 with
-# 8 programs per SM and 1.59 in one walk; L=16384 1.22 ms against 1.43 and 6.31.
-SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM = 32
-SEQUENTIAL_MIN_SEGMENT = 64
+@tuning.register("scan")
+@dataclass(frozen=True)
+class ScanTuning(tuning.Tuning):
+    """The scan's tiles and its choice of kernels (`tuning.tuned(scan=...)`). Measured with
+    benchmarks/bench_scan.py --sweep and --sweep-segments (see benchmarks/RESULTS.md)."""
+
+    block_t: int = 16
+    """Steps per chunk of the chunked kernels, forward and backward: the forward saves one carried
+    state per chunk for the backward. H100, --sweep with SWEEP_TILES=1."""
+    fwd_tile: tuple[int, int] = (16, 4)
+    """The chunked forward's (channels per tile for N=16, warps). H100, as block_t."""
+    bwd_tile: tuple[int, int] = (32, 8)
+    """The chunked backward's (channels per tile for N=16, warps). H100, as block_t."""
+    sequential_forward: tuple[int, int] = (32, 1)
+    """The step-at-a-time kernels' (channels per program, warps), forward and backward: one warp per
+    32 channels, which the backward's PTX warp sums need (other shapes sum with `tl.sum`)."""
+    sequential_steps: int = 2
+    """Steps per loop iteration of the step-at-a-time forward: 2 keeps two steps of loads in flight."""
+    sequential_min_programs_per_sm: float = 1.5
+    """A training forward and its backward run step at a time once rows x channel blocks reach this
+    many programs per SM (0: always; 10**9: never). H200, L=4096, N=16, forward+backward, step at a
+    time against chunked (benchmarks/bench_scan.py --sweep-paths): 1.0 program per SM (B1 E4096) 6.83
+    against 6.26 ms; 1.9 (B2 E4096) 7.08 against 11.50; 3.9 (B8 E2048, mamba-432m) 7.54 against
+    22.79; 5.8 (B8 E3072) 8.57 against 33.80. The chunked backward grows with the rows, the step at a
+    time one hardly (its time is the walk's latency)."""
+    segment_below_programs_per_sm: float = 4
+    """An inference forward with fewer programs per SM than this splits time into segments (below)."""
+    sequential_backward: bool = True
+    """The step-at-a-time backward after a step-at-a-time forward; off: the chunked one (tests, sweep)."""
+    sequential_carry_t: int = 8
+    """Steps between saved states when both step-at-a-time kernels run: the backward's scratch (8 x N
+    x 32 fp32, 16 KB per program) then stays in L2. H100, B=8 L=4096, kernels alone: fwd+bwd 8.15 ms
+    against 9.87 ms with 16 steps, for twice the carries memory (4 N E bytes per 8 steps: 1.07 GB per
+    layer there)."""
+    sequential_segment_programs_per_sm: int = 32
+    """Inference with too few rows to fill the GPU step by step: time splits into segments walked in
+    parallel, twice (end states from zero, then the walk from the combined states), until rows x
+    channel blocks x segments reach this many programs per SM. H200, B=1, E=4096, --sweep-segments:
+    L=4096 0.360 ms (33 segments) against 0.387 with 8 programs per SM and 1.59 in one walk; L=16384
+    1.22 ms against 1.43 and 6.31."""
+    sequential_min_segment: int = 64
+    """Steps a time segment keeps at least (the same sweep)."""
 
 
-def _config(E: int, N: int, which: str = "fwd"):
+def _config(t: ScanTuning, E: int, N: int, which: str = "fwd"):
     """(BLOCK_E, BLOCK_N, BLOCK_T, num_warps): a [BLOCK_E, BLOCK_N, BLOCK_T] fp32 tile."""
     block_n = triton.next_power_of_2(N)
-    block_e, warps = TILES[which]
+    block_e, warps = t.fwd_tile if which == "fwd" else t.bwd_tile
     block_e = max(1, min(triton.next_power_of_2(E), block_e * 16 // block_n))
-    return block_e, block_n, TILES["block_t"], warps
+    return block_e, block_n, t.block_t, warps
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries: bool):
@@ -572,14 +593,15 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     N = A.shape[1]
     u, delta, B, C = (row_stride(x) for x in (u, delta, B, C))
     z = row_stride(z) if z is not None else None
-    block_e, block_n, block_t, warps = _config(E, N)
-    segments = 1 if save_carries else _segments(batch, E, T, u.device)
-    sequential = _sequential(batch, E, u.device) or segments > 1
-    carry_t = _carry_steps(batch, E, N, u.device) if save_carries else SEQUENTIAL_CARRY_T
-    y, final_out, carries = _forward_outputs(u, A, save_carries)
+    t = tuning.current("scan")
+    block_e, block_n, block_t, warps = _config(t, E, N)
+    segments = 1 if save_carries else _segments(t, batch, E, T, u.device)
+    sequential = _sequential(t, batch, E, u.device) or segments > 1
+    carry_t = _carry_steps(t, batch, E, N, u.device) if save_carries else t.sequential_carry_t
+    y, final_out, carries = _forward_outputs(t, u, A, save_carries)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries, BLOCK_N=block_n)
-    seq_e, seq_warps = SEQUENTIAL_FORWARD
+    seq_e, seq_warps = t.sequential_forward
     if sequential:  # states [N, E]-major (channels contiguous), B and C in fp32 (no per-thread conversions)
         A, B, C = A.t(), B.float(), C.float()
         initial_state = initial_state.transpose(1, 2) if initial_state is not None else None
@@ -596,7 +618,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
         segments = triton.cdiv(T, seg)
         ends = torch.empty(batch, segments, N, E, device=u.device, dtype=torch.float32)
         dts = torch.empty(batch, segments, E, device=u.device, dtype=torch.float32)
-        launch = dict(BLOCK_E=seq_e, CARRY_T=carry_t, STEPS=SEQUENTIAL_STEPS, num_warps=seq_warps)
+        launch = dict(BLOCK_E=seq_e, CARRY_T=carry_t, STEPS=t.sequential_steps, num_warps=seq_warps)
         tail = (B.stride(2), C.stride(2), 0, seg, segments)
         programs = (batch, triton.cdiv(E, seq_e))
         if segments > 1:
@@ -611,33 +633,35 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     return y, final, carries
 
 
-def _forward_outputs(u, A, save_carries: bool):
+def _forward_outputs(t: ScanTuning, u, A, save_carries: bool):
     """y [B, T, E] in u's dtype, the final state [B, E, N] and, for a backward, the states saved every
     `_carry_steps` steps [B, chunks, N, E] (fp32): the launcher's outputs, and the fake's."""
     batch, T, E = u.shape
     N = A.shape[1]
-    chunks = triton.cdiv(T, _carry_steps(batch, E, N, u.device)) if save_carries else 0
+    chunks = triton.cdiv(T, _carry_steps(t, batch, E, N, u.device)) if save_carries else 0
     return (u.new_empty(batch, T, E), u.new_empty(batch, E, N, dtype=torch.float32),
             u.new_empty(batch, chunks, N, E, dtype=torch.float32))
 
 
-def _carry_steps(batch: int, E: int, N: int, device) -> int:
+def _carry_steps(t: ScanTuning, batch: int, E: int, N: int, device) -> int:
     """Steps between the states a training forward saves: what its backward recomputes from."""
-    return SEQUENTIAL_CARRY_T if _sequential(batch, E, device) and SEQUENTIAL_BACKWARD else _config(E, N)[2]
+    if _sequential(t, batch, E, device) and t.sequential_backward:
+        return t.sequential_carry_t
+    return _config(t, E, N)[2]
 
 
-def _segments(batch: int, E: int, T: int, device) -> int:
+def _segments(t: ScanTuning, batch: int, E: int, T: int, device) -> int:
     """Time segments for an inference forward: 1 when rows x channel blocks fill the GPU already."""
-    programs = batch * triton.cdiv(E, SEQUENTIAL_FORWARD[0])
+    programs = batch * triton.cdiv(E, t.sequential_forward[0])
     sms = multiprocessors(device)
-    if programs >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * sms:
+    if programs >= t.segment_below_programs_per_sm * sms:
         return 1
-    return max(1, min(triton.cdiv(SEQUENTIAL_SEGMENT_PROGRAMS_PER_SM * sms, programs), T // SEQUENTIAL_MIN_SEGMENT))
+    return max(1, min(triton.cdiv(t.sequential_segment_programs_per_sm * sms, programs), T // t.sequential_min_segment))
 
 
-def _sequential(batch: int, E: int, device) -> bool:
+def _sequential(t: ScanTuning, batch: int, E: int, device) -> bool:
     """Whether the step-at-a-time kernels have enough programs to fill the GPU."""
-    return batch * triton.cdiv(E, SEQUENTIAL_FORWARD[0]) >= SEQUENTIAL_MIN_PROGRAMS_PER_SM * multiprocessors(device)
+    return batch * triton.cdiv(E, t.sequential_forward[0]) >= t.sequential_min_programs_per_sm * multiprocessors(device)
 
 
 def _superblocks(batch: int, E: int, block_e: int, device) -> tuple[int, int]:
@@ -654,9 +678,14 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     N = A.shape[1]
     u, delta, B, C, dy = (row_stride(x) for x in (u, delta, B, C, dy))
     z = row_stride(z) if z is not None else None
-    block_e, block_n, block_t, warps = _config(E, N, "bwd")
-    seq_e = SEQUENTIAL_FORWARD[0]
-    sequential = SEQUENTIAL_BACKWARD and _sequential(batch, E, u.device)
+    t = tuning.current("scan")
+    carry_t = _carry_steps(t, batch, E, N, u.device)
+    if carries.shape[1] != triton.cdiv(T, carry_t):  # a wrong spacing would read the wrong states
+        raise RuntimeError(f"selective_scan backward: the forward saved {carries.shape[1]} states for {T} steps, "
+                           f"the scan's tuning now says one every {carry_t}: run it under its forward's tuning")
+    block_e, block_n, block_t, warps = _config(t, E, N, "bwd")
+    seq_e, seq_warps = t.sequential_forward
+    sequential = t.sequential_backward and _sequential(t, batch, E, u.device)
     if sequential:  # as in the forward: [N, E]-major states, fp32 B and C
         n_sub, n_sb = 1, triton.cdiv(E, seq_e)
         A, B, C = A.t(), B.float(), C.float()
@@ -684,11 +713,11 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_DHT=d_final is not None, BLOCK_N=block_n)
     if sequential:
-        scratch = torch.empty(batch, n_sb, SEQUENTIAL_CARRY_T, block_n, seq_e, **f32)  # a segment's states
-        warp_sums = block_n == 16 and seq_e == 32 and SEQUENTIAL_FORWARD[1] == 1 and not interpreting()
+        scratch = torch.empty(batch, n_sb, t.sequential_carry_t, block_n, seq_e, **f32)  # a segment's states
+        warp_sums = block_n == 16 and seq_e == 32 and seq_warps == 1 and not interpreting()
         _scan_bwd_seq_kernel[(batch, n_sb)](*args, scratch, T, E, N, *strides, B.stride(2), C.stride(2), 0,
-                                            **flags, BLOCK_E=seq_e, CARRY_T=SEQUENTIAL_CARRY_T, WARP_SUMS=warp_sums,
-                                            num_warps=SEQUENTIAL_FORWARD[1])
+                                            **flags, BLOCK_E=seq_e, CARRY_T=t.sequential_carry_t,
+                                            WARP_SUMS=warp_sums, num_warps=seq_warps)
         dA, dh0 = dA.transpose(1, 2).contiguous(), dh0.transpose(1, 2).contiguous()
     else:
         g = torch.empty(batch, E, N, **f32)  # the reverse scan's carry between chunks
@@ -708,7 +737,7 @@ def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries):
-    return _forward_outputs(u, A, save_carries)
+    return _forward_outputs(tuning.current("scan"), u, A, save_carries)
 
 
 @torch.library.custom_op("samba_lm::selective_scan_bwd", mutates_args=())
@@ -733,6 +762,7 @@ def _setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, _ = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
     ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+    ctx.tuning = tuning.current("scan")  # the carries' spacing depends on it; see _backward
 
 
 def _backward(ctx, dy, d_final, _d_carries):
@@ -740,8 +770,11 @@ def _backward(ctx, dy, d_final, _d_carries):
     if carries.shape[1] == 0 and u.shape[1] > 0:
         raise RuntimeError("samba_lm::selective_scan_fwd ran with save_carries=False (an inference forward): "
                            "it has no backward")
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
-        dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries)
+    # The forward's tuning: a backward may run outside its block, or on autograd's CUDA thread,
+    # which sees the defaults.
+    with tuning.tuned(scan=ctx.tuning):
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
+            dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries)
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None,

@@ -60,6 +60,9 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, "keep only each sub-layer's inputs for the backward and "
                                                    "recompute its activations there: less memory, the same "
                                                    "losses, one more forward per sub-layer")
+    recompute_mamba: bool = option(False, "keep only each Mamba mixer's input (xz) for the backward and run "
+                                          "its conv, projections and scan again there: about a third of "
+                                          "the Mamba layer's saved bytes, one more scan forward per layer")
     seed: int = option(0, "seed of the initialisation and of the data order")
     # evaluation, logging, checkpoints
     eval_every: int = option(50, "steps between validation losses")

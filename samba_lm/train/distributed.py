@@ -53,12 +53,16 @@ def teardown():
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, mode: str, env: DistEnv, compile: bool = False, checkpoint: bool = False) -> nn.Module:
-    """In this order: activation checkpointing per sub-layer (optional), compile each sub-layer
-    (optional), then wrap for data parallelism (a single process: unwrapped)."""
+def parallelize(model: nn.Module, mode: str, env: DistEnv, compile: bool = False, checkpoint: bool = False,
+                recompute_mamba: bool = False) -> nn.Module:
+    """In this order: activation checkpointing per sub-layer or of the Mamba mixers (optional),
+    compile each sub-layer (optional), then wrap for data parallelism (a single process: unwrapped)."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel={mode!r}: must be one of {PARALLEL_MODES}")
     model.checkpoint_layers = checkpoint
+    for layer in model.layers:
+        if hasattr(layer.mixer, "recompute"):
+            layer.mixer.recompute = recompute_mamba
     if compile:
         for layer in model.layers:
             layer.compile()

@@ -64,7 +64,8 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
     if init is not None and not resume:
         model.load_state_dict(init.state_dict())  # cast to the fp32 master weights
     del init  # one copy of the weights is enough
-    model = D.parallelize(model, cfg.parallel, env, compile=cfg.compile, checkpoint=cfg.activation_checkpointing)
+    model = D.parallelize(model, cfg.parallel, env, compile=cfg.compile, checkpoint=cfg.activation_checkpointing,
+                          recompute_mamba=cfg.recompute_mamba)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.exempt_from_decay)
     step = _restore(resume[0], model, optimizer) if resume else _start_run(cfg, env, data.tokenizer, model_cfg)
     autocast = _autocast(cfg, env.device)
@@ -204,7 +205,8 @@ def _announce(cfg, env, model_cfg, micro, accum, data, resume, log):
         f"samba-lm train: {'fine-tuning ' + cfg.init_from if cfg.init_from else cfg.model} "
         f"({n_params / 1e6:.2f}M parameters), task {cfg.task}",
         f"  processes {env.world_size} x {env.device} ({cfg.parallel if env.distributed else 'single'}), "
-        f"dtype {cfg.dtype}" + (", activation checkpointing" if cfg.activation_checkpointing else ""),
+        f"dtype {cfg.dtype}" + (", activation checkpointing" if cfg.activation_checkpointing else "")
+        + (", Mamba mixers recomputed" if cfg.recompute_mamba else ""),
         f"  batch {cfg.batch_size} x {cfg.seq_len} = {cfg.batch_size * cfg.seq_len} tokens/step "
         f"(micro {micro} x accumulation {accum} x processes {env.world_size})",
         f"  {cfg.steps} steps = {cfg.steps * cfg.batch_size * cfg.seq_len / 1e6:.2f}M tokens; {data.about}",

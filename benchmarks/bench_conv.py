@@ -1,0 +1,102 @@
+"""The causal conv1d's Triton kernels on a GPU over a sweep of their tiles, against causal_conv1d (CUDA,
+built by build_peers.sh) in the same run, at Mamba's training sizes (d_inner 4096, width 4, bf16).
+
+    python benchmarks/bench_conv.py --out results/
+
+For each (B, L) it times the forward alone and forward+backward (median ms, triton.testing.do_bench)
+for every (BLOCK_T, BLOCK_E, warps) of the forward and of the backward, reports the best of each
+against the shipped tiles (`ConvTuning` in ops/triton_conv.py) and the peer, and writes
+bench_conv.json. Floors: bytes / measured copy bandwidth, with the forward reading x and writing y,
+the backward reading x and dy and writing dx (bf16 each; the float32 dpre of our two-pass backward
+is extra traffic the floor does not grant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_scan import copy_bandwidth, fwd_bwd, median_ms  # noqa: E402
+
+from samba_lm import ops  # noqa: E402
+from samba_lm.ops import tuning  # noqa: E402
+
+E, K = 4096, 4
+TILES = list(itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8)))  # (BLOCK_T, BLOCK_E, warps)
+
+
+def timed(fn, args, backward: bool) -> float:
+    with ops.use_kernels("triton"):
+        return median_ms((lambda: fn(**args)) if not backward else
+                         fwd_bwd(fn, {k: v.clone() for k, v in args.items()}, {"x", "weight", "bias"}), rep=50)
+
+
+def sweep(args, field: str, backward: bool) -> dict:
+    """Milliseconds per tile of one field (fwd_tile or bwd_tile), the other left as shipped."""
+    times = {}
+    for tile in TILES:
+        if tile[0] * tile[1] > 128 * 32 * tile[2]:  # over 128 elements a thread: spills
+            continue
+        try:
+            with ops.tuned(conv={field: tile}):
+                times[str(tile)] = timed(ops.causal_conv1d, args, backward)
+        except Exception as e:  # out of resources
+            print(f"{field} {tile}: failed ({type(e).__name__})", flush=True)
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_conv.json")
+    p.add_argument("--shapes", default="8x4096,8x16384,1x4096", help="comma-separated BxL to time")
+    p.add_argument("--no-sweep", action="store_true", help="only the shipped tiles, the baseline and the peer "
+                   "(otherwise the first shape is swept too)")
+    a = p.parse_args()
+    try:
+        from causal_conv1d import causal_conv1d_fn as peer
+    except ImportError as e:
+        print(f"causal_conv1d unavailable ({e}): no peer column")
+        peer = None
+    bw, rows = copy_bandwidth(), []
+    for shape in a.shapes.split(","):
+        batch, L = map(int, shape.split("x"))
+        x = torch.randn(batch, L, E, device="cuda", dtype=torch.bfloat16)
+        args = dict(x=x, weight=torch.randn(E, K, device="cuda"), bias=torch.randn(E, device="cuda"))
+        for mode in ("fwd", "fwd+bwd"):
+            backward = mode == "fwd+bwd"
+            row = dict(B=batch, L=L, mode=mode, floor_ms=2 * x.numel() * (5 if backward else 2) / bw * 1e3,
+                       shipped_ms=timed(ops.causal_conv1d, args, backward),
+                       shipped_tiles=[tuning.current("conv").fwd_tile, tuning.current("conv").bwd_tile])
+            if peer is not None:
+                pargs = dict(x=x.transpose(1, 2).contiguous(), weight=args["weight"], bias=args["bias"], activation="silu")
+                row["peer_ms"] = median_ms((lambda: peer(**pargs)) if not backward else
+                                           fwd_bwd(peer, {k: v.clone() if torch.is_tensor(v) else v
+                                                          for k, v in pargs.items()}, {"x", "weight", "bias"}), rep=50)
+            if not a.no_sweep and shape == a.shapes.split(",")[0]:  # the sweep at the first shape
+                times = sweep(args, "bwd_tile" if backward else "fwd_tile", backward)
+                row["sweep"] = times
+                row["best_tile"], row["best_ms"] = min(times.items(), key=lambda kv: kv[1])
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
+            torch.cuda.empty_cache()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_conv.json").write_text(json.dumps({"rows": rows, "copy_bw": bw,
+                                                     "device": torch.cuda.get_device_name()}, indent=1))
+    print("| B | L | pass | shipped ms | best ms (tile) | causal_conv1d ms | floor ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['B']} | {r['L']} | {r['mode']} | {r['shipped_ms']:.3f} | "
+              f"{r.get('best_ms', float('nan')):.3f} {r.get('best_tile', '')} | "
+              f"{r.get('peer_ms', float('nan')):.3f} | {r['floor_ms']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

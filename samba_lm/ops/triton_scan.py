@@ -557,7 +557,7 @@ class ScanTuning(tuning.Tuning):
     sequential_min_programs_per_sm: float = 1.5
     """A training forward and its backward run step at a time once rows x channel blocks reach this
     many programs per SM (0: always; 10**9: never). H200, L=4096, N=16, forward+backward, step at a
-    time against chunked (benchmarks/bench_scan.py --sweep-paths): 1.0 program per SM (B1 E4096) 6.83
+    time against chunked (the sweep of benchmarks/bench_scan.py --sweep-paths): 1.0 program per SM (B1 E4096) 6.83
     against 6.26 ms; 1.9 (B2 E4096) 7.08 against 11.50; 3.9 (B8 E2048, mamba-432m) 7.54 against
     22.79; 5.8 (B8 E3072) 8.57 against 33.80. The chunked backward grows with the rows, the step at a
     time one hardly (its time is the walk's latency)."""

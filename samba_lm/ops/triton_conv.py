@@ -5,7 +5,7 @@ Layout (as `conv.py`): x [B, T, E] with channels contiguous, weight [E, K], bias
 tiles are [BLOCK_T, BLOCK_E] with coalesced channel reads; the K taps are unrolled.
 
 Backward, two passes: per output tile, the pre-activation again (K cached loads) and its gradient
-dpre, kept in float32 [B, T, E], with partial sums of d weight and d bias per (row, time block) that
+dpre, kept in float32 [B, T, E] (a transient 4 bytes per element), with partial sums of d weight and d bias per (row, time block) that
 are added up afterwards in a fixed order (deterministic); then per input tile s (from -(K-1), the
 state's slots, to T-1), dx_s = sum_j w_j dpre_{s+K-1-j} (or d initial_state for s < 0). Recomputing
 dpre at K shifts instead (one pass) costs K^2 loads and K sigmoids per element. What the reference

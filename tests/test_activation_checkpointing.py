@@ -51,7 +51,7 @@ def test_checkpointing_saves_less_for_the_backward():
     assert checkpointed < plain / 3, (checkpointed, plain)
 
 
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # rope's cached inv_freq
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # rope traces its inv_freq
 def test_checkpointing_under_torch_compile():
     """The model still traces (the checkpoint becomes a region that the compiled graph recomputes)."""
     loss, grads, _ = loss_grads_and_saved(False)

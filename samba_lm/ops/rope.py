@@ -25,13 +25,22 @@ def _angle_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-@functools.lru_cache(maxsize=64)
 def rope_inv_freq(head_dim: int, base: float, device: torch.device) -> torch.Tensor:
     """base^(-2i/Dh), i < Dh/2, in float64 (float32 where the device has none): made once per head
-    dim, base and device, not per call (a decode step would spend launches on it)."""
-    dtype = _angle_dtype(torch.device(device))
+    dim, base and device, not per call (a decode step would spend launches on it). Under torch.compile
+    it is traced into the graph instead (dynamo would step around the cache, with a warning)."""
+    if torch.compiler.is_compiling():
+        return _inv_freq(head_dim, base, torch.device(device))
+    return _cached_inv_freq(head_dim, base, torch.device(device))
+
+
+def _inv_freq(head_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    dtype = _angle_dtype(device)
     with torch.inference_mode(False):  # a normal tensor, which autograd may save, whatever mode made it first
         return base ** (-torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+
+
+_cached_inv_freq = functools.lru_cache(maxsize=64)(_inv_freq)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers import Mamba
 from ..options import resolve_device
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -61,7 +62,7 @@ def parallelize(model: nn.Module, mode: str, env: DistEnv, compile: bool = False
         raise ValueError(f"parallel={mode!r}: must be one of {PARALLEL_MODES}")
     model.checkpoint_layers = checkpoint
     for layer in model.layers:
-        if hasattr(layer.mixer, "recompute"):
+        if isinstance(layer.mixer, Mamba):
             layer.mixer.recompute = recompute_mamba
     if compile:
         for layer in model.layers:

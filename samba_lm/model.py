@@ -27,7 +27,8 @@ class SambaOutput:
     logits: torch.Tensor | None  # [B, T, vocab] (or [B, logits_to_keep, vocab]); None when labels were given
     state: SambaState | None
     loss: torch.Tensor | None = None  # with labels: mean next-token cross-entropy, a float32 (float64) scalar
-    losses: torch.Tensor | None = None  # with labels: [B, T] float32 (float64) per-position losses, 0 at -100
+    losses: torch.Tensor | None = None  # with labels: [B, T] float32 (float64) per-position losses, 0 at -100;
+    # no gradient flows through them (it flows through loss)
 
 
 def build_mixer(kind: str, cfg: SambaConfig) -> nn.Module:
@@ -144,9 +145,9 @@ class SambaLM(nn.Module):
         _, x = self.norm_f(h, delta)
         weight = (self.lm_head if self.lm_head is not None else self.embedding).weight
         if labels is not None:
-            # One chunked pass gives both: the mean's backward is the per-token one with 1 / n_valid each.
-            losses = linear_cross_entropy(x, weight, labels, reduction="none")
-            return SambaOutput(None, state, losses.sum() / (labels != -100).sum(), losses)
+            # One chunked pass gives both; the mean's gradient is computed in that pass already.
+            loss, losses = linear_cross_entropy(x, weight, labels, return_losses=True)
+            return SambaOutput(None, state, loss, losses)
         return SambaOutput(linear(x, weight), state)
 
     @staticmethod

@@ -193,6 +193,108 @@ def test_shares_the_public_signature():
         assert inspect.signature(fn) == public
 
 
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction, per_chunk", [("mean", 3), ("sum", 3), ("none", 4)])
+def test_one_gradient_number_saves_the_recomputed_matmul(reduction, per_chunk):
+    """"mean" / "sum": the gradients come with the forward, scaled by the incoming gradient afterwards
+    (here 0.37, not 1); "none" recomputes the logits in the backward."""
+    x, w, t = inputs(N=12, ignored=(3,))
+    weights = torch.full(t.shape, 0.37, dtype=torch.float64) if reduction == "none" else 0.37
+
+    def scaled(fn):
+        return lambda x, w, t, **kw: (fn(x, w, t, reduction=reduction, **kw) * weights).sum()
+
+    with CountMatmuls() as count:
+        got = value_and_grads(scaled(ops.linear_cross_entropy), x, w, t, chunk_tokens=4)
+    assert count.n == 3 * per_chunk
+    for a, b in zip(got, value_and_grads(scaled(unchunked), x, w, t)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_losses(reduction):
+    x, w, t = inputs(ignored=(1, 2))
+    loss, losses = ops.linear_cross_entropy(x, w, t, chunk_tokens=5, reduction=reduction, return_losses=True)
+    torch.testing.assert_close(losses, unchunked(x, w, t, reduction="none"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, unchunked(x, w, t, reduction=reduction), rtol=1e-12, atol=1e-12)
+    assert (losses.grad_fn is None) == (reduction != "none")  # the gradient flows through the loss
+    with pytest.raises(ValueError, match="return_losses must be a bool"):
+        ops.linear_cross_entropy(x, w, t, return_losses="yes")
+
+
+def triton_or_skip():
+    return pytest.importorskip("triton", reason="the Triton backend needs the `triton` package")
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # elsewhere the Triton interpreter
+
+
+def on_device(*tensors):
+    return [t.detach().to(DEVICE) for t in tensors]
+
+
+def rel_err(a, exact):
+    return ((a.double().cpu() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("V", [13, 5000])  # one masked block; several blocks of 4096 with a ragged end
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_backend_matches_the_reference(V, reduction):
+    """float32: the Triton rows' error against float64 within a small multiple of the torch rows'
+    (exact agreement is not expected: the GPU's exp2 is an approximation, and where a token's softmax
+    is near 1 its gradient p - 1 cancels)."""
+    triton_or_skip()
+    x64, w64, t = inputs(N=7, D=8, V=V, ignored=(2,))
+    t[0], t[1] = V - 1, 0  # the first and the last column
+    with torch.no_grad():
+        w64[3] -= 60  # a column far from the rest
+    weights64 = torch.rand(t.shape, dtype=torch.float64) if reduction == "none" else 0.5
+
+    def weighted(weights):
+        return lambda x, w, t, **kw: (ops.linear_cross_entropy(x, w, t, reduction=reduction, chunk_tokens=3, **kw)
+                                      * weights).sum()
+
+    exact = value_and_grads(lambda x, w, t: (unchunked(x, w, t, reduction=reduction) * weights64).sum(), x64, w64, t)
+    x, w, t = on_device(x64.float(), w64.float(), t)
+    weights = weights64.float().to(DEVICE) if reduction == "none" else 0.5
+    with ops.use_kernels("reference"):
+        want = value_and_grads(weighted(weights), x, w, t)
+    with ops.use_kernels("triton"):
+        got = value_and_grads(weighted(weights), x, w, t)
+        with torch.no_grad():
+            _, losses = ops.linear_cross_entropy(x, w, t, chunk_tokens=3, return_losses=True)
+    for a, r, e in zip(got, want, exact):
+        assert rel_err(a, e) <= 3 * rel_err(r, e) + 1e-6
+    assert rel_err(losses, unchunked(x64, w64, t.cpu(), reduction="none")) <= 1e-6
+
+
+def test_triton_backend_in_bf16_rounds_like_the_reference():
+    """bf16 logits: the same numbers as the torch ops over them, the gradients rounded once to bf16,
+    and within twice the error of the full bf16 logits against float64."""
+    triton_or_skip()
+    x64, w64, t = on_device(*inputs(N=9, D=16, V=50, ignored=(4,)))
+    x, w = x64.bfloat16(), w64.bfloat16()
+    with ops.use_kernels("reference"):
+        want = value_and_grads(ops.linear_cross_entropy, x, w, t, chunk_tokens=4)
+    with ops.use_kernels("triton"):
+        got = value_and_grads(ops.linear_cross_entropy, x, w, t, chunk_tokens=4)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+    exact, full = value_and_grads(unchunked, x64, w64, t), value_and_grads(unchunked, x, w, t)
+    for a, r, b in zip(got, full, exact):
+        assert (a.double() - b).abs().max().item() <= 2 * (r.double() - b).abs().max().item() + 1e-3
+
+
 # ------------------------------------------------------------------ the model
 @pytest.mark.parametrize("tie", [True, False])
 def test_model_loss_equals_cross_entropy_of_its_logits(tie):

@@ -139,6 +139,15 @@ def choose():
                           torch.zeros(batch, device=DEVICE, dtype=torch.bool), torch.tensor([5], device=DEVICE))
 
 
+def cross_entropy_train_and_eval():
+    x, w, t = r(7, 16, grad=True), r(50, 16, grad=True), torch.randint(0, 50, (7,), device=DEVICE)
+    t[2] = -100
+    ops.linear_cross_entropy(x, w, t, chunk_tokens=3).backward()  # gradients in the forward
+    ops.linear_cross_entropy(x, w, t, chunk_tokens=3, reduction="none").sum().backward()  # recomputed
+    with torch.no_grad():
+        ops.linear_cross_entropy(x, w, t, reduction="none")
+
+
 SCENARIOS = {
     "scan, chunked, training": scan_train,
     "scan, step at a time, training": scan_step_at_a_time_train,
@@ -153,6 +162,7 @@ SCENARIOS = {
     "attention over a positional cache": attention_with_caches,
     "rows matmul": rows_matmul,
     "choose tokens": choose,
+    "linear cross-entropy, training and evaluation": cross_entropy_train_and_eval,
 }
 # The tuning that takes a scenario's path at interpreter sizes; its opchecks run under it too, as the
 # launchers read it again.

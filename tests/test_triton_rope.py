@@ -29,7 +29,8 @@ def run(qkv_base, view, positions, grads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T, Dh, strided", [(19, 64, False), (1, 64, True), (19, 128, True), (5, 96, False)])
-def test_values_and_gradients(dtype, T, Dh, strided):
+@pytest.mark.parametrize("heads", [3, 8])  # 8 heads in 3 programs, the last one short; all in one
+def test_values_and_gradients(dtype, T, Dh, strided, heads):
     batch, width = 2, (H + 2 * HKV) * Dh
     g = torch.Generator().manual_seed(T + Dh)
     # Strided: every other time step of a wider buffer, as a view (batch and time strides only).
@@ -42,7 +43,7 @@ def test_values_and_gradients(dtype, T, Dh, strided):
     low = base.to(DEVICE, dtype)
     with ops.use_kernels("reference"):
         ref = run(low, view, positions, grads)
-    with ops.use_kernels("triton"):
+    with ops.use_kernels("triton"), ops.tuned(rope=dict(heads_per_program=heads)):
         tri = run(low, view, positions, grads)
     slack = 1e-6 if dtype == torch.float32 else 1e-3
     for name, t, r, e in zip(["q", "k", "v", "dqkv"], tri, ref, exact):

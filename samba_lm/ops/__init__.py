@@ -60,6 +60,7 @@ except ImportError:  # CPU-only installs: the references serve every op
 else:
     from .triton_attention import attention_triton, attention_with_cache_triton
     from .triton_conv import causal_conv1d_triton
+    from .triton_cross_entropy import linear_cross_entropy_triton
     from .triton_linear import linear_triton
     from .triton_mamba import mamba_inner_triton
     from .triton_norm import add_rmsnorm_triton
@@ -79,3 +80,4 @@ else:
     # add_rmsnorm resolves with the widest of its inputs' dtypes: float64 anywhere means the reference.
     dispatch.register("add_rmsnorm", "triton", add_rmsnorm_triton, _triton_supports)
     dispatch.register("swiglu", "triton", swiglu_triton, _triton_supports)
+    dispatch.register("linear_cross_entropy", "triton", linear_cross_entropy_triton, _triton_supports)

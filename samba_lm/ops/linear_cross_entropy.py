@@ -10,23 +10,28 @@ Shapes (N tokens, D = d_model, V = vocab):
 
 equal to `F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index,
 reduction=reduction)` (float64 for float64 inputs; "mean" with no valid target gives NaN, as there).
-The tokens go through in chunks of `chunk_tokens`: a chunk's logits are computed by `F.linear` (so
-under autocast the matmul runs in the autocast dtype, as the head's would), cast to float32 and reduced
-to their logsumexp and target logit; only those N numbers are kept. The backward recomputes each
-chunk's logits and turns them into (softmax - one-hot) * (each token's incoming gradient: grad /
-n_valid for "mean", grad for "sum", grad_n for "none"), giving that chunk's dx = g @ weight and adding
-g^T @ x_chunk to dweight (accumulated in float32, cast to weight's dtype at the end), under the
-forward's autocast state. Memory is O(chunk_tokens * V) plus a weight-sized gradient, never [N, V]: at
-B8 T4096 V32000 the full float32 logits would be 4.2 GB, and as much again for their gradient.
-"none" is what streaming evaluation uses (`SambaLM(..., labels=...).losses`, `eval ppl`). With no
-gradient to compute, the same forward runs outside the autograd Function, whose context would hold
-Python memory per call until a gc pass (a long `eval ppl` stream makes thousands of calls).
+The tokens go through in chunks of `chunk_tokens`: a chunk's logits are x_c @ weight^T in the matmul
+dtype F.linear would use (autocast's, else x's), reduced row by row to their logsumexp and target logit
+in at least float32; only the N losses are kept. The gradient of a chunk is (softmax - one-hot) * (each
+token's incoming gradient), giving dx_c = g @ weight and adding g^T @ x_c to dweight (accumulated in
+float32, by the matmul itself on CUDA; cast to weight's dtype at the end). For "mean" and "sum" the incoming gradient is one number,
+so the forward computes the gradients while each chunk's logits are at hand (for an incoming 1: 1 /
+n_valid per token for "mean") and the backward only scales them by it: three matmuls per chunk, not
+four. For "none" (one gradient per token) the backward recomputes each chunk's logits.
+Memory is O(chunk_tokens * V) plus a weight-sized gradient, never [N, V]: at B8 T4096 V32000 the full
+float32 logits would be 4.2 GB, and as much again for their gradient. The "none" losses are what
+streaming evaluation reads (`SambaLM(..., labels=...).losses`, `eval ppl`); `return_losses=True` gives
+them beside a "mean" or "sum" loss, without a gradient. With no gradient to compute, the same forward
+runs outside the autograd Function, whose context would hold Python memory per call until a gc pass (a
+long `eval ppl` stream makes thousands of calls).
 
 Default chunk: 2**26 // V tokens (at least 1), so that a chunk's float32 logits hold at most 2**26
 elements = 256 MB (2097 tokens at V = 32000); the log-softmax's temporaries are the same size.
 
-This chunked autograd function is the algorithm itself, registered as the "reference" backend: there
-is no separate unfused reference (the tests compare it with F.cross_entropy of the full logits).
+The chunked algorithm is shared by the backends; they differ in the row step (logsumexp, nll and the
+gradient written over the chunk's logits): torch ops in the "reference" backend (any device and dtype;
+the tests compare it with F.cross_entropy of the full logits in float64), one Triton kernel per chunk in
+"triton" (`triton_cross_entropy.py`), which never makes a float32 copy of the logits.
 """
 
 from __future__ import annotations
@@ -53,88 +58,146 @@ def _autocasting(device: torch.device) -> bool:
 
 
 def _no_autocast(device: torch.device):
-    """The backward casts explicitly to the forward's matmul dtype, whatever autocast the caller has on."""
+    """The matmuls cast explicitly to the head's matmul dtype, whatever autocast the caller has on."""
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
 
-def _chunked_nll(x, weight, targets, ignore_index, chunk):
-    """Each token's loss (0 at ignored targets) and logsumexp, the chunk's logits freed as it goes; and
-    the matmul dtype (autocast's, or x's)."""
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(x, weight) would compute in: autocast's (which leaves float64 alone), else x's."""
+    if _autocasting(x.device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _rows_reference(logits, targets, scale, ignore_index):
+    """Each row's (logsumexp, nll) in at least float32, 0 nll at ignored targets; with a scale (one
+    number, or one per row), the rows' gradients (softmax - onehot) * scale (0 at ignored targets)
+    written over logits. The Triton backend's kernel does the same in one pass over the logits."""
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
-    lse = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
-    nll = torch.empty_like(lse)  # N numbers, kept for every reduction: as small as lse
-    mm = x.dtype
-    for s in range(0, x.shape[0], chunk):
-        logits = F.linear(x[s:s + chunk], weight)
-        mm = logits.dtype
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        lse_c = torch.logsumexp(logits, dim=-1)
-        target = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
-        lse[s:s + chunk] = lse_c
-        nll[s:s + chunk] = torch.where(valid[s:s + chunk], lse_c - target, 0)
-        del logits
-    return nll, lse, safe, valid, mm
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(wide, dim=-1)
+    nll = torch.where(valid, lse - wide.gather(1, safe[:, None]).squeeze(1), 0)
+    if scale is not None:
+        g = wide.sub_(lse[:, None]).exp_()  # softmax (over logits itself when already wide)
+        g[torch.arange(g.shape[0], device=g.device), safe] -= 1
+        g.mul_(torch.where(valid, scale.expand(valid.shape), 0)[:, None])
+        if g is not logits:
+            logits.copy_(g)
+    return lse, nll
 
 
-def _reduce(nll, valid, reduction):
+def _chunks(rows, x, weight, targets, ignore_index, chunk, mm, scale=None, dx=None, dw=None):
+    """Each token's nll (0 at ignored targets), chunk by chunk: the chunk's logits x_c @ weight^T in the
+    matmul dtype mm, then `rows` over them. With a scale, rows leaves the chunk's gradient in the logits
+    buffer, and the two gradient matmuls add it into dx (x's dtype) and dw (float32 or float64)."""
+    nll = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
+    with _no_autocast(x.device):
+        w = weight.to(mm)
+        for s in range(0, x.shape[0], chunk):
+            xc = x[s:s + chunk].to(mm)
+            logits = F.linear(xc, w)
+            part = scale if scale is None or scale.numel() == 1 else scale[s:s + chunk]
+            nll[s:s + chunk] = rows(logits, targets[s:s + chunk], part, ignore_index)[1]
+            if dx is not None:
+                dx[s:s + chunk] = logits @ w
+            if dw is not None:
+                _add_product(dw, logits.t(), xc)
+    return nll
+
+
+def _add_product(acc, a, b):
+    """acc += a @ b with acc wider than a and b: on CUDA the matmul accumulates into acc itself
+    (cuBLAS with beta = 1); elsewhere through a product rounded to a's dtype, then added."""
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
+def _reduce(nll, n_valid, reduction):
     if reduction == "none":
         return nll
-    return nll.sum() / valid.sum() if reduction == "mean" else nll.sum()
+    return nll.sum() / n_valid if reduction == "mean" else nll.sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """For "mean" and "sum" the incoming gradient is one number, so the forward computes the gradients
+    at once (for an incoming 1, as each chunk's logits are at hand) and the backward only scales them:
+    three matmuls per chunk instead of four. For "none" the backward recomputes each chunk's logits
+    and weighs each token by its own incoming gradient. Outputs: the loss, and for "mean" and "sum"
+    also each token's nll, not differentiable."""
+
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, chunk, reduction):
-        nll, lse, safe, valid, ctx.mm = _chunked_nll(x, weight, targets, ignore_index, chunk)
-        ctx.save_for_backward(x, weight, safe, valid, lse, valid.sum())
-        ctx.chunk, ctx.reduction = chunk, reduction
-        return _reduce(nll, valid, reduction)
+    def forward(ctx, x, weight, targets, ignore_index, chunk, reduction, rows):
+        mm, valid = _matmul_dtype(x), targets != ignore_index
+        n_valid = valid.sum()
+        want_x, want_w = ctx.needs_input_grad[:2]
+        ctx.early, ctx.reduction, ctx.rows, ctx.chunk, ctx.ignore_index, ctx.mm = (
+            reduction != "none", reduction, rows, chunk, ignore_index, mm)
+        if not ctx.early:
+            nll = _chunks(rows, x, weight, targets, ignore_index, chunk, mm)
+            ctx.save_for_backward(x, weight, targets)
+            return nll
+        wide = compute_dtype(x.dtype)
+        scale = (1 / n_valid.to(wide) if reduction == "mean" else torch.ones((), dtype=wide, device=x.device))
+        dx = torch.empty_like(x) if want_x else None
+        dw = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) if want_w else None
+        nll = _chunks(rows, x, weight, targets, ignore_index, chunk, mm, scale.reshape(1), dx, dw)
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(nll)
+        return _reduce(nll, n_valid, reduction), nll
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        x, weight, safe, valid, lse, n_valid = ctx.saved_tensors
+    def backward(ctx, grad, *_):
+        if ctx.early:
+            dx, dw = ctx.saved_tensors
+            return (dx * grad if dx is not None else None,  # a 0-dim grad keeps dx's dtype
+                    (dw * grad).to(ctx.weight_dtype) if dw is not None else None, None, None, None, None, None)
+        x, weight, targets = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[:2]
         dx = torch.empty_like(x) if want_x else None
         dw = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) if want_w else None
-        # Each token's incoming gradient: one number for "mean" / "sum", one per token for "none".
-        scale, mm = (grad / n_valid if ctx.reduction == "mean" else grad).to(lse.dtype), ctx.mm
-        per_token = ctx.reduction == "none"
-        with _no_autocast(x.device):
-            w = weight.to(mm)
-            for s in range(0, x.shape[0], ctx.chunk):
-                xc = x[s:s + ctx.chunk].to(mm)
-                g = F.linear(xc, w).to(lse.dtype).sub_(lse[s:s + ctx.chunk, None]).exp_()  # softmax
-                g[torch.arange(g.shape[0], device=g.device), safe[s:s + ctx.chunk]] -= 1
-                row_scale = scale[s:s + ctx.chunk] if per_token else scale
-                g = g.mul_(torch.where(valid[s:s + ctx.chunk], row_scale, 0)[:, None]).to(mm)
-                if want_x:
-                    dx[s:s + ctx.chunk] = g @ w
-                if want_w:
-                    dw += (g.t() @ xc).to(dw.dtype)
-        return dx, dw.to(weight.dtype) if want_w else None, None, None, None, None
+        _chunks(ctx.rows, x, weight, targets, ctx.ignore_index, ctx.chunk, ctx.mm, grad, dx, dw)
+        return dx, dw.to(weight.dtype) if want_w else None, None, None, None, None, None
 
 
-def linear_cross_entropy_reference(x, weight, targets, ignore_index=-100, chunk_tokens=None, reduction="mean"):
+def linear_cross_entropy_with(rows, x, weight, targets, ignore_index, chunk_tokens, reduction, return_losses):
+    """The op over the loss rows `rows` (the reference's torch ops, or a backend's kernel)."""
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    args = (x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), ignore_index, chunk)
+    flat = (x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), ignore_index, chunk)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = _LinearCrossEntropy.apply(*args, reduction)
+        out = _LinearCrossEntropy.apply(*flat, reduction, rows)
+        out, nll = (out, out) if reduction == "none" else out
     else:  # no backward (evaluation): an autograd Function's context costs Python memory until a gc pass
-        nll, _, _, valid, _ = _chunked_nll(*args)
-        out = _reduce(nll, valid, reduction)
-    return out.reshape(targets.shape) if reduction == "none" else out
+        x2, w, t, ignore_index, chunk = flat
+        nll = _chunks(rows, x2, w, t, ignore_index, chunk, _matmul_dtype(x2))
+        out = _reduce(nll, (t != ignore_index).sum(), reduction)
+    losses = nll.reshape(targets.shape)
+    if reduction == "none":
+        out = losses
+    return (out, losses) if return_losses else out
 
 
-def linear_cross_entropy(x, weight, targets, ignore_index=-100, chunk_tokens=None, reduction="mean"):
+def linear_cross_entropy_reference(x, weight, targets, ignore_index=-100, chunk_tokens=None, reduction="mean",
+                                   return_losses=False):
+    return linear_cross_entropy_with(_rows_reference, x, weight, targets, ignore_index, chunk_tokens, reduction,
+                                     return_losses)
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, chunk_tokens=None, reduction="mean",
+                         return_losses=False):
     """Cross-entropy of the logits x @ weight^T against targets, chunked (see module docstring).
 
     chunk_tokens: tokens per chunk (default `default_chunk_tokens(V)`, 256 MB of float32 logits).
     reduction: "mean" (default) or "sum" over the valid targets, a 0-dim tensor; "none": each token's
-    loss, shaped like targets, 0 where targets == ignore_index (as F.cross_entropy)."""
+    loss, shaped like targets, 0 where targets == ignore_index (as F.cross_entropy).
+    return_losses: also return each token's loss, shaped like targets: (loss, losses). With "mean" or
+    "sum" they carry no gradient (the loss does); with "none" they are the loss itself."""
     op = "linear_cross_entropy"
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
@@ -154,9 +217,11 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, chunk_tokens=Non
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"{op}: chunk_tokens must be an int >= 1 or None (the default), got {chunk_tokens!r}")
+    if not isinstance(return_losses, bool):
+        raise ValueError(f"{op}: return_losses must be a bool, got {return_losses!r}")
     _check_targets(op, targets, ignore_index, weight.shape[0])
     fn = dispatch.resolve(op, x.device, x.dtype)
-    return fn(x, weight, targets, ignore_index, chunk_tokens, reduction)
+    return fn(x, weight, targets, ignore_index, chunk_tokens, reduction, return_losses)
 
 
 def _check_targets(op: str, targets: torch.Tensor, ignore_index: int, vocab: int):

@@ -2,10 +2,10 @@
 
 Layout (as `rope.py`): qkv [B, T, (H + 2*Hkv) * Dh] with the last dim contiguous (batch and time may
 be strided: a view is read in place); q [B, T, H, Dh], k and v [B, T, Hkv, Dh] come out contiguous in
-qkv's dtype. One program per (BLOCK_T steps, batch row, head) rotates one head of q or k in fp32, or
-copies one of v: a decode step spreads its 40-odd heads over as many programs (one program walking
-them all took 11 us at samba-1.7b, batch 1, on an H200). The angles are computed in the kernel, in
-float64 as the reference does (position x inverse frequency, the frequencies made once per head dim
+qkv's dtype. One program per (BLOCK_T steps, batch row, group of heads) rotates heads of q or k in
+fp32, or copies heads of v: a decode step spreads its 40-odd heads over as many programs (one program
+walking them all took 11 us at samba-1.7b, batch 1, on an H200), longer inputs take 8 heads a program
+and make the angles once for all 8. The angles are computed in the kernel, in float64 as the reference does (position x inverse frequency, the frequencies made once per head dim
 and base by the reference's `rope_inv_freq`), their cosines and sines rounded to fp32: eight fewer
 launches per attention layer than computing them in torch.
 
@@ -30,35 +30,39 @@ from .rope import rope_inv_freq
 
 @triton.jit
 def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, T, H, Hkv, s_b, s_t,
-                     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
-    """Program (time block, batch row, head): one head of q, k or v between the packed qkv and its
-    split tensor (forward reads packed; backward writes it)."""
+                     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                     BACKWARD: tl.constexpr):
+    """Program (time block, batch row, group of HEADS heads): those heads of q, k or v between the
+    packed qkv and their split tensors (forward reads packed; backward writes it). The angles are made
+    once per program, for all of its heads."""
     b = tl.program_id(1).to(tl.int64)  # int64 offsets: B * T * heads * Dh may pass 2^31
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    head = tl.program_id(2)
     d = tl.arange(0, BLOCK_D)
     mask = (t < T)[:, None] & (d < HALF)[None, :]
     row = (b * T + t)[:, None]
-    packed = qkv_ptr + b * s_b + t[:, None] * s_t + head * 2 * HALF + d[None, :]
-    if head < H:
-        split = q_ptr + (row * H + head) * 2 * HALF + d[None, :]
-    elif head < H + Hkv:
-        split = k_ptr + (row * Hkv + head - H) * 2 * HALF + d[None, :]
-    else:
-        split = v_ptr + (row * Hkv + head - H - Hkv) * 2 * HALF + d[None, :]
-    src, dst = (split, packed) if BACKWARD else (packed, split)
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    if head < H + Hkv:  # q and k turn; v is copied
-        position = tl.load(pos_ptr + b * T + t, mask=t < T, other=0).to(tl.float64)
-        angle = position[:, None] * tl.load(freq_ptr + d, mask=d < HALF, other=0.0)[None, :]  # float64
-        cos = tl.cos(angle).to(tl.float32)
-        sin = tl.sin(angle).to(tl.float32)
-        if BACKWARD:  # the inverse rotation
-            sin = -sin
-        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, x2.to(dst.dtype.element_ty), mask=mask)
+    position = tl.load(pos_ptr + b * T + t, mask=t < T, other=0).to(tl.float64)
+    angle = position[:, None] * tl.load(freq_ptr + d, mask=d < HALF, other=0.0)[None, :]  # float64
+    cos = tl.cos(angle).to(tl.float32)
+    sin = tl.sin(angle).to(tl.float32)
+    if BACKWARD:  # the inverse rotation
+        sin = -sin
+    for i in tl.static_range(HEADS):
+        head = tl.program_id(2) * HEADS + i
+        if head < H + 2 * Hkv:
+            packed = qkv_ptr + b * s_b + t[:, None] * s_t + head * 2 * HALF + d[None, :]
+            if head < H:
+                split = q_ptr + (row * H + head) * 2 * HALF + d[None, :]
+            elif head < H + Hkv:
+                split = k_ptr + (row * Hkv + head - H) * 2 * HALF + d[None, :]
+            else:
+                split = v_ptr + (row * Hkv + head - H - Hkv) * 2 * HALF + d[None, :]
+            src, dst = (split, packed) if BACKWARD else (packed, split)
+            x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+            if head < H + Hkv:  # q and k turn; v is copied
+                x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+            tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF, x2.to(dst.dtype.element_ty), mask=mask)
 
 
 @tuning.register("rope")
@@ -68,15 +72,21 @@ class RopeTuning(tuning.Tuning):
 
     block_t: int = 16
     """Steps per program, forward and backward (a decode step: one)."""
+    heads_per_program: int = 8
+    """Heads per program over more than one step; a decode step: one, spreading its heads over as
+    many programs. The float64 angles are made once per program, so more heads make fewer of them."""
 
 
 def _launch(qkv, q, k, v, positions, inv_freq, backward: bool):
     batch, T, H, Dh = q.shape
     Hkv = k.shape[2]
-    block_t = min(tuning.current("rope").block_t, triton.next_power_of_2(T))  # a decode step: one row per program
-    _qkv_rope_kernel[(triton.cdiv(T, block_t), batch, H + 2 * Hkv)](
+    tile = tuning.current("rope")
+    block_t = min(tile.block_t, triton.next_power_of_2(T))  # a decode step: one row per program
+    heads = 1 if T == 1 else tile.heads_per_program
+    _qkv_rope_kernel[(triton.cdiv(T, block_t), batch, triton.cdiv(H + 2 * Hkv, heads))](
         qkv, q, k, v, positions, inv_freq, T, H, Hkv, qkv.stride(0), qkv.stride(1), HALF=Dh // 2,
-        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(Dh // 2), BACKWARD=backward, num_warps=1 if T == 1 else 4)
+        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(Dh // 2), HEADS=heads, BACKWARD=backward,
+        num_warps=1 if T == 1 else 4)
 
 
 def _head_dim(width: int, n_heads: int, n_kv_heads: int) -> int:

@@ -1,7 +1,8 @@
-"""Saved models: a directory holding config.json and model.safetensors.
+"""Saved models (a directory holding config.json and model.safetensors) and training checkpoints.
 
 Loading builds the model on the meta device and assigns the stored tensors, so nothing is
 initialised twice; every way a checkpoint can be wrong ends in an error that says which.
+Where these sit in a run directory, and loading a model for inference, is loading.py's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import SambaConfig
-from .data.tokenizer import load_tokenizer
 from .model import SambaLM
 from .options import first_line
 
@@ -235,41 +235,3 @@ def model_from_training_checkpoint(path: str | os.PathLike, device=None) -> Samb
     _read_tensors(Path(path), state)
     model.load_state_dict(state["model"])
     return model
-
-
-def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, str]:
-    """What a user may point at: a saved model, a training checkpoint, or a run directory (its
-    exported model/, else its newest checkpoint). Returns (path, "model" | "checkpoint")."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path, "model"
-    if (path / META_FILE).is_file():
-        return path, "checkpoint"
-    if (path / "model" / CONFIG_FILE).is_file():
-        return path / "model", "model"
-    found = list_checkpoints(path / "checkpoints")
-    if found:
-        return found[-1], "checkpoint"
-    raise FileNotFoundError(f"{path} is neither a saved model (config.json), a training checkpoint "
-                            f"(meta.json) nor a run directory holding model/ or checkpoints/")
-
-
-def load_model_and_tokenizer_path(path: str | os.PathLike, device=None) -> tuple[SambaLM, Path | None]:
-    """The model at a saved model, a training checkpoint or a run directory, and the tokenizer.json
-    beside it or at its run's top (None if there is none)."""
-    where, kind = resolve_model_dir(path)
-    model = load_pretrained(where, device=device) if kind == "model" else model_from_training_checkpoint(where, device)
-    # A run holds model/ and checkpoints/step_*/, and its tokenizer.json at the top; a model saved
-    # on its own does not look beside itself.
-    run = where.parent.parent if kind == "checkpoint" else where.parent
-    if kind == "model" and not (run / "train_config.json").is_file():
-        run = where
-    found = [p for p in (where / "tokenizer.json", run / "tokenizer.json") if p.is_file()]
-    return model, (found[0] if found else None)
-
-
-def load_for_inference(path: str | os.PathLike, device=None):
-    """(model in eval mode, tokenizer or None) from a saved model, a training checkpoint or a run
-    directory: what `samba-lm generate` and the evaluations load."""
-    model, tokenizer = load_model_and_tokenizer_path(path, device)
-    return model.eval(), load_tokenizer(tokenizer) if tokenizer is not None else None

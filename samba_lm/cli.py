@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .options import DEVICE_HELP, HelpFormatter, ListOption, check_out_dir, resolve_device
+from .loading import load_for_inference, resolve_device
+from .options import DEVICE_HELP, HelpFormatter, ListOption, check_out_dir
 
 
 def cmd_data(args):
@@ -44,7 +45,6 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
-    from .checkpoint import load_for_inference
     from .data import eos_id
     from .engine import check_generation_args
     from .generation import generate_stream
@@ -75,9 +75,10 @@ def cmd_generate(args):
 
 
 def cmd_info(args):
-    from .checkpoint import load_config, resolve_model_dir, read_checkpoint_meta
+    from .checkpoint import load_config, read_checkpoint_meta
     from .config import SambaConfig
     from .flops import flops_per_token
+    from .loading import resolve_model_dir
     from .model import SambaLM
 
     if args.model:
@@ -104,20 +105,16 @@ def cmd_info(args):
 
 
 def cmd_export(args):
-    from .checkpoint import META_FILE, list_checkpoints, model_from_training_checkpoint, save_pretrained
+    from .checkpoint import model_from_training_checkpoint, save_pretrained
+    from .loading import TOKENIZER_FILE, find_tokenizer, resolve_checkpoint_dir
 
     check_out_dir(args.out, "--out")
-    where = Path(args.checkpoint)
-    if not (where / META_FILE).is_file():  # a run directory: its newest checkpoint
-        found = list_checkpoints(where / "checkpoints")
-        if not found:
-            raise FileNotFoundError(f"{where} is neither a training checkpoint nor a run directory with checkpoints/")
-        where = found[-1]
+    where = resolve_checkpoint_dir(args.checkpoint)
     model = model_from_training_checkpoint(where)
     save_pretrained(model, args.out)
-    tokenizer = where.parent.parent / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, Path(args.out) / "tokenizer.json")
+    tokenizer = find_tokenizer(where)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, Path(args.out) / TOKENIZER_FILE)
     print(f"exported {where} -> {args.out}")
 
 
@@ -145,9 +142,16 @@ def _is_path(text: str) -> bool:
     return Path(text).exists()
 
 
+def cmd_serve(args):
+    from .serving.server import main as serve
+
+    serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .data.sources import ON_BAD_FILE
+    from .serving.arguments import add_arguments as serve_arguments
     from .train.config import add_arguments
 
     parser = _Parser(prog="samba-lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the state (the Mamba state stays float32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, streaming) with continuous "
+                                    "batching (pip install 'samba-lm[serve]')")
+    serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a training checkpoint as one safetensors model")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (its newest)")

@@ -9,9 +9,10 @@ back every `sync_every` steps and yields them in order. Elsewhere, or with cuda_
 step runs eagerly: the same kernels, the same tokens.
 
 An engine keeps its state and graphs between calls (`generate_stream` resets the state in place), so
-a caller generating many times at one batch size, a benchmark or a server, captures once. The
-full-attention layers of the baselines get `capacity` slots up front: the captured step then serves
-every length up to it.
+a caller generating many times at one batch size, a benchmark, captures once. The full-attention
+layers of the baselines get `capacity` slots up front: the captured step then serves every length up
+to it. `StepGraphs` (capture and replay) also serves the scheduler of `samba_lm.serving`, which
+captures one step per batch bucket.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ class DecodeEngine:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {self.device}")
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self._pool = None
+        self._graphs = StepGraphs(self.device)
 
     # ------------------------------------------------------------------ one step
     def _step(self):
@@ -56,26 +56,7 @@ class DecodeEngine:
     def _advance(self):
         if not self.cuda_graph:
             return self._step()
-        key = (self.sampling.truncate, len(self.stops))
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
-            self.state.advance_host_count(1)
-            return
-        # A real first step, eagerly on a side stream: it compiles and loads every kernel, so that the
-        # capture that follows only records. The capture runs the Python of one more step (the
-        # growing caches count it) without doing it.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._step()
-        self.state.advance_host_count(-1)
-        self._pool = graph.pool()
-        self._graphs[key] = graph
+        self._graphs.run((self.sampling.truncate, len(self.stops)), self._step, self.state)
 
     # ------------------------------------------------------------------ generation
     def generate_stream(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -139,6 +120,42 @@ class DecodeEngine:
             self._stop_buffers[size] = torch.full((size,), -1, dtype=torch.long, device=self.device)
         self.stops = self._stop_buffers[size]
         return torch.tensor(stops + [-1] * (size - len(stops)), dtype=torch.long)
+
+
+class StepGraphs:
+    """One-token steps captured as CUDA graphs, one per key (what changes the captured work: the bucket,
+    whether to truncate, the stop buffer's size), sharing one memory pool. A step reads and writes only
+    fixed buffers allocated outside the pool, so the graphs may replay in any order, one at a time."""
+
+    def __init__(self, device):
+        self.device = device
+        self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def run(self, key, step, state):
+        """Run `step` (whose growing caches live in `state`) once: replay its graph for `key`, or capture it."""
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            state.advance_host_count(1)
+            return
+        # A real first step, eagerly on a side stream: it compiles and loads every kernel, so that the
+        # capture that follows only records. The capture runs the Python of one more step (the
+        # growing caches count it) without doing it.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step()
+        state.advance_host_count(-1)
+        self.pool = graph.pool()
+        self.graphs[key] = graph
 
 
 def check_generation_args(max_new_tokens, temperature, top_k, top_p, prefill_chunk):

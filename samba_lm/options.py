@@ -1,5 +1,5 @@
-"""What users type, checked once for every command: devices, output directories, lists and JSON
-values, and help that shows each default.
+"""What users type, checked once for every command: output directories, lists and JSON values, and
+help that shows each default. Devices are checked by loading.resolve_device.
 
 The library functions behind the commands use these checks too, so `train(cfg)` and `samba-lm train`
 refuse a bad value with the same words, before any work.
@@ -13,42 +13,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 K = 1024
 DEVICE_HELP = "auto (CUDA when available, else the CPU), cpu, cuda or cuda:N"
 
 
 # ----------------------------------------------------------------------------- values
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' (or None): CUDA when available, else the CPU; otherwise a device this machine has."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        _check_cuda(name, device)
-    else:
-        try:  # any other backend: one empty tensor says whether it works here
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError, ImportError) as e:
-            why = first_line(e).split(". ")[0][:120]  # backends explain at length
-            raise ValueError(f"--device {name} is not available here ({why}); use --device cpu or auto") from None
-    return device
-
-
-def _check_cuda(name: str, device: torch.device):
-    if not torch.cuda.is_available():
-        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ValueError(f"--device {name}: CUDA is not available on this machine ({why}); "
-                         f"use --device cpu, or auto to take a GPU when there is one")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
 def first_line(error: BaseException) -> str:
     """An exception's message, cut to one line for an error that must fit on one."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -4,9 +4,10 @@ Every setting is a [B] tensor, so one captured decode step serves any mix of the
 greedy), top_k (0: off), top_p (1: off) and a seed per row. top-k keeps the k largest scaled logits
 (ties with the k-th kept); top-p then keeps the smallest prefix of those, largest first, whose
 probability reaches p. Both come down to a floor on the logits per row, found by one sort of the
-vocabulary, and only
-when `truncate` is set (some row uses them: the caller knows, the device need not be asked). The draw
-itself is `ops.choose_tokens` (Gumbel-max over a counter-based hash: reproducible, batch-independent).
+vocabulary, and only when `truncate` is set (some row uses them: the caller knows, the device need
+not be asked); a row with neither gets no floor either way, so its tokens do not depend on its
+neighbours' settings. The draw itself is `ops.choose_tokens` (Gumbel-max over a counter-based hash:
+reproducible, batch-independent).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ def truncation_floor(logits, temperature, top_k, top_p) -> torch.Tensor:
     x = scaled_logits(raw, temperature)
     vocab = x.shape[-1]
     at = lambda index: raw.gather(1, index.clamp(0, vocab - 1)[:, None])[:, 0]  # noqa: E731
-    kth = torch.where(top_k > 0, at(top_k - 1), torch.full_like(temperature, float("-inf")))
+    off = torch.full_like(temperature, float("-inf"))
+    kth = torch.where(top_k > 0, at(top_k - 1), off)
     probs = torch.where(raw >= kth[:, None], x, float("-inf")).softmax(dim=-1)
     kept = (probs.cumsum(dim=-1) - probs <= top_p[:, None]).sum(dim=-1)  # a prefix, at least one token
-    return torch.maximum(kth, at(kept - 1))
+    # top_p = 1 is off exactly: a float32 cumsum may pass 1 before the tail and would drop it.
+    return torch.maximum(kth, torch.where(top_p < 1, at(kept - 1), off))
 
 
 @dataclass
@@ -58,6 +61,21 @@ class Sampling:
             buffer.copy_(torch.as_tensor(values, dtype=buffer.dtype))
         self.truncate = any(k > 0 for k in top_k) or any(p < 1 for p in top_p)
         return self
+
+    def rows(self, n: int) -> Sampling:
+        """The first n rows, sharing these buffers (a step over a prefix of the batch)."""
+        return Sampling(self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seeds[:n], self.truncate)
+
+    def set_row(self, row: int, temperature: float, top_k: int | None, top_p: float | None, seed: int):
+        """One row's settings (None: off), in place; `truncate` is the caller's to keep."""
+        self.temperature[row] = temperature
+        self.top_k[row] = top_k or 0
+        self.top_p[row] = 1.0 if top_p is None else top_p
+        self.seeds[row] = seed
+
+    def copy_row(self, dst: int, src: int):
+        for buffer in (self.temperature, self.top_k, self.top_p, self.seeds):
+            buffer[dst] = buffer[src]
 
     def next_tokens(self, logits, positions, tokens, finished, stops) -> torch.Tensor:
         """Commit each row's next token into `tokens` (`ops.choose_tokens`)."""

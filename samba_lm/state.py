@@ -143,6 +143,32 @@ class SambaState:
 
         return SambaState([pick(r) for r in self.layers], self.pos.index_select(0, index), self.config)
 
+    def rows(self, n: int) -> SambaState:
+        """A view of the first n rows: the same buffers, so calls on it update this state in place (a
+        step over a prefix of the batch). A view never grows its full-attention caches (growing would
+        move them away from this state): give them their capacity up front."""
+
+        def head(record):
+            if record is None:
+                return None
+            fields = {f.name: getattr(record, f.name)[:n] for f in dataclasses.fields(record)
+                      if isinstance(getattr(record, f.name), torch.Tensor)}
+            return dataclasses.replace(record, **fields, **({"grows": False} if isinstance(record, KVCache) else {}))
+
+        return SambaState([head(r) for r in self.layers], self.pos[:n], self.config)
+
+    def assign(self, row: int, other: SambaState, other_row: int = 0):
+        """Copy row `other_row` of `other` (another state of the same model and capacity, or this one)
+        into row `row`, in place: every record and the position, so the row continues other's stream."""
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
+            if mine.shape[1:] != theirs.shape[1:]:
+                raise ValueError(f"assign: the states' buffers differ ({tuple(mine.shape[1:])} per row here, "
+                                 f"{tuple(theirs.shape[1:])} in other): the same model and capacity are needed")
+            mine[row].copy_(theirs[other_row])
+        for mine, theirs in zip(self.layers, other.layers):
+            if isinstance(mine, KVCache):  # the host bound on every row's next position still holds
+                mine.length = max(mine.length, theirs.length)
+
 
 def start_positions(start, batch_size: int, device) -> tuple[torch.Tensor, int]:
     """Each row's first position as a [B] int64 tensor on `device` (0 by default, -n for n tokens of

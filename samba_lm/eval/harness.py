@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..generation import generate_stream
-from ..options import DEVICE_HELP, ListOption, check_out_dir, resolve_device
+from ..loading import load_model_and_tokenizer_path, resolve_device
+from ..options import DEVICE_HELP, ListOption, check_out_dir
 from ..prompts import left_pad
 from .ppl import DTYPES, stream_nll
 from .record import run_record, write_json
@@ -93,8 +94,6 @@ class SambaHarnessLM(TemplateLM):
                              "directory), or model= and tokenizer= in Python; not both")
         self.model_path = str(pretrained) if pretrained is not None else None
         if pretrained is not None:
-            from ..checkpoint import load_model_and_tokenizer_path
-
             try:
                 model, tokenizer_file = load_model_and_tokenizer_path(pretrained, self._device)
             except (FileNotFoundError, ValueError) as e:

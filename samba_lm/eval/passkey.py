@@ -20,7 +20,8 @@ from tqdm import tqdm
 from ..data import eos_id
 from ..data.passkey import passkey_prompt, random_key, retrieved
 from ..generation import generate
-from ..options import DEVICE_HELP, ListOption, check_out_dir, parse_count, resolve_device
+from ..loading import load_for_inference, resolve_device
+from ..options import DEVICE_HELP, ListOption, check_out_dir, parse_count
 from .record import pyplot, run_record, write_json
 
 PAPER_DEPTHS = [i / 10 for i in range(11)]
@@ -126,8 +127,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, write OUT/passkey.json and OUT/passkey.png, print the table; return the payload."""
-    from ..checkpoint import load_for_inference
-
     check_grid(args.lengths, args.depths, args.keys, args.max_new_tokens)  # before loading anything
     check_out_dir(args.out, "--out")
     model, tokenizer = load_for_inference(args.model, resolve_device(args.device))

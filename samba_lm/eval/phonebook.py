@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from ..data import eos_id
 from ..generation import generate
-from ..options import DEVICE_HELP, ListOption, check_out_dir, resolve_device
+from ..loading import load_for_inference, resolve_device
+from ..options import DEVICE_HELP, ListOption, check_out_dir
 from .record import pyplot, run_record, write_json
 
 FIRST_NAMES = """
@@ -150,8 +151,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, write OUT/phonebook.json and OUT/phonebook.png, print the table; return the payload."""
-    from ..checkpoint import load_for_inference
-
     check_args(args.entries, args.trials, args.max_new_tokens)  # before loading anything
     check_out_dir(args.out, "--out")
     model, tokenizer = load_for_inference(args.model, resolve_device(args.device))

@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from ..data.sources import ON_BAD_FILE
-from ..options import DEVICE_HELP, ListOption, check_out_dir, parse_count, resolve_device
+from ..loading import load_for_inference, resolve_device
+from ..options import DEVICE_HELP, ListOption, check_out_dir, parse_count
 from .documents import iter_long_documents
 from .record import pyplot, run_record, write_json
 
@@ -175,8 +176,6 @@ def add_arguments(parser):
 
 def run(args) -> dict:
     """Evaluate, write `out/ppl.json` (+ `out/ppl.png` with matplotlib), print a table, return the payload."""
-    from ..checkpoint import load_for_inference
-
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.max_tokens is not None and args.max_tokens < 2:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers import Mamba
-from ..options import resolve_device
+from ..loading import resolve_device
 
 PARALLEL_MODES = ("ddp", "fsdp")
 

@@ -1,11 +1,12 @@
 """The training recipe: setup -> data -> build on meta -> init or resume -> parallelize -> loop.
 
 The same `train(cfg)` runs in one process or under `torchrun --nproc_per_node N` (DDP or FSDP2).
-A run lives in `cfg.out_dir`: tokenizer.json, train_config.json, metrics.jsonl, tensorboard/,
-checkpoints/step_*/ (resumable bit-exactly), and at the end model/ (save_pretrained + tokenizer)
-and loss.png. `cfg.task` picks the training data: token shards ("lm") or passkey prompts made on the
-fly ("passkey"); `cfg.init_from` fine-tunes a trained model instead of initialising one. SIGINT
-(Ctrl-C) or SIGTERM stops a run at the next step boundary with a checkpoint (signals.py).
+A run lives in `cfg.out_dir` (where each part goes: loading.RunDir): tokenizer.json,
+train_config.json, metrics.jsonl, tensorboard/, checkpoints/step_*/ (resumable bit-exactly), and at
+the end model/ (save_pretrained + tokenizer) and loss.png. `cfg.task` picks the training data: token
+shards ("lm") or passkey prompts made on the fly ("passkey"); `cfg.init_from` fine-tunes a trained
+model instead of initialising one. SIGINT (Ctrl-C) or SIGTERM stops a run at the next step boundary
+with a checkpoint (signals.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from ..checkpoint import (load_checkpoint, load_model_and_tokenizer_path, newest_intact_checkpoint, prune_checkpoints,
-                          read_checkpoint_meta, save_checkpoint, save_pretrained)
+from ..checkpoint import (load_checkpoint, newest_intact_checkpoint, prune_checkpoints, read_checkpoint_meta,
+                          save_checkpoint, save_pretrained)
 from ..config import SambaConfig
 from ..data import BlockLoader, TokenShards, TokenStream, load_tokenizer
 from ..data.passkey import PasskeyBlocks
 from ..flops import flops_per_token
+from ..loading import TOKENIZER_FILE, RunDir, load_model_and_tokenizer_path
 from ..model import SambaLM
 from ..options import check_out_dir
 from . import distributed as D
@@ -98,7 +100,7 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
             raise Interrupted(signum, _stopped(signum, step, saved) if env.is_main else "")
     bar.close()
     log.close()
-    export(model, model_cfg, out / "model", out / "tokenizer.json", env)
+    export(model, model_cfg, RunDir(out).model, RunDir(out).tokenizer, env)
     if env.is_main:
         png = plot_losses(out / "metrics.jsonl", out / "loss.png", f"{_model_name(cfg)} on {data.name}")
         _where_it_went(out, step, cfg, png)
@@ -186,10 +188,10 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def _start_run(cfg, env, tokenizer, model_cfg) -> int:
     if env.is_main:
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
-        (out / "train_config.json").write_text(json.dumps(
+        run = RunDir(cfg.out_dir)
+        run.root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tokenizer, run.tokenizer)
+        run.train_config.write_text(json.dumps(
             {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2) + "\n")
     D.barrier()
     return 0
@@ -240,7 +242,7 @@ def _stopped(signum: int, step: int, saved: tuple) -> str:
 
 def _where_it_went(out: Path, step: int, cfg: TrainConfig, png: Path | None):
     lines = [f"samba-lm train: done at step {step}. The run is in {out}:",
-             f"  model:   {out / 'model'} (config.json, model.safetensors, tokenizer.json)",
+             f"  model:   {RunDir(out).model} (config.json, model.safetensors, tokenizer.json)",
              f"  loss:    {png if png is not None else 'no loss.png (matplotlib is not installed)'}",
              f"  metrics: {out / 'metrics.jsonl'}" + (f", {out / 'tensorboard'}" if cfg.tensorboard else "")]
     print("\n".join(lines), flush=True)
@@ -308,8 +310,9 @@ def _rng_state() -> dict:
 def _save(out, step, model, optimizer, loader, model_cfg, cfg) -> Path:
     meta = {"loader": loader.state_dict(), "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
             "numerics": numerics(next(model.parameters()).device)}
-    path = save_checkpoint(out / "checkpoints", step, _stateful(model, optimizer), _rng_state(), meta)
-    prune_checkpoints(out / "checkpoints", cfg.keep_last)
+    root = RunDir(out).checkpoints
+    path = save_checkpoint(root, step, _stateful(model, optimizer), _rng_state(), meta)
+    prune_checkpoints(root, cfg.keep_last)
     return path
 
 
@@ -322,7 +325,7 @@ class Resume(NamedTuple):
 def _resumable(cfg, model_cfg, loader, device) -> Resume | None:
     """The newest intact checkpoint to resume from, after checking it fits this run; the loader is
     positioned there already."""
-    root = Path(cfg.out_dir) / "checkpoints"
+    root = RunDir(cfg.out_dir).checkpoints
     found, damaged = newest_intact_checkpoint(root) if cfg.resume else (None, [])
     if found is None:
         if damaged:
@@ -382,5 +385,5 @@ def export(model, model_cfg, directory: Path, tokenizer: Path, env):
         plain.load_state_dict(full, assign=True)
         save_pretrained(plain, directory)
         if Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, Path(directory) / "tokenizer.json")
+            shutil.copyfile(tokenizer, Path(directory) / TOKENIZER_FILE)
     D.barrier()

@@ -1,0 +1,93 @@
+"""The device side of continuous batching: `max_batch` slots of one state, decoded a prefix at a time.
+
+A request that joins takes the first free row (its prefilled batch-1 state copied in, `SambaState.assign`);
+one that leaves gives its row to the last active request (compaction), so the active rows are always
+rows [0, n). A step runs the smallest bucket (1, 2, 4, ... and max_batch) covering them, over views of
+the buffers (`SambaState.rows`, `Sampling.rows`); the rows beyond n are marked finished and run along
+harmlessly: whoever joins next overwrites all of a row. On CUDA each (bucket, truncate) pair is
+captured once as a CUDA graph (`engine.StepGraphs`); elsewhere the step runs eagerly.
+
+Stop tokens differ between requests, so the device's stop buffer stays empty and the host checks
+each request's stops when its token comes back (one read per step, which the server needs anyway to
+stream); the caller then removes the row before the next step, so nothing past a stop is delivered.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine import StepGraphs
+from ..model import SambaLM
+from ..sampling import Sampling
+from ..state import SambaState
+
+
+def buckets(max_batch: int) -> list[int]:
+    """The batch sizes a step runs at: powers of two below max_batch, then max_batch."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return sizes + [max_batch]
+
+
+class SlotBatch:
+    def __init__(self, model: SambaLM, max_batch: int, capacity: int | None, cuda_graph: bool):
+        self.model, self.max_batch = model, max_batch
+        self.device = model.embedding.weight.device
+        self.state = model.init_state(max_batch, capacity=capacity)
+        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self.finished = torch.ones(max_batch, dtype=torch.bool, device=self.device)  # rows without a request
+        self.sampling = Sampling.empty(max_batch, self.device)
+        self.stops = torch.full((8,), -1, dtype=torch.long, device=self.device)  # per request, on the host
+        self.buckets = buckets(max_batch)
+        # Views made once: a captured graph is bound to the tensors it was captured with.
+        self._views = {b: (self.state.rows(b), self.tokens[:b], self.finished[:b], self.sampling.rows(b))
+                       for b in self.buckets}
+        self._graphs = StepGraphs(self.device) if cuda_graph else None
+        self.active = 0  # rows [0, active) hold requests
+
+    def bucket(self) -> int:
+        return next(b for b in self.buckets if b >= self.active)
+
+    def add(self, state: SambaState, token: torch.Tensor, temperature: float, top_k: int | None,
+            top_p: float | None, seed: int) -> int:
+        """A prefilled request joins: its batch-1 state, its first token ([1, 1] on the device) and its
+        sampling settings go into the first free row, whose index is returned."""
+        if self.active == self.max_batch:
+            raise RuntimeError("no free slot: the scheduler admits a request only when one is free")
+        row = self.active
+        self.state.assign(row, state)
+        self.tokens[row].copy_(token[0])
+        self.finished[row] = False
+        self.sampling.set_row(row, temperature, top_k, top_p, seed)
+        self.active += 1
+        return row
+
+    def remove(self, row: int):
+        """Free `row`: the last active row moves into it (so remove rows in descending order)."""
+        last = self.active - 1
+        if row != last:
+            self.state.assign(row, self.state, last)
+            self.tokens[row] = self.tokens[last]
+            self.sampling.copy_row(row, last)
+        self.finished[last] = True
+        self.active = last
+
+    def clear(self):
+        """No active rows."""
+        self.finished.fill_(True)
+        self.active = 0
+
+    def step(self, truncate: bool) -> list[int]:
+        """One token for every active row (truncate: some row uses top-k or top-p); returns them."""
+        size = self.bucket()
+        state, tokens, finished, sampling = self._views[size]
+        sampling.truncate = truncate
+
+        def step():
+            logits = self.model(tokens, state=state).logits[:, -1]
+            sampling.next_tokens(logits, state.pos, tokens, finished, self.stops)
+
+        if self._graphs is None:
+            step()
+        else:
+            self._graphs.run((size, truncate), step, state)
+        return self.tokens[:self.active, 0].tolist()  # the one read of the device per step

@@ -8,7 +8,7 @@ for the head's two gradient matmuls. That is two reads and one write of the logi
 replaces cast them to fp32 and pass over them six times.
 
 One program per row walks V in BLOCK_V lanes, keeping a running max and sum of exponentials per lane
-(base 2, log2(e) folded in) and merging the lanes at the end; a second walk writes the gradient.
+(exp2 of differences times log2(e)) and merging the lanes at the end; a second walk writes the gradient.
 What the reference (`linear_cross_entropy._rows_reference`) covers that this does not: float64, CPUs.
 """
 
@@ -31,17 +31,17 @@ def _ce_rows_kernel(logits_ptr, stride, targets_ptr, scale_ptr, scale_stride, ls
     valid = target != ignore_index
     safe = tl.where(valid, target, 0)
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane, in log2 units
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane
     s = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing yet: no -inf - -inf
-        s = s * tl.exp2(m - shift) + tl.exp2(x - shift)
+        # Subtract first, then scale by log2(e): scaling a large logit first would cost its low bits.
+        s = s * tl.exp2((m - shift) * 1.4426950408889634) + tl.exp2((x - shift) * 1.4426950408889634)
         m = m_new
     top = tl.max(m, axis=0)
-    lse2 = top + tl.log2(tl.sum(s * tl.exp2(m - top), axis=0))
-    lse = lse2 * 0.6931471805599453
+    lse = top + tl.log2(tl.sum(s * tl.exp2((m - top) * 1.4426950408889634), axis=0)) * 0.6931471805599453
     picked = tl.load(base + safe).to(tl.float32)
     tl.store(lse_ptr + row, lse)
     tl.store(nll_ptr + row, tl.where(valid, lse - picked, 0.0))
@@ -50,7 +50,7 @@ def _ce_rows_kernel(logits_ptr, stride, targets_ptr, scale_ptr, scale_stride, ls
         for v0 in range(0, V, BLOCK_V):
             idx = v0 + cols
             x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
-            p = tl.exp2(x * 1.4426950408889634 - lse2)
+            p = tl.exp2((x - lse) * 1.4426950408889634)
             g = tl.where(idx == safe, p - 1.0, p) * scale
             tl.store(base + idx, g.to(logits_ptr.dtype.element_ty), mask=idx < V)
 

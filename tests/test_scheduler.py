@@ -120,7 +120,7 @@ def test_captured_buckets_equal_generate_alone_on_a_gpu():
         captured = len(scheduler._batch._graphs)
     for request, output in zip(requests, outputs):
         assert output == alone(model, request)
-    assert 1 <= captured <= 2 * len(buckets(4))
+    assert captured == 2 * len(buckets(4))  # all at start()
 
 
 def test_a_long_prefill_is_interleaved_with_the_running_decode():
@@ -136,6 +136,20 @@ def test_a_long_prefill_is_interleaved_with_the_running_decode():
     assert len(during) >= 9  # a decode step after each chunk but the last
     assert output == alone(model, late)
     assert running.finish_reason == "cancelled"
+
+
+def test_short_prompts_join_together_within_the_prefill_budget():
+    """Three 4-token prompts fit one turn's 16-token budget: they join before the first decode step,
+    so their 3 tokens each take 2 steps of the batch (one prompt a turn would take at least 4)."""
+    model = small_model(torch.float64, layers=RECURRENT)
+    scheduler = Scheduler(model, max_batch=4, prefill_chunk=16)
+    requests = [GenerationRequest(prompt(4), max_tokens=3, seed=i, temperature=0.5 * i) for i in range(3)]
+    handles = [scheduler.submit(r) for r in requests]  # queued before the loop starts
+    with scheduler:  # starts it
+        outputs = [list(h.tokens(timeout=60)) for h in handles]
+        steps = scheduler.stats().steps
+    assert steps == 2
+    assert outputs == [alone(model, r) for r in requests]
 
 
 def test_cancel_frees_the_slot():

@@ -78,7 +78,20 @@ class SlotBatch:
 
     def step(self, truncate: bool) -> list[int]:
         """One token for every active row (truncate: some row uses top-k or top-p); returns them."""
-        size = self.bucket()
+        self._run(self.bucket(), truncate)
+        return self.tokens[:self.active, 0].tolist()  # the one read of the device per step
+
+    def capture(self):
+        """Capture every bucket's step, with and without truncation, before any request waits on it
+        (a capture costs a real step and the recording, hundreds of ms for a large model). The rows
+        beyond the active ones are finished and are overwritten when a request joins, so the steps
+        run here change nothing that is read later."""
+        if self._graphs is not None:
+            for size in self.buckets:
+                for truncate in (False, True):
+                    self._run(size, truncate)
+
+    def _run(self, size: int, truncate: bool):
         state, tokens, finished, sampling = self._views[size]
         sampling.truncate = truncate
 
@@ -90,4 +103,3 @@ class SlotBatch:
             step()
         else:
             self._graphs.run((size, truncate), step, state)
-        return self.tokens[:self.active, 0].tolist()  # the one read of the device per step

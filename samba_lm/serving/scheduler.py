@@ -4,12 +4,13 @@ One background thread does all the model work, under torch.inference_mode. Each 
 1. end what was cancelled (or outlived shutdown's grace) and free the rows of finished requests,
    moving the last active row into each freed one (`SlotBatch.remove`), so the active rows stay a
    prefix and the smallest bucket covering them runs;
-2. if a row is free, run one prefill chunk (at most `prefill_chunk` tokens) of the oldest waiting
-   request, in a batch-1 state of its own; after its last chunk its first token is chosen from the
-   prefill logits with its own seed at its position, as generate() does, and its state is copied
-   into the free row;
+2. while rows are free, prefill the oldest waiting requests, `prefill_chunk` prompt tokens in all
+   (a long prompt takes several turns; several short ones join in one), each in a batch-1 state of
+   its own; after a request's last chunk its first token is chosen from the prefill logits with its
+   own seed at its position, as generate() does, and its state is copied into a free row;
 3. run one decode step of the running batch and deliver each row's token (one read of the device).
-So a long prompt delays the running streams by one chunk per token, not by its whole prefill.
+So a long prompt delays each token of the running streams by one chunk's work, not by its whole
+prefill. On CUDA, start() captures every bucket's decode step first, so no request waits on a capture.
 
 Each request generates what `samba_lm.generate(model, [prompt], ..., seed=s)` gives for it alone: a
 row's draws depend on its seed and positions only (`sampling.row_seeds`; for one row an int seed
@@ -129,6 +130,12 @@ class Scheduler:
         logger.info("scheduler: max_batch=%d (buckets %s), max_queue=%d, prefill_chunk=%d, max_context=%s, "
                     "cuda_graph=%s", self.max_batch, self._batch.buckets, self.max_queue, self.prefill_chunk,
                     self.max_context, self.cuda_graph)
+        if self.cuda_graph:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self._batch.capture()
+            logger.info("scheduler: captured %d decode steps in %.1f s", 2 * len(self._batch.buckets),
+                        time.perf_counter() - started)
         self._thread.start()
         return self
 
@@ -198,17 +205,19 @@ class Scheduler:
         with self._cond:
             self._end_cancelled()
             self._retire()
-            if self._prefill is None and self._waiting and len(self._running) < self.max_batch:
-                handle = self._waiting.popleft()
-                ids = torch.tensor([handle.request.prompt_ids], dtype=torch.long, device=self.device)
-                self._prefill = _Prefill(handle, ids)
-            if self._prefill is None and not self._running:
+            if not self._admit() and not self._running:  # (the condition's lock is re-entrant)
                 if self._closing:
                     return False
                 self._cond.wait()
                 return True
-        if self._prefill is not None:
-            self._guarded("prefill", self._prefill_chunk, [self._prefill.handle])
+        budget = self.prefill_chunk  # prompt tokens per turn, over as many waiting requests as it takes
+        while budget > 0 and self._admit():
+            p = self._prefill
+            done_before = p.offset
+            self._guarded("prefill", lambda: self._prefill_chunk(budget), [p.handle])
+            if p.offset == done_before:  # it failed: leave the rest for the next turn
+                break
+            budget -= p.offset - done_before
         if self._running:
             self._guarded("decode step", self._decode, [r.handle for r in self._running])
         return True
@@ -226,9 +235,19 @@ class Scheduler:
                     self._prefill = None
                 # The rows of the running requests are freed by the next turn's _retire.
 
-    def _prefill_chunk(self):
-        """One chunk of the prefilling request; after the last one, its first token and its row."""
-        p, chunk = self._prefill, self.prefill_chunk
+    def _admit(self) -> bool:
+        """Whether a request is prefilling: the current one, else the oldest waiting one if a row is free."""
+        with self._cond:
+            if self._prefill is None and self._waiting and len(self._running) < self.max_batch:
+                handle = self._waiting.popleft()
+                ids = torch.tensor([handle.request.prompt_ids], dtype=torch.long, device=self.device)
+                self._prefill = _Prefill(handle, ids)
+            return self._prefill is not None
+
+    def _prefill_chunk(self, chunk: int):
+        """One chunk (at most `chunk` tokens) of the prefilling request; after the last one, its first
+        token and its row."""
+        p = self._prefill
         if p.offset == 0:
             self._prefill_state.reset()
         ids = p.ids[:, p.offset:p.offset + chunk]

@@ -43,6 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samba_lm import SambaConfig, SambaLM, generate_stream  # noqa: E402
 from samba_lm.data.tokenizer import EOS  # noqa: E402
+from samba_lm.options import HelpFormatter  # noqa: E402
+
+
+class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default."""
 
 
 # ----------------------------------------------------------------------------- the model and server
@@ -200,7 +205,7 @@ def table(rows: list[dict], baseline: list[dict], meta: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--model", help="a saved model or run directory to serve (with its tokenizer.json)")
     p.add_argument("--preset", help="serve this preset with random weights instead (e.g. samba-1.7b)")
     p.add_argument("--url", help="benchmark a server already running here (e.g. http://127.0.0.1:8000) instead of "

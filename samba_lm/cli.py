@@ -142,6 +142,53 @@ def _is_path(text: str) -> bool:
     return Path(text).exists()
 
 
+CONVERT_FORMATS = {"official": "the official Samba code's .pth checkpoint (microsoft/Samba, lit_gpt)",
+                   "llama": "a transformers LlamaForCausalLM directory (the llama presets)",
+                   "mistral": "a transformers MistralForCausalLM directory (the sliding-window-only presets)",
+                   "mamba": "a transformers MambaForCausalLM directory (the mamba presets)"}
+
+
+def cmd_convert(args):
+    if (args.from_format is None) == (args.to_format is None):
+        raise ValueError("give one of --from FORMAT (into samba-lm) or --to FORMAT (out of samba-lm)")
+    fmt = args.from_format or args.to_format
+    if args.config is not None and fmt != "official":
+        raise ValueError(f"--config names an official Samba config; --{'from' if args.from_format else 'to'} "
+                         f"{fmt} takes its shape from the model")
+    if args.from_format == "official":
+        from .convert.official import from_official
+
+        check_out_dir(args.out, "--out")
+        from_official(args.source, args.config, out_dir=args.out)
+    elif args.to_format == "official":
+        from .checkpoint import load_pretrained
+        from .convert.official import to_official
+
+        to_official(load_pretrained(args.source), args.out, args.config)
+    else:
+        from .checkpoint import load_config
+
+        try:
+            from .convert.hf_formats import architecture, export_hf, import_hf
+        except ImportError as e:  # transformers is an optional extra
+            raise ValueError(str(e)) from None
+
+        check_out_dir(args.out, "--out")
+        if args.from_format:
+            config = Path(args.source) / "config.json"
+            found = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+            if found != fmt:
+                raise ValueError(f"--from {fmt}: {args.source} holds a {found or 'non-transformers'} model "
+                                 f"({config} model_type)")
+            import_hf(args.source, args.out)
+        else:
+            found = architecture(load_config(args.source).layers)
+            if found != fmt:
+                raise ValueError(f"--to {fmt}: {args.source} is a {found}-shaped model; use --to {found}")
+            export_hf(args.source, args.out)
+    print(f"converted {args.source} ({args.from_format or 'samba-lm'}) -> {args.out} ({args.to_format or 'samba-lm'})")
+
+
 def cmd_serve(args):
     from .serving.server import main as serve
 
@@ -218,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "batching (pip install 'samba-lm[serve]')")
     serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert", help="convert a model to or from the official Samba checkpoints and "
+                                      "transformers' Llama, Mistral and Mamba formats")
+    p.add_argument("source", metavar="SRC", help="the model to convert: in --from's format, or a samba-lm saved "
+                                                 "model for --to")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from", dest="from_format", choices=list(CONVERT_FORMATS),
+                     help="SRC's format, converted into a samba-lm saved model at --out: "
+                          + "; ".join(f"{k}: {v}" for k, v in CONVERT_FORMATS.items()))
+    way.add_argument("--to", dest="to_format", choices=list(CONVERT_FORMATS),
+                     help="convert the samba-lm model at SRC into this format at --out (official: a .pth file)")
+    p.add_argument("--out", required=True, help="the directory (or, for --to official, the .pth file) to write")
+    p.add_argument("--config", help="official only: the official config name (e.g. Samba_421M); default: read "
+                                    "from the checkpoint (from) or matched to the model's shape (to)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a training checkpoint as one safetensors model")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (its newest)")

@@ -88,13 +88,13 @@ def subparsers(parser):
 
 def test_every_flag_of_every_command_has_help_and_shows_its_default():
     commands = dict(subparsers(build_parser()))
-    assert {"data", "train", "generate", "info", "export", "eval ppl", "eval passkey", "eval phonebook",
-            "eval harness"} <= set(commands)
+    assert {"data", "train", "generate", "serve", "info", "export", "convert", "eval ppl", "eval passkey",
+            "eval phonebook", "eval harness"} <= set(commands)
     for name, parser in commands.items():
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
-            flag = action.option_strings[0]
+            flag = action.option_strings[0] if action.option_strings else action.metavar or action.dest  # or a positional
             assert action.help, f"samba-lm {name} {flag} has no help"
             shown = parser._get_formatter()._expand_help(action)  # the text --help prints for it
             nothing_to_show = action.required or action.default is None or action.default is False

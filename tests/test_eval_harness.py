@@ -278,3 +278,13 @@ def test_samba_lm_works_without_lm_eval():
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent)
     assert out.returncode == 0, out.stderr
     assert "pip install 'samba-lm[eval]'" in out.stdout
+
+
+def test_lm_evals_own_backends_stay_registered_beside_ours():
+    """Registering samba-lm must not hide lm-eval's lazily registered backends ("hf" and the rest):
+    checked in a fresh interpreter, where ours is the first import."""
+    code = ("import samba_lm.eval.harness; from lm_eval.api.registry import get_model; "
+            "print(get_model('samba-lm').__name__, get_model('hf').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["SambaHarnessLM", "HFLM"]

@@ -39,6 +39,8 @@ from .ppl import DTYPES, stream_nll
 from .record import run_record, write_json
 
 try:
+    import lm_eval.models  # noqa: F401  lm-eval's own backends, registered lazily, before ours: it looks
+    # them up only while its registry is empty, so registering ours first would hide "hf" and the rest
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # the adapter needs lm-eval; the rest of samba_lm does not
@@ -334,6 +336,8 @@ def main():
     _require_lm_eval()
     from lm_eval.__main__ import cli_evaluate
 
+    with contextlib.suppress(ImportError):  # `--model hf` on a model saved by samba_lm.hf
+        import samba_lm.hf  # noqa: F401
     cli_evaluate()
 
 

@@ -58,15 +58,24 @@ DEFAULT_MODELS = f"samba-421m,llama2-438m,mamba-432m,samba-1.7b,{HF}"
 MODES = ("eager", "compiled")
 
 
-class RandomTokens:
-    """The trainer's loader interface: next_batch(n) -> [n, seq_len + 1] int64 CPU tokens, seeded."""
+EOS = 0  # the EOS id of --pack documents' random documents
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int):
-        self.vocab_size, self.seq_len = vocab_size, seq_len
+
+class RandomTokens:
+    """The trainer's loader interface: next_batch(n) -> [n, seq_len + 1] int64 CPU tokens, seeded. With
+    doc_length, EOS ends a document after each token with probability 1 / doc_length (else it is
+    avoided), so that --pack documents sees documents of that mean length."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, doc_length: int = 0):
+        self.vocab_size, self.seq_len, self.doc_length = vocab_size, seq_len, doc_length
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.vocab_size, (n, self.seq_len + 1), generator=self.generator)
+        if not self.doc_length:
+            return torch.randint(0, self.vocab_size, (n, self.seq_len + 1), generator=self.generator)
+        tokens = torch.randint(EOS + 1, self.vocab_size, (n, self.seq_len + 1), generator=self.generator)
+        ends = torch.rand(tokens.shape, generator=self.generator) < 1 / self.doc_length
+        return tokens.masked_fill(ends, EOS)
 
 
 def sync(device: torch.device):
@@ -107,11 +116,13 @@ def samba_entry(name, compiled, args, env):
                           recompute_mamba=cfg.recompute_mamba)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.exempt_from_decay)
     autocast = _autocast(cfg, env.device)
-    loader = RandomTokens(model_cfg.vocab_size, args.seq_len, args.seed)
+    documents = args.pack == "documents"
+    loader = RandomTokens(model_cfg.vocab_size, args.seq_len, args.seed, args.doc_length if documents else 0)
     n_params = sum(p.numel() for p in model.parameters())
 
     def step():
-        return train_step(model, optimizer, loader, micro, accum, autocast, env, cfg.grad_clip)[0]
+        return train_step(model, optimizer, loader, micro, accum, autocast, env, cfg.grad_clip,
+                          EOS if documents else None)[0]
 
     return step, optimizer, model_cfg, n_params, micro, accum
 
@@ -243,6 +254,8 @@ def table(rows, meta) -> str:
            f"{meta['batch_size']} sequences per step, median of {meta['steps']} steps after {meta['warmup']} warmup"
            + (", activation checkpointing" if meta["activation_checkpointing"] else "")
            + (", Mamba mixers recomputed" if meta.get("recompute_mamba") else "")
+           + (f", packed documents of {meta['doc_length']} tokens on average, each seeing only itself"
+              if meta.get("pack") == "documents" else "")
            + f"; {mm['dtype']} matmul {mm['size']}^3: {mm['flop_s'] / 1e12:.1f} TFLOP/s (MFU against it).", "",
            "| model | mode | micro x accum | tok/s | TFLOP/s | MFU | peak GiB | loss | loss diff vs eager |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -294,6 +307,11 @@ def main():
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each sub-layer in the backward (samba-lm's per-sub-layer checkpointing; HF's "
                         "gradient_checkpointing_enable)")
+    p.add_argument("--pack", default="concat", choices=["concat", "documents"],
+                   help="samba-lm entries: the trainer's --pack; documents: random documents of --doc-length "
+                        "tokens on average, each seeing only itself (default: concat)")
+    p.add_argument("--doc-length", type=int, default=1024,
+                   help="mean document length of --pack documents (default: 1024)")
     p.add_argument("--model-args", type=json_object, default={}, metavar="JSON",
                    help="SambaConfig fields over every preset, and over hf-llama's shape (llama2-438m's), e.g. "
                         """'{"d_model": 256}' for a small smoke run""")
@@ -315,8 +333,8 @@ def main():
         p.error(f"--models: unknown {unknown}; valid: {', '.join(PRESETS)}, {HF}")
     if not modes or set(args.modes.split(",")) - set(MODES):
         p.error(f"--modes: comma-separated {', '.join(MODES)}, got {args.modes!r}")
-    if min(args.seq_len, args.batch_size, args.micro_batch, args.steps) < 1 or args.warmup < 0:
-        p.error("--seq-len, --batch-size, --micro-batch and --steps must be positive, --warmup >= 0")
+    if min(args.seq_len, args.batch_size, args.micro_batch, args.steps, args.doc_length) < 1 or args.warmup < 0:
+        p.error("--seq-len, --batch-size, --micro-batch, --steps and --doc-length must be positive, --warmup >= 0")
 
     env = D.setup(args.device)
     if env.distributed:
@@ -333,8 +351,8 @@ def main():
     meta = dict(device=device, date=datetime.date.today().isoformat(),
                 torch=torch.__version__, **found, matmul=matmul, seq_len=args.seq_len, batch_size=args.batch_size,
                 warmup=args.warmup, steps=args.steps, activation_checkpointing=args.activation_checkpointing,
-                recompute_mamba=args.recompute_mamba,
-                loss_diff_steps=args.warmup + args.steps, command=" ".join(sys.argv))
+                recompute_mamba=args.recompute_mamba, pack=args.pack,
+                doc_length=args.doc_length if args.pack == "documents" else None, loss_diff_steps=args.warmup + args.steps, command=" ".join(sys.argv))
     print(json.dumps(meta), flush=True)
 
     rows = []

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import SambaConfig
+from .documents import check_document_ids, document_starts
 from .layers import Attention, Mamba, RMSNorm, SwiGLU
 from .ops import linear, linear_cross_entropy, recomputed
 from .state import SambaState, start_positions
@@ -48,10 +49,10 @@ class Residual(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg)
 
-    def forward(self, h, delta, positions, state=None):
+    def forward(self, h, delta, positions, state=None, documents=None):
         """(h + delta, this sub-layer's output): delta is the previous sub-layer's output (None first)."""
         h, x = self.norm(h, delta)
-        return h, self.mixer(x, positions, state)
+        return h, self.mixer(x, positions, state, documents)
 
 
 class SambaLM(nn.Module):
@@ -118,28 +119,38 @@ class SambaLM(nn.Module):
         return SambaState(records, pos, self.config)
 
     def forward(self, input_ids: torch.Tensor, state: SambaState | None = None,
-                logits_to_keep: int = 0, labels: torch.Tensor | None = None) -> SambaOutput:
+                logits_to_keep: int = 0, labels: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> SambaOutput:
         """input_ids [B, T] -> logits [B, T, vocab]; with a state, continues its stream in place.
 
         logits_to_keep > 0 computes logits for the last that many positions only (prefill).
         labels [B, T] (int64, each position's next token, -100 ignored): the loss instead of the logits,
         by `ops.linear_cross_entropy`, which never holds [B, T, vocab]: `losses` per position and `loss`
         their mean over the labelled ones. For training, and with a state for streaming evaluation
-        (`eval ppl`); not with logits_to_keep."""
+        (`eval ppl`); not with logits_to_keep.
+        document_ids [B, T] (integers, non-decreasing along each row): packed documents, each seeing
+        only itself (`samba_lm.documents`); a state remembers each row's document across calls."""
         batch, T = self._check_inputs(input_ids, state, logits_to_keep)
         self._check_labels(labels, input_ids, logits_to_keep)
         start = state.pos[:, None] if state is not None else 0
         positions = (start + torch.arange(T, device=input_ids.device)[None]).expand(batch, T)
+        documents = None
+        if document_ids is not None:
+            check_document_ids(document_ids, input_ids)
+            documents = document_starts(document_ids, positions, state)
         h = self.embedding(input_ids)
         h, delta = h.to(torch.promote_types(h.dtype, torch.float32)), None
         recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled() and state is None
         for i, layer in enumerate(self.layers):
             if recompute:
-                h, delta = recomputed(layer, h, delta, positions)
+                h, delta = recomputed(layer, h, delta, positions, None, documents)
             else:
-                h, delta = layer(h, delta, positions, state.layers[i] if state is not None else None)
+                h, delta = layer(h, delta, positions, state.layers[i] if state is not None else None, documents)
         if state is not None:
             state.pos += T
+            if documents is not None:
+                state.doc.copy_(document_ids[:, -1])
+                state.doc_start.copy_(documents.start[:, -1])
         if logits_to_keep:
             h, delta = h[:, -logits_to_keep:], delta[:, -logits_to_keep:]
         _, x = self.norm_f(h, delta)

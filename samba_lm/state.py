@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+NO_DOCUMENT = torch.iinfo(torch.int64).min  # a state's document id before its first document_ids
+
 
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
     """A tensor handed to autograd must not be overwritten by the next in-place state update."""
@@ -98,6 +100,16 @@ class SambaState:
     layers: list
     pos: torch.Tensor
     config: object
+    # Packed documents (`SambaLM(..., document_ids=)`): each row's current document id (NO_DOCUMENT
+    # before any) and the position where it began; a chunk whose first id differs starts afresh.
+    doc: torch.Tensor | None = None
+    doc_start: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.doc is None:
+            self.doc = torch.full_like(self.pos, NO_DOCUMENT)
+        if self.doc_start is None:
+            self.doc_start = self.pos.clamp(min=0)
 
     @property
     def batch_size(self) -> int:
@@ -105,6 +117,8 @@ class SambaState:
 
     def tensors(self):
         yield self.pos
+        yield self.doc
+        yield self.doc_start
         for record in self.layers:
             if record is not None:
                 yield from (getattr(record, f.name) for f in dataclasses.fields(record)
@@ -117,6 +131,8 @@ class SambaState:
         """Back to an empty stream in the same buffers, each row starting at `start` (default 0)."""
         start, bound = start_positions(start, self.batch_size, self.pos.device)
         self.pos.copy_(start)
+        self.doc.fill_(NO_DOCUMENT)
+        self.doc_start.copy_(start.clamp(min=0))
         for record in self.layers:
             if isinstance(record, KVCache):
                 record.reset(bound)
@@ -141,7 +157,8 @@ class SambaState:
                 f.name: getattr(record, f.name).index_select(0, index) for f in dataclasses.fields(record)
                 if isinstance(getattr(record, f.name), torch.Tensor)})
 
-        return SambaState([pick(r) for r in self.layers], self.pos.index_select(0, index), self.config)
+        return SambaState([pick(r) for r in self.layers], self.pos.index_select(0, index), self.config,
+                          self.doc.index_select(0, index), self.doc_start.index_select(0, index))
 
     def rows(self, n: int) -> SambaState:
         """A view of the first n rows: the same buffers, so calls on it update this state in place (a
@@ -155,7 +172,7 @@ class SambaState:
                       if isinstance(getattr(record, f.name), torch.Tensor)}
             return dataclasses.replace(record, **fields, **({"grows": False} if isinstance(record, KVCache) else {}))
 
-        return SambaState([head(r) for r in self.layers], self.pos[:n], self.config)
+        return SambaState([head(r) for r in self.layers], self.pos[:n], self.config, self.doc[:n], self.doc_start[:n])
 
     def assign(self, row: int, other: SambaState, other_row: int = 0):
         """Copy row `other_row` of `other` (another state of the same model and capacity, or this one)

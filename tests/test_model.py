@@ -104,7 +104,7 @@ def test_state_size_formula():
     E, per_row = cfg.d_inner, 0
     per_row += E * (cfg.d_conv - 1) * 4 + E * cfg.d_state * 4  # conv (fp32 model) + ssm
     per_row += 2 * (cfg.window - 1) * cfg.n_kv_heads * cfg.head_dim * 4 + (cfg.window - 1) * 8
-    assert state.nbytes() == 3 * (per_row + 8)
+    assert state.nbytes() == 3 * (per_row + 3 * 8)  # + pos, and the document id and start (int64 each)
 
 
 def test_select_reorders_rows():

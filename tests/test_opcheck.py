@@ -48,7 +48,7 @@ def scan_args(batch, T, E, N, grad, h0=True):
 
 
 def scan_train():
-    y, h = ops.selective_scan(**scan_args(2, 19, 40, 4, grad=True))
+    y, h = ops.selective_scan(**scan_args(2, 9, 24, 4, grad=True))
     (y.sum() + h.sum()).backward()
 
 
@@ -56,7 +56,7 @@ def scan_step_at_a_time_train():
     from samba_lm.ops import triton_scan, tuning
 
     assert triton_scan._sequential(tuning.current("scan"), 2, 40, torch.device(DEVICE)) or DEVICE == "cuda"
-    y, h = ops.selective_scan(**scan_args(2, 19, 40, 4, grad=True))
+    y, h = ops.selective_scan(**scan_args(2, 9, 24, 4, grad=True))
     (y.sum() + h.sum()).backward()
 
 

@@ -1,5 +1,6 @@
 """The trainer: loss falls, exact resume, crash-safe checkpoints, DDP/FSDP2 == one process, the CLI."""
 
+import contextlib
 import json
 import os
 import random
@@ -183,7 +184,7 @@ def test_incompatible_checkpoint_on_resume_fails_before_work(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("lr", -1.0), ("batch_size", 0), ("parallel", "zero3"),
-                                          ("dtype", "fp8"), ("model", "gpt2")])
+                                          ("dtype", "fp8"), ("model", "gpt2"), ("pack", "zip")])
 def test_bad_train_config(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**{field: value})
@@ -221,7 +222,7 @@ def test_cli_info_on_presets(capsys):
     # 6 Mamba layers: conv [3072, 3] + ssm [3072, 16] fp32; 6 SWA rings of 2047 x 12 heads x 128, bf16
     mamba = 6 * (3072 * 3 * 2 + 3072 * 16 * 4)
     ring = 6 * (2 * 2047 * 12 * 128 * 2 + 2047 * 8)
-    assert info["state_bytes_batch_1_bfloat16"] == mamba + ring + 8
+    assert info["state_bytes_batch_1_bfloat16"] == mamba + ring + 3 * 8  # pos, document id and start
 
 
 def test_shipped_yaml_recipes_are_valid():
@@ -232,3 +233,39 @@ def test_shipped_yaml_recipes_are_valid():
     for path in recipes:
         cfg = make_config(load_yaml(path))
         assert cfg.batch_size % cfg.micro_batch_size == 0, path
+
+
+class FixedBlocks:
+    def __init__(self, block):
+        self.block = block
+
+    def next_batch(self, n):
+        return self.block.expand(n, -1)
+
+
+def test_pack_documents_trains_each_document_on_its_own():
+    """--pack documents: the step's loss over a block with EOS inside is the loss of each document
+    run alone (the EOS ends the document it closes); concatenated, the same block gives another."""
+    from conftest import small_model
+
+    from samba_lm.train import distributed as D
+
+    eos, model = 0, small_model(torch.float64).train()
+    block = torch.tensor([[5, 7, 0, 9, 3, 3, 0, 4, 4, 2, 8, 0, 6]])
+    inputs, labels = block[0, :-1], block[0, 1:]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    env = D.setup("cpu")
+
+    def step(eos):  # no autocast (float64), no clipping
+        return trainer_module.train_step(model, optimizer, FixedBlocks(block), 1, 1, contextlib.nullcontext, env, 0.0,
+                                         eos)[0]
+
+    ends = [i + 1 for i, t in enumerate(inputs.tolist()) if t == eos]
+    bounds = [0] + ends + [len(inputs)]
+    with torch.no_grad():
+        alone = sum(model(inputs[None, a:b], labels=labels[None, a:b]).losses.sum() for a, b in zip(bounds, bounds[1:])
+                    if a < b)
+    assert step(eos) == pytest.approx(alone.item() / len(inputs), rel=1e-6)  # the step sums its loss in float32
+    assert step(None) != pytest.approx(step(eos), rel=1e-6)
+    with pytest.raises(ValueError, match="TrainConfig.pack"):
+        TrainConfig(task="passkey", init_from="somewhere", pack="documents")

@@ -32,11 +32,14 @@ class Attention(nn.Module):
         pos = torch.full((batch_size, slots), -1, device=device, dtype=torch.long)
         return KVCache(kv, kv.clone(), pos, grows=not self.window, length=length)
 
-    def forward(self, x, positions, state=None):
+    def forward(self, x, positions, state=None, documents=None):
         batch, T, _ = x.shape
-        q, k, v = qkv_rope(linear(x, self.qkv_proj.weight), positions, self.n_heads, self.n_kv_heads, self.rope_base)
+        # Packed documents: RoPE counts from each document's start, and no key before it is seen.
+        angles = positions if documents is None else positions - documents.start
+        extra = {} if documents is None else {"q_start": documents.start}
+        q, k, v = qkv_rope(linear(x, self.qkv_proj.weight), angles, self.n_heads, self.n_kv_heads, self.rope_base)
         if state is None:
-            out = attention(q, k, v, positions, self.window)
+            out = attention(q, k, v, positions, self.window, **extra)
         else:
-            out = attention_with_cache(q, k, v, positions, self.window, *state.reserve(T))
+            out = attention_with_cache(q, k, v, positions, self.window, *state.reserve(T), **extra)
         return linear(out.reshape(batch, T, self.n_heads * self.head_dim), self.out_proj.weight)

@@ -60,11 +60,11 @@ class Mamba(nn.Module):
             conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype))
 
-    def forward(self, x, positions, state=None):
+    def forward(self, x, positions, state=None, documents=None):
         conv_state, ssm_state = state.read() if state is not None else (None, None)
         args = (linear(x, self.in_proj.weight), positions if state is not None else None, self.conv1d.weight[:, 0],
                 self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
-                conv_state, ssm_state)
+                conv_state, ssm_state) + (() if documents is None else (documents.reset,))  # packed: resets
         if self.recompute and state is None and self.training and torch.is_grad_enabled():
             y, conv_state, ssm_state = recomputed(mamba_inner, *args)
         else:

@@ -16,5 +16,5 @@ class SwiGLU(nn.Module):
     def init_state(self, batch_size, device=None, dtype=None):
         return None
 
-    def forward(self, x, positions=None, state=None):
+    def forward(self, x, positions=None, state=None, documents=None):
         return linear(swiglu(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)

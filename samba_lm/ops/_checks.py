@@ -43,3 +43,31 @@ def check_projection(op: str, x: torch.Tensor, weight: torch.Tensor, layout: str
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{op}: weight must be {layout} with {layout[-2]} = x's last dim ({tuple(x.shape)}), "
                          f"got {tuple(weight.shape)}")
+
+
+def check_reset_flags(op: str, name: str, t: torch.Tensor | None, shape: tuple, device: torch.device):
+    """An optional bool [B, T] tensor of document starts, on the inputs' device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must be a bool tensor (True at a document's first token), got {got}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, the inputs on {device}")
+
+
+def check_query_starts(op: str, name: str, t: torch.Tensor | None, q_pos: torch.Tensor):
+    """Optional int64 [B, T] document starts of the queries, on q_pos's device. Where it is cheap (CPU
+    tensors, not tracing) also q_start <= q_pos for real queries (q_pos >= 0): a query's document
+    begins at or before it, so that it sees at least itself. On GPUs reading the values would
+    synchronise: a query with q_start > q_pos sees no key there and returns zeros, as padding does."""
+    if t is None:
+        return
+    check_positions(op, name, t, tuple(q_pos.shape))
+    if t.device != q_pos.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, q_pos on {q_pos.device}")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool(((t > q_pos) & (q_pos >= 0)).any()):
+        raise ValueError(f"{op}: {name} must be <= q_pos where q_pos >= 0 (a query's document starts at or "
+                         f"before the query)")

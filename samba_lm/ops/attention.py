@@ -5,12 +5,20 @@ Shapes (B batch, T chunk length, P prefix length, H query heads, Hkv key/value h
 Dh head dim):
     q [B, T, H, Dh]   k, v [B, T, Hkv, Dh]   q_pos [B, T] (int64)   out like q
     k_prefix, v_prefix [B, P, Hkv, Dh]   prefix_pos [B, P] (int64)   (optional, all three or none)
+    q_start [B, T] (int64, optional)
 
 The chunk's keys k, v sit at the queries' positions q_pos, which count up by one along T (a row may
 start negative: left padding). The prefix holds cached keys (a ring buffer of the last W-1 positions,
 or every earlier position for full attention) in any order; a negative position marks an empty slot.
 A key at position p is visible to a query at position i when p >= 0 and 0 <= i - p < window
 (window 0: no limit). A query that sees no key returns zeros. Softmax scale is 1/sqrt(Dh).
+
+Packed documents: q_start[b, t] is the first position of query t's document; a key at position p
+(in the chunk or the prefix) is visible to it only if also p >= q_start[b, t], so a document never
+sees an earlier one, through the cache neither. q_pos stays the row's stream position (the window and
+the cache slots go by it); RoPE's positions within each document are the caller's. A real query's
+document starts at or before it (q_start <= q_pos, checked on CPUs), so it sees at least itself;
+padding (q_pos < 0) sees nothing whatever its q_start. None: no documents, the computation as before.
 
 The reference takes queries in blocks against all keys, so it never holds a T x (P + T) matrix.
 
@@ -28,12 +36,12 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from ._checks import check_float, check_positions, check_rank, compute_dtype
+from ._checks import check_float, check_positions, check_query_starts, check_rank, compute_dtype
 
 QUERY_BLOCK = 128
 
 
-def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
+def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
     cdt = compute_dtype(q.dtype)
     batch, T, H, Dh = q.shape
     Hkv = k.shape[2]
@@ -51,6 +59,8 @@ def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, 
         visible = (k_pos[:, None, :] >= 0) & (dist >= 0)
         if window:
             visible &= dist < window
+        if q_start is not None:  # keys of earlier documents
+            visible &= k_pos[:, None, :] >= q_start[:, t0:t0 + QUERY_BLOCK, None]
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
         top = scores.amax(-1, keepdim=True).detach()
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows that see no key
@@ -85,7 +95,7 @@ def _check_prefix(op, names, batch, Hkv, Dh, k_prefix, v_prefix, prefix_pos):
     check_positions(op, names[2], prefix_pos, (batch, P))
 
 
-def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
+def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
     """Masked softmax attention (see module docstring); returns [B, T, H, Dh]."""
     op = "attention"
     batch, Hkv, Dh = _check_chunk(op, q, k, v, q_pos, window)
@@ -94,8 +104,9 @@ def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos
         raise ValueError(f"{op}: k_prefix, v_prefix and prefix_pos come together (all three or none)")
     if all(given):
         _check_prefix(op, ("k_prefix", "v_prefix", "prefix_pos"), batch, Hkv, Dh, k_prefix, v_prefix, prefix_pos)
+    check_query_starts(op, "q_start", q_start, q_pos)
     fn = dispatch.resolve("attention", q.device, q.dtype)
-    return fn(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+    return fn(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
 
 
 def cache_append(k, v, q_pos, k_cache, v_cache, cache_pos):
@@ -111,20 +122,21 @@ def cache_append(k, v, q_pos, k_cache, v_cache, cache_pos):
     cache_pos.scatter_(1, index, positions)
 
 
-def attention_with_cache_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
-    out = attention_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+def attention_with_cache_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
+    out = attention_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
     cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
     return out
 
 
-def attention_with_cache(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+def attention_with_cache(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
     """`attention` over a state's positional cache and the chunk, then the chunk stored in the cache in
     place (see module docstring); returns [B, T, H, Dh]. Gradients reach q, k and v, not the cache."""
     op = "attention_with_cache"
     batch, Hkv, Dh = _check_chunk(op, q, k, v, q_pos, window)
     _check_prefix(op, ("k_cache", "v_cache", "cache_pos"), batch, Hkv, Dh, k_cache, v_cache, cache_pos)
+    check_query_starts(op, "q_start", q_start, q_pos)
     fn = dispatch.resolve(op, q.device, q.dtype)
-    return fn(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+    return fn(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
 
 
 dispatch.register("attention", "reference", attention_reference)

@@ -5,6 +5,7 @@ Shapes (B batch, T time, E = d_inner, N = d_state, K = d_conv, R = dt_rank):
     conv_weight [E, K]   conv_bias [E] or None   x_proj_weight [R + 2N, E]
     dt_proj_weight [E, R]   dt_proj_bias [E]   A_log [E, N]   D [E]
     conv_state [B, E, K-1] or None   ssm_state [B, E, N] (fp32, fp64 in a fp64 model) or None
+    reset [B, T] bool or None
     -> y [B, T, E] in xz's dtype, the final conv_state and ssm_state
 
     x, z     = xz.chunk(2)
@@ -14,6 +15,10 @@ Shapes (B batch, T time, E = d_inner, N = d_state, K = d_conv, R = dt_rank):
 
 Where positions are given, tokens at negative positions are left padding: x is zeroed before and
 after the conv, so a padded row's states equal those of its unpadded stream.
+
+Packed documents: reset[b, t] = True marks a document's first token; the conv and the scan both start
+afresh there (see `causal_conv1d` and `selective_scan`), so each document, its states and gradients,
+are those of the document alone.
 
 The reference composes the ops `causal_conv1d` and `selective_scan` (each dispatching on its own) with
 the two projections. It is also what the Triton backend runs for chunks; a one-token call without
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._checks import check_float, check_positions, check_rank
+from ._checks import check_float, check_positions, check_rank, check_reset_flags
 from .conv import causal_conv1d
 from .scan import selective_scan
 
@@ -37,28 +42,30 @@ def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
 
 
 def mamba_inner_reference(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                          A_log, D, conv_state=None, ssm_state=None):
+                          A_log, D, conv_state=None, ssm_state=None, reset=None):
     x, z = xz.chunk(2, dim=-1)
     real = None if positions is None else (positions >= 0)[..., None].to(x.dtype)
     if real is not None:
         x = x * real
-    x, conv_state = causal_conv1d(x, conv_weight, conv_bias, conv_state)
+    x, conv_state = causal_conv1d(x, conv_weight, conv_bias, conv_state, reset)
     if real is not None:
         x = x * real
     R, N = dt_proj_weight.shape[1], A_log.shape[1]
     dt, B, C = F.linear(x, x_proj_weight).split([R, N, N], dim=-1)
     dt = F.linear(dt, dt_proj_weight)  # the bias is added inside the scan, before softplus
     A = -torch.exp(_fp32_or_wider(A_log))
-    y, ssm_state = selective_scan(x, dt, A, B, C, _fp32_or_wider(D), z, _fp32_or_wider(dt_proj_bias), ssm_state)
+    y, ssm_state = selective_scan(x, dt, A, B, C, _fp32_or_wider(D), z, _fp32_or_wider(dt_proj_bias), ssm_state,
+                                  reset)
     return y, conv_state, ssm_state
 
 
 def mamba_inner(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-                conv_state=None, ssm_state=None):
+                conv_state=None, ssm_state=None, reset=None):
     """The mixer between in_proj and out_proj (see module docstring); returns (y, conv_state, ssm_state).
 
-    When no gradient is needed, a backend may update the given states in place and return those same
-    tensors (the Triton decode step does)."""
+    reset: optional bool [B, T], True at a document's first token; None is the plain stream. When no
+    gradient is needed, a backend may update the given states in place and return those same tensors
+    (the Triton decode step does)."""
     op = "mamba_inner"
     check_rank(op, "xz", xz, 3, "[B, T, 2E]")
     check_rank(op, "A_log", A_log, 2, "[E, N]")
@@ -81,9 +88,10 @@ def mamba_inner(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_we
     check_float(op, "D", D, (E,))
     check_float(op, "conv_state", conv_state, (batch, E, K - 1), optional=True)
     check_float(op, "ssm_state", ssm_state, (batch, E, N), optional=True)
+    check_reset_flags(op, "reset", reset, (batch, T), xz.device)
     fn = dispatch.resolve(op, xz.device, xz.dtype)
     return fn(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-              conv_state, ssm_state)
+              conv_state, ssm_state, reset)
 
 
 dispatch.register("mamba_inner", "reference", mamba_inner_reference)

@@ -24,6 +24,15 @@ it (i0 < W - 1), by every block for full attention (W = 0). A state's positional
 (`attention_with_cache`: slot = position mod P) is visited only below the chunk's first position: a
 full-attention cache preallocated for a whole generation costs what is filled.
 
+Packed documents (`q_start`, the constexpr HAS_START; without it the kernels compile to the same
+instructions as before): a query's first visible chunk key is the later of its row's first real token
+and its document's start, and a prefix key must sit at or after that start. A query block starts at the
+key block of the least of its rows' document starts and runs unmasked only from the greatest on; it
+skips the prefix when every row's document began inside the chunk. A dK/dV program (key-major) reads
+the document starts of the queries in its window, SCAN at a time, for the last query that can see its
+keys and the first that cannot see them all: it relies on no order of q_start, any q_start <= q_pos is
+exact (a larger one hides every key, the query's own too: zeros, as for padding).
+
 Forward: one program per (query block, batch row x query head); it saves the row's log-sum-exp (base 2)
 for the backward. A row that sees no key (left padding) returns zeros and saves +inf, so that the
 backward gives it zero probabilities. A one-token call without gradients (decode) goes to
@@ -61,8 +70,9 @@ from .triton_common import interpreting
 # ----------------------------------------------------------------------------- kernels
 
 LOG2E = tl.constexpr(1.4426950408889634)
-CHUNK_MASK = tl.constexpr(1)  # causal, window and padding from key and query indices
-PREFIX_MASK = tl.constexpr(2)  # window and empty slots from the prefix's positions
+CHUNK_MASK = tl.constexpr(1)  # causal, window, padding and documents from key and query indices
+PREFIX_MASK = tl.constexpr(2)  # window, empty slots and documents from the prefix's positions
+SCAN = tl.constexpr(512)  # queries a dK/dV program reads at a time to find those a key block's documents reach
 
 
 @triton.jit
@@ -76,7 +86,9 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _visible(s, rows, cols, q_pos, k_pos_ptr, first, n_keys, W, MASK: tl.constexpr):
-    """s where query `rows` sees key `cols`, -inf elsewhere (MASK 0: every key is visible)."""
+    """s where query `rows` sees key `cols`, -inf elsewhere (MASK 0: every key is visible). `first`, a
+    scalar or one per row ([BLOCK_M, 1]: documents), is the lowest visible key: a chunk index for
+    CHUNK_MASK (the row's first real token), a position for PREFIX_MASK (0: empty slots are negative)."""
     if MASK == CHUNK_MASK:
         d = rows[:, None] - cols[None, :]
         ok = (d >= 0) & ((d < W) | (W == 0)) & (cols[None, :] >= first) & (cols[None, :] < n_keys)
@@ -84,7 +96,7 @@ def _visible(s, rows, cols, q_pos, k_pos_ptr, first, n_keys, W, MASK: tl.constex
     if MASK == PREFIX_MASK:
         k_pos = tl.load(k_pos_ptr + cols, mask=cols < n_keys, other=-1)
         d = q_pos[:, None] - k_pos[None, :]
-        ok = (k_pos[None, :] >= 0) & (d >= 0) & ((d < W) | (W == 0))
+        ok = (k_pos[None, :] >= first) & (d >= 0) & ((d < W) | (W == 0))
         s = tl.where(ok, s, float("-inf"))
     return s
 
@@ -130,13 +142,15 @@ def _fwd_blocks(acc, l_i, m_i, q, k_desc, v_desc, b, hk, k_pos_ptr, start, end, 
 
 
 @triton.jit
-def _chunk_ranges(i0, first, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _chunk_ranges(i0, first_lo, first_hi, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key block boundaries for queries [i0, i0 + BLOCK_M): masked [start, a), unmasked [a, b),
-    masked [b, end). Unmasked blocks lie below the diagonal, inside the window and past the padding."""
-    lo = tl.where(W > 0, tl.maximum(first, i0 - W + 1), first)
+    masked [b, end). Unmasked blocks lie below the diagonal, inside the window and past the padding
+    and the documents' starts. first_lo, first_hi: the least and the greatest of the rows' first
+    visible keys (both the row's first real token, without documents)."""
+    lo = tl.where(W > 0, tl.maximum(first_lo, i0 - W + 1), first_lo)
     end = tl.minimum(T, i0 + BLOCK_M)
     start = lo // BLOCK_N * BLOCK_N
-    full_lo = tl.where(W > 0, tl.maximum(first, i0 + BLOCK_M - W), first)
+    full_lo = tl.where(W > 0, tl.maximum(first_hi, i0 + BLOCK_M - W), first_hi)
     full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
     full_hi = (i0 + 1) // BLOCK_N * BLOCK_N
     a = tl.minimum(tl.maximum(full_lo, start), end)
@@ -145,12 +159,13 @@ def _chunk_ranges(i0, first, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _query_ranges(j0, first, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Query block boundaries for chunk keys [j0, j0 + BLOCK_N), as `_chunk_ranges` for the backward."""
+def _query_ranges(j0, first, q_end, q_full, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query block boundaries for chunk keys [j0, j0 + BLOCK_N), as `_chunk_ranges` for the backward.
+    Queries from q_end on see none of the keys, those from q_full on not all (documents; else both T)."""
     start = j0 // BLOCK_M * BLOCK_M
-    end = tl.where(W > 0, tl.minimum(T, j0 + BLOCK_N - 1 + W), T)
+    end = tl.where(W > 0, tl.minimum(q_end, j0 + BLOCK_N - 1 + W), q_end)
     full_lo = tl.cdiv(j0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
-    full_end = tl.where(W > 0, tl.minimum(T, j0 + W), T) // BLOCK_M * BLOCK_M
+    full_end = tl.where(W > 0, tl.minimum(q_full, j0 + W), q_full) // BLOCK_M * BLOCK_M
     full_lo = tl.where(j0 >= first, full_lo, end)  # a key block reaching into the padding is masked
     a = tl.minimum(tl.maximum(full_lo, start), end)
     b = tl.maximum(a, tl.minimum(full_end, end))
@@ -174,10 +189,41 @@ def _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
+def _query_documents(qs_ptr, qpos_ptr, b, T, rows, row_ok, first):
+    """Document bounds of a block of queries: each row's first visible chunk key (its document's start
+    as a chunk index, at least `first`) and first visible prefix position, both [BLOCK_M, 1]; the least
+    and the greatest of the former over the block (key blocks below the least are skipped, those from
+    the greatest on need no document mask); whether some row's document began before the chunk (else
+    the prefix, which holds earlier positions, is skipped)."""
+    base = tl.load(qpos_ptr + b * T)  # the position of chunk index 0
+    qs = tl.load(qs_ptr + b * T + rows, mask=row_ok, other=0)
+    row_first = tl.maximum(qs - base, first)
+    first_lo = tl.min(tl.where(row_ok, row_first, T))
+    first_hi = tl.max(tl.where(row_ok, row_first, first))
+    before = tl.min(tl.where(row_ok, qs, base)) < base
+    return row_first[:, None], qs[:, None], first_lo, first_hi, before
+
+
+@triton.jit
+def _query_reach(qs_ptr, lo, hi, key_first, key_last):
+    """Over queries [lo, hi), by their documents' starts q_start: 1 + the last that can see the position
+    key_last (q_start <= key_last; lo if none), and the first that cannot see key_first (hi if none).
+    Any q_start: it reads them all rather than rely on their order."""
+    q_end = tl.cast(lo, tl.int32)
+    q_full = tl.cast(hi, tl.int32)
+    for r0 in range(lo, hi, SCAN):
+        r = r0 + tl.arange(0, SCAN)
+        qs = tl.load(qs_ptr + r, mask=r < hi, other=0)
+        q_end = tl.maximum(q_end, tl.max(tl.where((r < hi) & (qs <= key_last), r + 1, 0)))
+        q_full = tl.minimum(q_full, tl.min(tl.where((r < hi) & (qs > key_first), r, hi)))
+    return q_end, q_full
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_desc, v_desc, kp_desc, vp_desc, pp_ptr, qpos_ptr, out_ptr, lse_ptr, s_qb, s_qt, s_qh, T, P, H, W, scale,
-    G: tl.constexpr, HAS_PREFIX: tl.constexpr, POSITIONAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, k_desc, v_desc, kp_desc, vp_desc, pp_ptr, qpos_ptr, qs_ptr, out_ptr, lse_ptr, s_qb, s_qt, s_qh, T, P, H, W,
+    scale, G: tl.constexpr, HAS_PREFIX: tl.constexpr, POSITIONAL: tl.constexpr, HAS_START: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, bh, i0, rows, offs_d, row_ok, q, q_pos, first = _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H,
                                                                        HEAD_DIM, BLOCK_M)
@@ -186,14 +232,19 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    first_lo, first_hi, prefix_first = first, first, 0
+    sees_prefix = (W == 0) | (i0 < W - 1)
+    if HAS_START:
+        first, prefix_first, first_lo, first_hi, before = _query_documents(qs_ptr, qpos_ptr, b, T, rows, row_ok, first)
+        sees_prefix = sees_prefix & before
     if HAS_PREFIX:
-        if (W == 0) | (i0 < W - 1):
+        if sees_prefix:
             live = P
             if POSITIONAL:  # a state's cache, slot = position mod P: what the chunk sees lies below its start
                 live = tl.minimum(tl.maximum(tl.load(qpos_ptr + b * T), 0), P)
             acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kp_desc, vp_desc, b, hk, pp_ptr + b * P, 0, live, rows,
-                                        q_pos, 0, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
-    start, a, c, end = _chunk_ranges(i0, first, T, W, BLOCK_M, BLOCK_N)
+                                        q_pos, prefix_first, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    start, a, c, end = _chunk_ranges(i0, first_lo, first_hi, T, W, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_desc, v_desc, b, hk, qpos_ptr, start, a, rows, q_pos, first, T, W,
                                 qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_desc, v_desc, b, hk, qpos_ptr, a, c, rows, q_pos, first, T, W,
@@ -216,13 +267,16 @@ def _block_start(j, start, n1, c, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, b, h0, start, n1, c, n, cols, q_pos_ptr, T,
-                 first, W, k_pos, qk_scale, G: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, b, h0, start, n1, c, n, cols, q_pos_ptr,
+                 qs_ptr, T, first, W, k_pos, qk_scale, G: tl.constexpr, MASK: tl.constexpr, HAS_START: tl.constexpr,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one key block from n query blocks (`_block_start`) of each of the G query heads h0 ..
     h0 + G - 1 of its group, as one loop over (head, query block) pairs so that loads run ahead across
-    heads. Transposed: scores are [keys, queries]."""
+    heads. Transposed: scores are [keys, queries]. HAS_START: the masks also read the queries'
+    documents' starts (qs_ptr, positions) and compare them with the keys' positions."""
     offs_m = tl.arange(0, BLOCK_M)
+    if HAS_START and MASK == CHUNK_MASK:
+        base = tl.load(q_pos_ptr)  # the position of chunk index 0
     for it in range(0, G * n):
         g = it // n
         r0 = _block_start(it % n, start, n1, c, BLOCK_M)
@@ -234,13 +288,19 @@ def _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, b, h0, start
         delta = tl.load(delta_ptr + g * T + rows, mask=row_ok, other=0.0)
         sT = _dot(k, tl.trans(q), None, PRECISION) * qk_scale
         if MASK == CHUNK_MASK:
+            lo = first  # the first visible key (index): the row's first real token, or its document's start
+            if HAS_START:
+                lo = tl.maximum(tl.load(qs_ptr + rows, mask=row_ok, other=0) - base, first)[None, :]
             d = rows[None, :] - cols[:, None]
-            ok = (d >= 0) & ((d < W) | (W == 0)) & (cols[:, None] >= first) & row_ok[None, :]
+            ok = (d >= 0) & ((d < W) | (W == 0)) & (cols[:, None] >= lo) & row_ok[None, :]
             sT = tl.where(ok, sT, float("-inf"))
         if MASK == PREFIX_MASK:
             q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=-1)
+            lo = 0  # the first visible position: empty slots are negative, documents start at q_start >= 0
+            if HAS_START:
+                lo = tl.load(qs_ptr + rows, mask=row_ok, other=0)[None, :]
             d = q_pos[None, :] - k_pos[:, None]
-            ok = (k_pos[:, None] >= 0) & (d >= 0) & ((d < W) | (W == 0))
+            ok = (k_pos[:, None] >= lo) & (d >= 0) & ((d < W) | (W == 0))
             sT = tl.where(ok, sT, float("-inf"))
         pT = tl.exp2(sT - lse[None, :])
         dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
@@ -252,10 +312,10 @@ def _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, b, h0, start
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_desc, k_ptr, v_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, do_desc, lse_ptr, delta_ptr,
+    q_desc, k_ptr, v_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, qs_ptr, do_desc, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dkp_ptr, dvp_ptr, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, T, P, H, W, scale, n_prefix_blocks,
-    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_START: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (key block, batch row x kv head): the first n_prefix_blocks key blocks are the prefix's."""
     pid = tl.program_id(1)  # key blocks in order: the first see the most queries
@@ -276,10 +336,13 @@ def _attn_bwd_dkdv_kernel(
         k = _tile(kp_ptr, b, j0, hk, P, P * Hkv * HEAD_DIM, Hkv * HEAD_DIM, HEAD_DIM, BLOCK_N, HEAD_DIM)  # contiguous
         v = _tile(vp_ptr, b, j0, hk, P, P * Hkv * HEAD_DIM, Hkv * HEAD_DIM, HEAD_DIM, BLOCK_N, HEAD_DIM)
         k_pos = tl.load(pp_ptr + b * P + cols, mask=col_ok, other=-1)
-        n = tl.cdiv(tl.where(W > 0, tl.minimum(T, W - 1), T), BLOCK_M)
+        reach = tl.where(W > 0, tl.minimum(T, W - 1), T)  # the queries that may see the prefix
+        if HAS_START:  # and of those, the queries whose documents began by the block's last key
+            reach, _ = _query_reach(qs_ptr + b * T, 0, reach, 0, tl.max(k_pos))
+        n = tl.cdiv(reach, BLOCK_M)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr + stats, delta_ptr + stats, b, hk * G, 0, n, 0,
-                              n, cols, qpos_ptr + b * T, T, first, W, k_pos, qk_scale, G, PREFIX_MASK, BLOCK_M,
-                              HEAD_DIM, PRECISION)
+                              n, cols, qpos_ptr + b * T, qs_ptr + b * T, T, first, W, k_pos, qk_scale, G, PREFIX_MASK,
+                              HAS_START, BLOCK_M, HEAD_DIM, PRECISION)
         out = (b * P + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
         tl.store(dkp_ptr + out, (dk * scale).to(dkp_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dvp_ptr + out, dv.to(dvp_ptr.dtype.element_ty), mask=col_ok[:, None])
@@ -289,15 +352,20 @@ def _attn_bwd_dkdv_kernel(
         col_ok = cols < T
         k = _tile(k_ptr, b, j0, hk, T, s_kb, s_kt, s_kh, BLOCK_N, HEAD_DIM)
         v = _tile(v_ptr, b, j0, hk, T, s_vb, s_vt, s_vh, BLOCK_N, HEAD_DIM)
-        start, a, c, end = _query_ranges(j0, first, T, W, BLOCK_M, BLOCK_N)
+        q_end, q_full = T, T
+        if HAS_START:  # the queries (inside the window) whose documents reach the block's keys
+            base = tl.load(qpos_ptr + b * T)
+            reach = tl.where(W > 0, tl.minimum(T, j0 + BLOCK_N - 1 + W), T)
+            q_end, q_full = _query_reach(qs_ptr + b * T, j0, reach, base + j0, base + tl.minimum(j0 + BLOCK_N, T) - 1)
+        start, a, c, end = _query_ranges(j0, first, q_end, q_full, W, BLOCK_M, BLOCK_N)
         n_full = (c - a) // BLOCK_M
         n1 = tl.cdiv(a - start, BLOCK_M)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr + stats, delta_ptr + stats, b, hk * G, a, n_full,
-                              c, n_full, cols, qpos_ptr + b * T, T, first, W, cols, qk_scale, G, 0, BLOCK_M, HEAD_DIM,
-                              PRECISION)
+                              c, n_full, cols, qpos_ptr + b * T, qs_ptr + b * T, T, first, W, cols, qk_scale, G, 0,
+                              HAS_START, BLOCK_M, HEAD_DIM, PRECISION)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr + stats, delta_ptr + stats, b, hk * G, start, n1,
-                              c, n1 + tl.cdiv(end - c, BLOCK_M), cols, qpos_ptr + b * T, T, first, W, cols, qk_scale,
-                              G, CHUNK_MASK, BLOCK_M, HEAD_DIM, PRECISION)
+                              c, n1 + tl.cdiv(end - c, BLOCK_M), cols, qpos_ptr + b * T, qs_ptr + b * T, T, first, W,
+                              cols, qk_scale, G, CHUNK_MASK, HAS_START, BLOCK_M, HEAD_DIM, PRECISION)
         out = (b * T + cols[:, None]) * Hkv * HEAD_DIM + hk * HEAD_DIM + offs_d[None, :]
         tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
@@ -325,10 +393,10 @@ def _dq_blocks(dq, q, do, lse, delta, k_desc, v_desc, b, hk, k_pos_ptr, start, n
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_desc, v_desc, kp_desc, vp_desc, pp_ptr, qpos_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_desc, v_desc, kp_desc, vp_desc, pp_ptr, qpos_ptr, qs_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     s_qb, s_qt, s_qh, T, P, H, W, scale,
-    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    G: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_START: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, bh, i0, rows, offs_d, row_ok, q, q_pos, first = _query_block(q_ptr, qpos_ptr, s_qb, s_qt, s_qh, T, H,
                                                                        HEAD_DIM, BLOCK_M)
@@ -340,12 +408,17 @@ def _attn_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * tl.load(out_ptr + rows_hd, mask=row_ok[:, None], other=0.0).to(tl.float32), 1)
     tl.store(delta_ptr + bh * T + rows, delta, mask=row_ok)  # for the dK, dV kernel, which runs next
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    first_lo, first_hi, prefix_first = first, first, 0  # as in the forward
+    sees_prefix = (W == 0) | (i0 < W - 1)
+    if HAS_START:
+        first, prefix_first, first_lo, first_hi, before = _query_documents(qs_ptr, qpos_ptr, b, T, rows, row_ok, first)
+        sees_prefix = sees_prefix & before
     if HAS_PREFIX:
-        if (W == 0) | (i0 < W - 1):
+        if sees_prefix:
             n = tl.cdiv(P, BLOCK_N)
-            dq = _dq_blocks(dq, q, do, lse, delta, kp_desc, vp_desc, b, hk, pp_ptr + b * P, 0, n, 0, n, rows, q_pos, 0,
-                            P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
-    start, a, c, end = _chunk_ranges(i0, first, T, W, BLOCK_M, BLOCK_N)
+            dq = _dq_blocks(dq, q, do, lse, delta, kp_desc, vp_desc, b, hk, pp_ptr + b * P, 0, n, 0, n, rows, q_pos,
+                            prefix_first, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+    start, a, c, end = _chunk_ranges(i0, first_lo, first_hi, T, W, BLOCK_M, BLOCK_N)
     n_full = (c - a) // BLOCK_N
     n1 = tl.cdiv(a - start, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse, delta, k_desc, v_desc, b, hk, qpos_ptr, a, n_full, c, n_full, rows, q_pos, first,
@@ -417,6 +490,14 @@ def _prefix_args(k, v, k_prefix, v_prefix, prefix_pos):
             prefix_pos.to(torch.int32).contiguous(), k_prefix.shape[1])
 
 
+def _query_starts(q_start, q_pos_i32):
+    """The kernels' q_start: int32, clamped to [0, 2**31) (keys at negative positions are never
+    visible, so a start below 0 means 0); without documents, the int32 q_pos stands in (unread)."""
+    if q_start is None:
+        return q_pos_i32
+    return q_start.clamp(0, 2**31 - 1).to(torch.int32).contiguous()
+
+
 def _precision(dtype) -> str:
     """tl.dot's input precision: 16-bit inputs are exact anyway; fp32 gets 3xTF32 on GPUs. Under
     TRITON_INTERPRET=1, exact fp32 products, and bf16 widened (the interpreter mishandles bf16 dots)."""
@@ -433,52 +514,56 @@ def _check_grid(blocks: int, T: int):
                          f"shorter chunks with a state (the result is the same)")
 
 
-def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, positional: bool = False):
+def attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None,
+                      positional: bool = False):
     """(out, lse); `positional`: the prefix is a state's cache (slot = position mod P), read only below
     each row's first position."""
     batch, T, H, Dh = q.shape
     G = H // k.shape[2]
     q, k, v = (_tma_ready(x) for x in (q, k, v))
     kp, vp, pp, P = _prefix_args(k, v, k_prefix, v_prefix, prefix_pos)
+    positions = q_pos.to(torch.int32).contiguous()
     out = torch.empty(batch, T, H, Dh, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, H, T, device=q.device, dtype=torch.float32)
     t = tuning.current("attention")
     block_m, block_n, warps, stages = _tiles(t, t.fwd_tiles, q)
     _check_grid(triton.cdiv(T, block_m), T)
     _attn_fwd_kernel[(batch * H, triton.cdiv(T, block_m))](
-        q, *(_descriptor(x, block_n) for x in (k, v, kp, vp)), pp, q_pos.to(torch.int32).contiguous(), out, lse,
-        *_strides(q), T, P, H, window, 1.0 / math.sqrt(Dh), G=G, HAS_PREFIX=P > 0, POSITIONAL=positional,
-        HEAD_DIM=Dh, BLOCK_M=block_m,
-        BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+        q, *(_descriptor(x, block_n) for x in (k, v, kp, vp)), pp, positions, _query_starts(q_start, positions), out,
+        lse, *_strides(q), T, P, H, window, 1.0 / math.sqrt(Dh), G=G, HAS_PREFIX=P > 0, POSITIONAL=positional,
+        HAS_START=q_start is not None, HEAD_DIM=Dh, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos):
+def attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
     batch, T, H, Dh = q.shape
     Hkv = k.shape[2]
     q, k, v, dout = (_tma_ready(x) for x in (q, k, v, dout.contiguous()))
     kp, vp, pp, P = _prefix_args(k, v, k_prefix, v_prefix, prefix_pos)
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
     positions = q_pos.to(torch.int32).contiguous()
+    starts = _query_starts(q_start, positions)
     dq = torch.empty(batch, T, H, Dh, device=q.device, dtype=q.dtype)
     dk = torch.empty(batch, T, Hkv, Dh, device=q.device, dtype=k.dtype)
     dv = torch.empty(batch, T, Hkv, Dh, device=q.device, dtype=v.dtype)
     dkp, dvp = (torch.empty_like(kp), torch.empty_like(vp)) if P else (dk, dv)
-    common = dict(G=H // Hkv, HEAD_DIM=Dh, PRECISION=_precision(q.dtype), HAS_PREFIX=P > 0)
+    common = dict(G=H // Hkv, HEAD_DIM=Dh, PRECISION=_precision(q.dtype), HAS_PREFIX=P > 0,
+                  HAS_START=q_start is not None)
     t = tuning.current("attention")
     block_m, block_n, warps, stages = _tiles(t, t.dq_tiles, q)
     _check_grid(triton.cdiv(T, block_m), T)
     _attn_bwd_dq_kernel[(batch * H, triton.cdiv(T, block_m))](
-        q, *(_descriptor(x, block_n) for x in (k, v, kp, vp)), pp, positions, out.contiguous(), dout, lse, delta,
-        dq, *_strides(q), T, P, H, window, 1.0 / math.sqrt(Dh), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        num_stages=stages, **common)
+        q, *(_descriptor(x, block_n) for x in (k, v, kp, vp)), pp, positions, starts, out.contiguous(), dout, lse,
+        delta, dq, *_strides(q), T, P, H, window, 1.0 / math.sqrt(Dh), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **common)
     block_m, block_n, warps, stages = _tiles(t, t.dkdv_tiles, q)
     n_prefix_blocks = triton.cdiv(P, block_n)
     _check_grid(n_prefix_blocks + triton.cdiv(T, block_n), T)
     _attn_bwd_dkdv_kernel[(batch * Hkv, n_prefix_blocks + triton.cdiv(T, block_n))](
-        _descriptor(q, block_m), k, v, kp, vp, pp, positions, _descriptor(dout, block_m), lse, delta, dk, dv, dkp, dvp,
-        *_strides(k, v), T, P, H, window, 1.0 / math.sqrt(Dh), n_prefix_blocks, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, **common)
+        _descriptor(q, block_m), k, v, kp, vp, pp, positions, starts, _descriptor(dout, block_m), lse, delta, dk, dv,
+        dkp, dvp, *_strides(k, v), T, P, H, window, 1.0 / math.sqrt(Dh), n_prefix_blocks, BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv, (dkp if P else None), (dvp if P else None)
 
 
@@ -486,13 +571,13 @@ def attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefi
 
 @torch.library.custom_op("samba_lm::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
-                      k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
-                      prefix_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+                      k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None, prefix_pos: torch.Tensor | None,
+                      q_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
+def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
     batch, T, H, _ = q.shape
     return torch.empty_like(q), q.new_empty(batch, H, T, dtype=torch.float32)
 
@@ -500,32 +585,33 @@ def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
 @torch.library.custom_op("samba_lm::attention_bwd", mutates_args=())
 def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, q_pos: torch.Tensor, window: int, k_prefix: torch.Tensor | None,
-                      v_prefix: torch.Tensor | None, prefix_pos: torch.Tensor | None) -> list[torch.Tensor]:
-    grads = attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos)
+                      v_prefix: torch.Tensor | None, prefix_pos: torch.Tensor | None,
+                      q_start: torch.Tensor | None = None) -> list[torch.Tensor]:
+    grads = attention_backward(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
 @_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos):
+def _(dout, q, k, v, out, lse, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
     prefix = [torch.empty_like(k_prefix), torch.empty_like(v_prefix)] if k_prefix is not None else [
         q.new_empty(0), q.new_empty(0)]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + prefix
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos = inputs
-    ctx.save_for_backward(q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, *output)
+    q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start = inputs
+    ctx.save_for_backward(q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, q_start, *output)
     ctx.window = window
     ctx.tuning = tuning.current("attention")
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, out, lse = ctx.saved_tensors
+    q, k, v, q_pos, k_prefix, v_prefix, prefix_pos, q_start, out, lse = ctx.saved_tensors
     with tuning.tuned(attention=ctx.tuning):  # the forward's: autograd's CUDA thread sees the defaults
         dq, dk, dv, dkp, dvp = _attention_bwd_op(dout, q, k, v, out, lse, q_pos, ctx.window, k_prefix, v_prefix,
-                                                 prefix_pos)
+                                                 prefix_pos, q_start)
     has_prefix = k_prefix is not None
-    return dq, dk, dv, None, None, dkp if has_prefix else None, dvp if has_prefix else None, None
+    return dq, dk, dv, None, None, dkp if has_prefix else None, dvp if has_prefix else None, None, None
 
 
 torch.library.register_autograd("samba_lm::attention_fwd", _backward, setup_context=_setup)
@@ -533,65 +619,68 @@ torch.library.register_autograd("samba_lm::attention_fwd", _backward, setup_cont
 
 @torch.library.custom_op("samba_lm::attention_decode", mutates_args=())
 def _attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
-                         k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
-                         prefix_pos: torch.Tensor | None) -> torch.Tensor:
-    return attention_decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+                         k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None, prefix_pos: torch.Tensor | None,
+                         q_start: torch.Tensor | None = None) -> torch.Tensor:
+    return attention_decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
 
 
 @_attention_decode_op.register_fake
-def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
+def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("samba_lm::attention_prefill_cached", mutates_args=())
 def _attention_prefill_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
-                                 k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
-    return attention_forward(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, positional=True)[0]
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor,
+                                 q_start: torch.Tensor | None = None) -> torch.Tensor:
+    return attention_forward(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, positional=True)[0]
 
 
 @_attention_prefill_cached_op.register_fake
-def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("samba_lm::attention_decode_append", mutates_args=("k_cache", "v_cache", "cache_pos"))
 def _attention_decode_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
-                                k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
-    return attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+                                k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor,
+                                q_start: torch.Tensor | None = None) -> torch.Tensor:
+    return attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
 
 
 @_attention_decode_append_op.register_fake
-def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
     return torch.empty_like(q)
 
 
-def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if needs_grad or not supported(q.shape[-1], q.dtype) or k_cache.shape[1] == 0:
         # Training through a state (or an unsupported shape): the general op over a snapshot of the
         # cache, which autograd may keep while the cache is overwritten below.
-        out = attention_triton(q, k, v, q_pos, window, k_cache.clone(), v_cache.clone(), cache_pos.clone())
+        out = attention_triton(q, k, v, q_pos, window, k_cache.clone(), v_cache.clone(), cache_pos.clone(), q_start)
     elif q.shape[1] == 1 and k_cache.dtype == q.dtype and all(
             t.stride(-1) == 1 for t in (k_cache, v_cache, cache_pos)):
-        return _attention_decode_append_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+        return _attention_decode_append_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
     else:
-        out = _attention_prefill_cached_op(q, k, v, q_pos, window, k_cache.to(k.dtype), v_cache.to(v.dtype), cache_pos)
+        out = _attention_prefill_cached_op(q, k, v, q_pos, window, k_cache.to(k.dtype), v_cache.to(v.dtype), cache_pos,
+                                           q_start)
     cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
     return out
 
 
-def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None):
+def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
     if not supported(q.shape[-1], q.dtype):
         if dispatch.forced() == "triton":  # asked for the kernel: say it cannot, never run something else
             raise RuntimeError(f"kernel backend 'triton' for op 'attention' does not run head_dim {q.shape[-1]} with "
                                f"{q.dtype}: head dims {sorted(tuning.current('attention').fwd_tiles)} "
                                f"(float32: up to 128)")
-        return attention_reference(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
+        return attention_reference(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
     if k_prefix is not None and k_prefix.shape[1] == 0:  # an empty cache (full attention's first call)
         k_prefix = v_prefix = prefix_pos = None
     if k_prefix is not None:  # one dtype for the kernel's loads
         k_prefix, v_prefix = k_prefix.to(k.dtype), v_prefix.to(v.dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_prefix, v_prefix))
     if q.shape[1] == 1 and not needs_grad:  # decode: the cache split across programs
-        return _attention_decode_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
-    return _attention_fwd_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)[0]
+        return _attention_decode_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
+    return _attention_fwd_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)[0]

@@ -4,7 +4,8 @@
 Layout (shape alphabet of `attention.py`, T = 1): q [B, 1, H, Dh]; k, v [B, 1, Hkv, Dh], the new
 token's own key and value at position q_pos [B, 1]; k_prefix, v_prefix [B, P, Hkv, Dh] with
 prefix_pos [B, P], the cache in any slot order (a ring buffer; a negative position is an empty slot),
-or all three None. Last dims contiguous (other strides are free); int64 positions.
+or all three None; q_start [B, 1] or None, the first position of the query's document. Last dims
+contiguous (other strides are free); int64 positions.
 
 Two kernels. `_decode_split_kernel`, grid (B, Hkv, SPLITS): a program owns one key/value head and a
 slice of the prefix, and runs online softmax (exp2 with log2(e) folded into the scale) for the G =
@@ -24,7 +25,8 @@ one captured graph. Its merge kernel then writes the new key, value and position
 splits have all read the cache by then, and the slot's old key (i - P) may have been visible.
 
 Masking follows the reference: key at p is visible to the query at i when p >= 0 and 0 <= i - p <
-window (window 0: no limit); the own key iff i >= 0. Invisible keys are not loaded (empty slots may
+window (window 0: no limit), and p >= q_start with documents (HAS_START, a constexpr: none, no cost);
+the own key iff i >= 0 (and i >= q_start). Invisible keys are not loaded (empty slots may
 hold garbage, NaN included, in a cache allocated with torch.empty); a split that sees nothing keeps
 max -inf and sum 0 and weighs 0 in the merge; a query that sees nothing returns zeros.
 
@@ -65,11 +67,11 @@ def _dot(a, b, F32: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, qs_ptr, m_ptr, l_ptr, acc_ptr,
     P, keys_per_split, reach, qk_scale,
-    s_qb, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_pb, s_qpos,
+    s_qb, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_pb, s_qpos, s_qs,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr,
-    POSITIONAL: tl.constexpr,
+    POSITIONAL: tl.constexpr, HAS_START: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # the cache may pass 2**31 elements
     hk = tl.program_id(1)
@@ -80,6 +82,9 @@ def _decode_split_kernel(
     heads = hk * G + g  # the group's query heads; rows past G are padding for tl.dot
     q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
     i = tl.load(qpos_ptr + b * s_qpos)
+    lowest = 0  # the first visible position: empty slots are negative
+    if HAS_START:  # and keys of earlier documents are not seen
+        lowest = tl.maximum(tl.load(qs_ptr + b * s_qs), 0)
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
@@ -95,7 +100,7 @@ def _decode_split_kernel(
         n = start + tl.arange(0, BLOCK_N)
         pos = tl.load(pp_ptr + b * s_pb + n, mask=n < hi, other=-1)
         dist = i - pos
-        seen = (pos >= 0) & (dist >= 0) & (dist < reach)
+        seen = (pos >= lowest) & (dist >= 0) & (dist < reach)
         kt = tl.load(kp_ptr + b * s_kb + n[:, None] * s_kn + hk * s_kh + d[None, :], mask=seen[:, None], other=0.0)
         vt = tl.load(vp_ptr + b * s_vb + n[:, None] * s_vn + hk * s_vh + d[None, :], mask=seen[:, None], other=0.0)
         s = _dot(q, tl.trans(kt), DOT_F32) * qk_scale
@@ -115,9 +120,9 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, kc_ptr, vc_ptr, pc_ptr,
-    n_splits, qk_scale, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_qpos, P, s_kcb, s_kcn, s_kch, s_vcb, s_vcn, s_vch, s_pcb,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, APPEND: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, qpos_ptr, qs_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, kc_ptr, vc_ptr, pc_ptr,
+    n_splits, qk_scale, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_qpos, s_qs, P, s_kcb, s_kcn, s_kch, s_vcb, s_vcn, s_vch,
+    s_pcb, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, APPEND: tl.constexpr, HAS_START: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -129,12 +134,16 @@ def _decode_merge_kernel(
     m_s = tl.load(m_ptr + row, mask=sm, other=float("-inf"))
     l_s = tl.load(l_ptr + row, mask=sm, other=0.0)
     acc_s = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
-    # The own key, at the query's position: visible unless the query is padding.
+    # The own key, at the query's position: visible unless the query is padding (or, against the rule
+    # q_start <= q_pos, its document begins after it).
     i = tl.load(qpos_ptr + b * s_qpos)
+    own = i >= 0
+    if HAS_START:
+        own = own & (i >= tl.load(qs_ptr + b * s_qs))
     q = tl.load(q_ptr + b * s_qb + h * s_qh + d).to(tl.float32)
     k = tl.load(k_ptr + b * s_kb + (h // G) * s_kh + d).to(tl.float32)
     v = tl.load(v_ptr + b * s_vb + (h // G) * s_vh + d).to(tl.float32)
-    s_own = tl.where(i >= 0, tl.sum(q * k, axis=0) * qk_scale, float("-inf"))
+    s_own = tl.where(own, tl.sum(q * k, axis=0) * qk_scale, float("-inf"))
     m = tl.maximum(tl.max(m_s, axis=0), s_own)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # nothing visible: every weight below is 0
     w_s = tl.exp2(m_s - m_safe)
@@ -207,24 +216,24 @@ def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype):
         raise ValueError(f"attention_decode: {name} must be {dtype} of shape {tuple(shape)}, got {got}")
 
 
-def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefix_pos=None):
+def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
     """One query token per row against its own key and the cache (see the module docstring):
     [B, 1, H, Dh] in q's dtype."""
-    _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos)
-    return _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached=False)
+    _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
+    return _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cached=False)
 
 
-def attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos):
+def attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
     """`attention_decode` over a positional cache (slot = position mod P, as `ops.attention_with_cache`
     documents), which then takes the new key, value and position in place, in the merge kernel."""
-    _check_all(q, k, v, q_pos, window, k_cache, v_cache, cache_pos)
+    _check_all(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
     if k_cache is None or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or cache_pos.stride(-1) != 1:
         raise ValueError("attention_decode_append: the cache (k_cache, v_cache, cache_pos) must be given, "
                          "with its last dims contiguous")
-    return _decode(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, cached=True)
+    return _decode(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, cached=True)
 
 
-def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
+def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"attention_decode: q must have layout [B, 1, H, Dh], got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
@@ -253,13 +262,15 @@ def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos):
         _check("k_prefix", k_prefix, (batch, P, Hkv, Dh), q.dtype)
         _check("v_prefix", v_prefix, (batch, P, Hkv, Dh), q.dtype)
         _check("prefix_pos", prefix_pos, (batch, P), torch.int64)
-    named = dict(k=k, v=v, q_pos=q_pos, k_prefix=k_prefix, v_prefix=v_prefix, prefix_pos=prefix_pos)
+    if q_start is not None:
+        _check("q_start", q_start, (batch, 1), torch.int64)
+    named = dict(k=k, v=v, q_pos=q_pos, k_prefix=k_prefix, v_prefix=v_prefix, prefix_pos=prefix_pos, q_start=q_start)
     for name, t in named.items():
         if t is not None and t.device != q.device:
             raise ValueError(f"attention_decode: {name} is on {t.device}, q on {q.device}")
 
 
-def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached: bool):
+def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cached: bool):
     batch, _, H, Dh = q.shape
     Hkv = k.shape[2]
     P = k_prefix.shape[1] if k_prefix is not None else 0
@@ -274,23 +285,26 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, cached: bool
     m = torch.empty(batch, H, n_splits, **f32)
     l = torch.empty(batch, H, n_splits, **f32)
     acc = torch.empty(batch, H, n_splits, Dh, **f32)
+    qs = q_pos if q_start is None else q_start  # without documents q_pos stands in (unread)
     if n_splits:
         if not cached:  # a cache that is appended to must be the caller's own buffers, never a copy
             k_prefix, v_prefix, prefix_pos = (row_stride(x) for x in (k_prefix, v_prefix, prefix_pos))
         _decode_split_kernel[(batch, Hkv, n_splits)](
-            q, k_prefix, v_prefix, prefix_pos, q_pos, m, l, acc, P, keys_per_split, reach, qk_scale,
+            q, k_prefix, v_prefix, prefix_pos, q_pos, qs, m, l, acc, P, keys_per_split, reach, qk_scale,
             q.stride(0), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
             v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), prefix_pos.stride(0), q_pos.stride(0),
-            G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
-            DOT_F32=interpreting(), POSITIONAL=cached, num_warps=t.split_warps or _split_warps(G))
+            qs.stride(0), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
+            DOT_F32=interpreting(), POSITIONAL=cached, HAS_START=q_start is not None,
+            num_warps=t.split_warps or _split_warps(G))
     out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
     block_s = triton.next_power_of_2(max(n_splits, 1))
     warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread
     append = cached and P > 0
     kc, vc, pc = (k_prefix, v_prefix, prefix_pos) if append else (out, out, q_pos)
     _decode_merge_kernel[(batch, H)](
-        q, k, v, q_pos, m, l, acc, out, kc, vc, pc, n_splits, qk_scale,
-        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), q_pos.stride(0),
+        q, k, v, q_pos, qs, m, l, acc, out, kc, vc, pc, n_splits, qk_scale,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), q_pos.stride(0), qs.stride(0),
         max(P, 1), *(kc.stride()[:3] if append else (0, 0, 0)), *(vc.stride()[:3] if append else (0, 0, 0)),
-        pc.stride(0) if append else 0, G=G, D=Dh, BLOCK_S=block_s, APPEND=append, num_warps=warps)
+        pc.stride(0) if append else 0, G=G, D=Dh, BLOCK_S=block_s, APPEND=append, HAS_START=q_start is not None,
+        num_warps=warps)
     return out

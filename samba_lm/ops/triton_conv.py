@@ -10,6 +10,12 @@ are added up afterwards in a fixed order (deterministic); then per input tile s 
 state's slots, to T-1), dx_s = sum_j w_j dpre_{s+K-1-j} (or d initial_state for s < 0). Recomputing
 dpre at K shifts instead (one pass) costs K^2 loads and K sigmoids per element. What the reference
 covers that this does not: float64, CPUs.
+
+Document resets (reset [B, T] bool, HAS_RESET): a tap of output t reads input s only from s >= the
+first input t may see (`_first_seen`: its document's start within the window), and dx of input s takes
+outputs only up to the last one that sees it (`_last_seen`: the one before the next document start);
+both look at the K-1 flags beside each time step. The final state's slots before the last reset are
+zeroed by the launcher, and so is their gradient. Without resets the kernels are today's: no flag loads.
 """
 
 from __future__ import annotations
@@ -21,11 +27,43 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .conv import slots_before_last_reset
 
 
 @triton.jit
-def _load_xcat(x_ptr, s_ptr, b, src, e, tm, em, T, E, s_xb, s_xt, K: tl.constexpr, HAS_STATE: tl.constexpr):
-    """Input at time src (a [BLOCK_T] vector, may be negative: then from the state), [BLOCK_T, BLOCK_E]."""
+def _starts(r_ptr, b, r, T):
+    """Whether a document starts at time r (a [BLOCK_T] vector; False outside [0, T))."""
+    return tl.load(r_ptr + b * T + r, mask=(r >= 0) & (r < T), other=0) != 0
+
+
+@triton.jit
+def _first_seen(r_ptr, b, t, T, K: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Per output t, the first input it reads: t-K+1, or the last document start in (t-K+1, t]."""
+    first = t - (K - 1)
+    if HAS_RESET:
+        for i in tl.static_range(1, K):  # ascending: the last start wins
+            first = tl.where(_starts(r_ptr, b, t - (K - 1) + i, T), t - (K - 1) + i, first)
+    return first
+
+
+@triton.jit
+def _last_seen(r_ptr, b, s, T, K: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Per input s, the last output that reads it: s+K-1, or the one before the first document start
+    in (s, s+K-1]."""
+    last = s + (K - 1)
+    if HAS_RESET:
+        for i in tl.static_range(K - 1):  # descending: the first start wins
+            last = tl.where(_starts(r_ptr, b, s + (K - 1) - i, T), s + (K - 2) - i, last)
+    return last
+
+
+@triton.jit
+def _load_xcat(x_ptr, s_ptr, b, src, first, e, tm, em, T, E, s_xb, s_xt,
+               K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Input at time src (a [BLOCK_T] vector, may be negative: then from the state), [BLOCK_T, BLOCK_E];
+    with resets, zero before `first` (the inputs of an earlier document)."""
+    if HAS_RESET:
+        tm = tm & (src >= first)
     inside = (src >= 0) & (src < T) & tm
     v = tl.load(x_ptr + b * s_xb + src[:, None] * s_xt + e[None, :], mask=inside[:, None] & em[None, :], other=0.0)
     v = v.to(tl.float32)
@@ -38,34 +76,37 @@ def _load_xcat(x_ptr, s_ptr, b, src, e, tm, em, T, E, s_xb, s_xt, K: tl.constexp
 
 
 @triton.jit
-def _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt,
-                    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr):
+def _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, first, e, tm, em, T, E, s_xb, s_xt,
+                    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr):
     acc = tl.zeros([t.shape[0], e.shape[0]], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
         w = tl.load(w_ptr + e * K + k, mask=em, other=0.0).to(tl.float32)
-        acc += w[None, :] * _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, e, tm, em, T, E, s_xb, s_xt, K, HAS_STATE)
+        acc += w[None, :] * _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, first, e, tm, em, T, E, s_xb, s_xt,
+                                       K, HAS_STATE, HAS_RESET)
     return acc
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, T, E, s_xb, s_xt,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, y_ptr, T, E, s_xb, s_xt,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     b = tl.program_id(2)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     tm, em = t < T, e < E
-    pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt, K, HAS_BIAS, HAS_STATE)
+    first = _first_seen(r_ptr, b, t, T, K, HAS_RESET)
+    pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, first, e, tm, em, T, E, s_xb, s_xt,
+                          K, HAS_BIAS, HAS_STATE, HAS_RESET)
     y = pre * tl.sigmoid(pre)
     tl.store(y_ptr + (b * T + t[:, None]) * E + e[None, :], y.to(y_ptr.dtype.element_ty), mask=tm[:, None] & em[None, :])
 
 
 @triton.jit
-def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, dy_ptr, dpre_ptr, dw_ptr, db_ptr, T, E, s_xb, s_xt, s_yb, s_yt,
-                          K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, dy_ptr, dpre_ptr, dw_ptr, db_ptr, T, E,
+                          s_xb, s_xt, s_yb, s_yt, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                          HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per output tile: d pre-activation (float32, for the dx kernel) and this tile's d weight, d bias."""
     b = tl.program_id(2)
     pid_t = tl.program_id(1)
@@ -73,7 +114,9 @@ def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, dy_ptr, dpre_ptr, dw_pt
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     tm, em = t < T, e < E
     mask = tm[:, None] & em[None, :]
-    pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, e, tm, em, T, E, s_xb, s_xt, K, HAS_BIAS, HAS_STATE)
+    first = _first_seen(r_ptr, b, t, T, K, HAS_RESET)
+    pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, first, e, tm, em, T, E, s_xb, s_xt,
+                          K, HAS_BIAS, HAS_STATE, HAS_RESET)
     dy = tl.load(dy_ptr + b * s_yb + t[:, None] * s_yt + e[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(pre)
     dpre = tl.where(mask, dy * sig * (1.0 + pre * (1.0 - sig)), 0.0)
@@ -82,13 +125,13 @@ def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, dy_ptr, dpre_ptr, dw_pt
     if HAS_BIAS:
         tl.store(db_ptr + part, tl.sum(dpre, axis=0), mask=em)
     for k in tl.static_range(K):  # the same inputs as the forward's taps: cache hits
-        xk = _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, e, tm, em, T, E, s_xb, s_xt, K, HAS_STATE)
+        xk = _load_xcat(x_ptr, s_ptr, b, t - (K - 1) + k, first, e, tm, em, T, E, s_xb, s_xt, K, HAS_STATE, HAS_RESET)
         tl.store(dw_ptr + part * K + k, tl.sum(dpre * xk, axis=0), mask=em)
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(w_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E,
-                        K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DFINAL: tl.constexpr,
+def _conv_bwd_dx_kernel(w_ptr, r_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E,
+                        K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_RESET: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per input tile, from -(K-1) (the state's slots) to T-1: dx_s = sum_j w_j dpre_{s+K-1-j}."""
     b = tl.program_id(2)
@@ -96,14 +139,19 @@ def _conv_bwd_dx_kernel(w_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E,
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     em = e < E
     sm = s < T
+    last_reader = _last_seen(r_ptr, b, s, T, K, HAS_RESET)
     dxcat = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for j in tl.static_range(K):
         t = s + (K - 1) - j  # the output that sees input s through tap j
         tm = (t >= 0) & (t < T) & sm
+        if HAS_RESET:
+            tm = tm & (t <= last_reader)
         w = tl.load(w_ptr + e * K + j, mask=em, other=0.0).to(tl.float32)
         dxcat += w[None, :] * tl.load(dpre_ptr + (b * T + t[:, None]) * E + e[None, :], mask=tm[:, None] & em[None, :],
                                       other=0.0)
-    if HAS_DFINAL:  # the final state is the last K-1 inputs: its gradient lands on them directly
+    # The final state is the last K-1 inputs: its gradient lands on them directly (the launcher has
+    # zeroed it on the slots that resets cut off).
+    if HAS_DFINAL:
         last = (s >= T - (K - 1)) & sm
         slot = tl.where(last, s - (T - (K - 1)), 0)
         dxcat += tl.load(dfinal_ptr + (b * E + e[None, :]) * (K - 1) + slot[:, None], mask=last[:, None] & em[None, :],
@@ -119,19 +167,23 @@ def _conv_bwd_dx_kernel(w_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E,
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, E, s_xb,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One time step; the state (last K-1 inputs) shifts left in place and takes the new input."""
+def _conv_step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, y_ptr, E, s_xb,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One time step; the state (last K-1 inputs) shifts left in place and takes the new input. A row
+    whose document starts at this step reads its state as zeros, and so shifts zeros in."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     em = e < E
+    keep = em
+    if HAS_RESET:  # the row's flag broadcast over its channels (the interpreter rejects scalar & vector)
+        keep = em & (tl.load(r_ptr + b) + tl.zeros_like(e) == 0)
     x = tl.load(x_ptr + b * s_xb + e, mask=em, other=0.0)
     acc = tl.load(w_ptr + e * K + (K - 1), mask=em, other=0.0).to(tl.float32) * x.to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)
     row = s_ptr + (b * E + e) * (K - 1)
     for k in tl.static_range(K - 1):
-        v = tl.load(row + k, mask=em, other=0.0)
+        v = tl.load(row + k, mask=keep, other=0.0)
         acc += tl.load(w_ptr + e * K + k, mask=em, other=0.0).to(tl.float32) * v.to(tl.float32)
         if k > 0:
             tl.store(row + k - 1, v, mask=em)
@@ -152,7 +204,12 @@ class ConvTuning(tuning.Tuning):
     """Both backward kernels' tile."""
 
 
-def conv_forward(x, weight, bias, initial_state):
+def _flags(reset, fallback):
+    """reset as the kernels read it ([B, T] bytes, rows contiguous), or a dummy pointer without it."""
+    return reset.contiguous().view(torch.uint8) if reset is not None else fallback
+
+
+def conv_forward(x, weight, bias, initial_state, reset):
     batch, T, E = x.shape
     K = weight.shape[1]
     block_t, block_e, warps = tuning.current("conv").fwd_tile
@@ -160,15 +217,18 @@ def conv_forward(x, weight, bias, initial_state):
     y = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(E, block_e), triton.cdiv(T, block_t), batch)  # channels fastest: whole rows at a time
     _conv_fwd_kernel[grid](x, weight.contiguous(), bias if bias is not None else y,
-                           initial_state.contiguous() if initial_state is not None else y, y, T, E,
+                           initial_state.contiguous() if initial_state is not None else y, _flags(reset, y), y, T, E,
                            x.stride(0), x.stride(1), K=K, HAS_BIAS=bias is not None,
-                           HAS_STATE=initial_state is not None, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
+                           HAS_STATE=initial_state is not None, HAS_RESET=reset is not None,
+                           BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
     past = initial_state.to(x.dtype) if initial_state is not None else x.new_zeros(batch, E, K - 1)
     final = torch.cat([past, x[:, max(0, T - (K - 1)):].transpose(1, 2)], dim=-1)[..., -(K - 1):].contiguous()
+    if reset is not None:  # a chunk continuing the last document must not see the inputs before it
+        final = final.masked_fill(slots_before_last_reset(reset, K), 0.0)
     return y, final
 
 
-def conv_backward(dy, d_final, x, weight, bias, initial_state):
+def conv_backward(dy, d_final, x, weight, bias, initial_state, reset):
     """Two passes: d pre-activation per output tile (with the d weight / d bias partials, summed
     afterwards in a fixed order: deterministic), then dx per input tile from K shifted reads of it."""
     batch, T, E = x.shape
@@ -181,80 +241,86 @@ def conv_backward(dy, d_final, x, weight, bias, initial_state):
     dw = torch.empty(batch, n_t, E, K, device=x.device, dtype=torch.float32)
     db = torch.empty(batch, n_t, E, device=x.device, dtype=torch.float32)
     state = initial_state.contiguous() if initial_state is not None else dpre
+    flags = _flags(reset, dpre)
     _conv_bwd_dpre_kernel[(n_e, n_t, batch)](
-        x, weight, bias if bias is not None else dpre, state, dy, dpre, dw, db, T, E,
+        x, weight, bias if bias is not None else dpre, state, flags, dy, dpre, dw, db, T, E,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), K=K, HAS_BIAS=bias is not None,
-        HAS_STATE=initial_state is not None, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
+        HAS_STATE=initial_state is not None, HAS_RESET=reset is not None,
+        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
+    if d_final is not None and reset is not None:  # the final state's zeroed slots pass no gradient back
+        d_final = d_final.masked_fill(slots_before_last_reset(reset, K), 0.0)
     dx = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
     ds = torch.empty(batch, E, K - 1, device=x.device, dtype=torch.float32)
     _conv_bwd_dx_kernel[(n_e, triton.cdiv(T + K - 1, block_t), batch)](
-        weight, dpre, d_final.contiguous() if d_final is not None else dpre, dx, ds, T, E, K=K,
-        HAS_STATE=initial_state is not None, HAS_DFINAL=d_final is not None,
+        weight, flags, dpre, d_final.contiguous() if d_final is not None else dpre, dx, ds, T, E, K=K,
+        HAS_STATE=initial_state is not None, HAS_DFINAL=d_final is not None, HAS_RESET=reset is not None,
         BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
     return dx, dw.sum((0, 1)), db.sum((0, 1)), ds
 
 
 @torch.library.custom_op("samba_lm::causal_conv1d_fwd", mutates_args=())
 def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return conv_forward(x, weight, bias, initial_state)
+                 initial_state: torch.Tensor | None, reset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_forward(x, weight, bias, initial_state, reset)
 
 
 @_conv_fwd_op.register_fake
-def _(x, weight, bias, initial_state):
+def _(x, weight, bias, initial_state, reset):
     return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], weight.shape[1] - 1)
 
 
 @torch.library.custom_op("samba_lm::causal_conv1d_bwd", mutates_args=())
 def _conv_bwd_op(dy: torch.Tensor, d_final: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None, initial_state: torch.Tensor | None) -> list[torch.Tensor]:
-    return list(conv_backward(dy, d_final, x, weight, bias, initial_state))
+                 bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+                 reset: torch.Tensor | None) -> list[torch.Tensor]:
+    return list(conv_backward(dy, d_final, x, weight, bias, initial_state, reset))
 
 
 @_conv_bwd_op.register_fake
-def _(dy, d_final, x, weight, bias, initial_state):
+def _(dy, d_final, x, weight, bias, initial_state, reset):
     f32 = dict(dtype=torch.float32)
     return [torch.empty_like(x), weight.new_empty(weight.shape, **f32), x.new_empty(x.shape[2], **f32),
             x.new_empty(x.shape[0], x.shape[2], weight.shape[1] - 1, **f32)]
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, initial_state = inputs
-    ctx.save_for_backward(x, weight, bias, initial_state)
+    ctx.save_for_backward(*inputs)  # x, weight, bias, initial_state, reset
     ctx.tuning = tuning.current("conv")
 
 
 def _backward(ctx, dy, d_final):
-    x, weight, bias, initial_state = ctx.saved_tensors
+    x, weight, bias, initial_state, reset = ctx.saved_tensors
     with tuning.tuned(conv=ctx.tuning):  # the forward's: autograd's CUDA thread sees the defaults
-        dx, dw, db, ds = _conv_bwd_op(dy.contiguous(), d_final, x, weight, bias, initial_state)
+        dx, dw, db, ds = _conv_bwd_op(dy.contiguous(), d_final, x, weight, bias, initial_state, reset)
     return (dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None,
-            ds.to(initial_state.dtype) if initial_state is not None else None)
+            ds.to(initial_state.dtype) if initial_state is not None else None, None)
 
 
 torch.library.register_autograd("samba_lm::causal_conv1d_fwd", _backward, setup_context=_setup)
 
 
 @torch.library.custom_op("samba_lm::causal_conv1d_step", mutates_args=("state",))
-def _conv_step_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+def _conv_step_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
+                  reset: torch.Tensor | None) -> torch.Tensor:
     batch, _, E = x.shape
     y = torch.empty_like(x)
     block_e = min(1024, triton.next_power_of_2(E))
     _conv_step_kernel[(batch, triton.cdiv(E, block_e))](x, weight.contiguous(), bias if bias is not None else y, state,
-                                                        y, E, x.stride(0), K=weight.shape[1],
-                                                        HAS_BIAS=bias is not None, BLOCK_E=block_e, num_warps=4)
+                                                        _flags(reset, y), y, E, x.stride(0), K=weight.shape[1],
+                                                        HAS_BIAS=bias is not None, HAS_RESET=reset is not None,
+                                                        BLOCK_E=block_e, num_warps=4)
     return y
 
 
 @_conv_step_op.register_fake
-def _(x, weight, bias, state):
+def _(x, weight, bias, state, reset):
     return torch.empty_like(x)
 
 
-def causal_conv1d_triton(x, weight, bias=None, initial_state=None):
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None, reset=None):
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
     if (x.shape[1] == 1 and not needs_grad and initial_state is not None and initial_state.is_contiguous()
             and x.stride(-1) == 1):
         # Decode: one step, the state shifted in place and returned (see ops.causal_conv1d).
-        return _conv_step_op(x, weight, bias, initial_state), initial_state
-    return _conv_fwd_op(x, weight, bias, initial_state)
+        return _conv_step_op(x, weight, bias, initial_state, reset), initial_state
+    return _conv_fwd_op(x, weight, bias, initial_state, reset)

@@ -20,6 +20,9 @@ any reduction across programs. One program per (channel block, row): a loop over
 program, to reuse its weight tiles, serialised their loads (H200: the scan step at batch 64 went from
 22 to 76 us), and 16-row tl.dot tiles ran the conv step at 30 us at batch 1, against 4. Chunks (T > 1) and gradients take the reference's composition of the conv and scan ops. What
 the reference covers that this does not: float64, CPUs (except under TRITON_INTERPRET=1), T > 1.
+
+A row whose document starts at this token (reset, HAS_RESET) takes its conv and ssm states as zeros,
+so it steps as a fresh stream; the shifted conv state then holds zeros before the new input.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import triton.language as tl
 
 from . import tuning
 from .mamba import mamba_inner_reference
+from .triton_scan import resets
 
 
 @triton.jit
-def _conv_step_kernel(xz_ptr, pos_ptr, w_ptr, bias_ptr, s_ptr, wx_ptr, x_ptr, part_ptr, B, E, RN, s_xzb,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_E: tl.constexpr,
-                      BLOCK_O: tl.constexpr, O_CHUNK: tl.constexpr):
+def _conv_step_kernel(xz_ptr, pos_ptr, r_ptr, w_ptr, bias_ptr, s_ptr, wx_ptr, x_ptr, part_ptr, B, E, RN, s_xzb,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_RESET: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr, O_CHUNK: tl.constexpr):
     """Program (channel block, row): the conv step of its channels, then their share of x_proj, a
     partial sum over these channels of x_proj_weight[:, e] x'[e] (the scan step adds the partials)."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -51,8 +55,12 @@ def _conv_step_kernel(xz_ptr, pos_ptr, w_ptr, bias_ptr, s_ptr, wx_ptr, x_ptr, pa
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)
     row = s_ptr + (b * E + e) * (K - 1)
+    if HAS_RESET:  # a new document: the inputs before it read as zeros, and shift in as zeros
+        fresh = tl.load(r_ptr + b) != 0
     for k in tl.static_range(K - 1):  # the state holds the last K-1 inputs: shift it left, append x
         v = tl.load(row + k, mask=em, other=0.0)
+        if HAS_RESET:
+            v = tl.where(fresh, 0.0, v)
         acc += tl.load(w_ptr + e * K + k, mask=em, other=0.0).to(tl.float32) * v.to(tl.float32)
         if k > 0:
             tl.store(row + k - 1, v, mask=em)
@@ -77,10 +85,10 @@ def _softplus(x):
 
 
 @triton.jit
-def _scan_step_kernel(xz_ptr, x_ptr, part_ptr, w_ptr, bias_ptr, alog_ptr, D_ptr, h_ptr, y_ptr,
+def _scan_step_kernel(xz_ptr, x_ptr, part_ptr, w_ptr, bias_ptr, alog_ptr, D_ptr, r_ptr, h_ptr, y_ptr,
                       B, E, R, N, RN, n_parts, s_xzb,
-                      HAS_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_P: tl.constexpr):
+                      HAS_D: tl.constexpr, HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (channel block, row): x_proj's output summed from the partials, dt_proj for these
     channels, the softplus, the state update in place and the gated output."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -100,7 +108,10 @@ def _scan_step_kernel(xz_ptr, x_ptr, part_ptr, w_ptr, bias_ptr, alog_ptr, D_ptr,
     A = -tl.exp(tl.load(alog_ptr + e[:, None] * N + n[None, :], mask=en, other=0.0).to(tl.float32))
     u = tl.load(x_ptr + b * E + e, mask=em, other=0.0).to(tl.float32)
     h_offs = h_ptr + (b * E + e[:, None]) * N + n[None, :]
-    h = tl.exp(delta[:, None] * A) * tl.load(h_offs, mask=en, other=0.0) + (delta * u)[:, None] * Bv[None, :]
+    h = tl.load(h_offs, mask=en, other=0.0)
+    if HAS_RESET:  # a new document steps from a zero state
+        h = tl.where(tl.load(r_ptr + b) != 0, 0.0, h)
+    h = tl.exp(delta[:, None] * A) * h + (delta * u)[:, None] * Bv[None, :]
     tl.store(h_offs, h, mask=en)
     y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
@@ -127,21 +138,21 @@ class MambaStepTuning(tuning.Tuning):
 
 @torch.library.custom_op("samba_lm::mamba_conv_step", mutates_args=("conv_state",))
 def _conv_step_op(xz: torch.Tensor, positions: torch.Tensor | None, conv_weight: torch.Tensor,
-                  conv_bias: torch.Tensor | None, conv_state: torch.Tensor,
-                  x_proj_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight)
+                  conv_bias: torch.Tensor | None, conv_state: torch.Tensor, x_proj_weight: torch.Tensor,
+                  reset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, reset)
 
 
-def conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, tile=None):
+def conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, reset=None, tile=None):
     batch = xz.shape[0]
     E, K = conv_weight.shape
     block_e, o_chunk, warps = (tile or tuning.current("mamba_step").tile)[:3]
     x, part = _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e)
     _conv_step_kernel[(part.shape[0], batch)](
-        xz, positions if positions is not None else conv_state, conv_weight.contiguous(),
+        xz, positions if positions is not None else conv_state, resets(reset, conv_state), conv_weight.contiguous(),
         conv_bias if conv_bias is not None else conv_weight, conv_state, x_proj_weight.contiguous(), x, part,
         batch, E, x_proj_weight.shape[0], xz.stride(0), K=K, HAS_BIAS=conv_bias is not None,
-        HAS_POS=positions is not None, BLOCK_E=block_e,
+        HAS_POS=positions is not None, HAS_RESET=reset is not None, BLOCK_E=block_e,
         BLOCK_O=triton.cdiv(x_proj_weight.shape[0], o_chunk) * o_chunk, O_CHUNK=o_chunk, num_warps=warps)
     return x, part
 
@@ -154,18 +165,18 @@ def _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e):
 
 
 @_conv_step_op.register_fake
-def _(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight):
+def _(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, reset):
     return _conv_step_outputs(xz, conv_weight, x_proj_weight, tuning.current("mamba_step").tile[0])
 
 
 @torch.library.custom_op("samba_lm::mamba_scan_step", mutates_args=("ssm_state",))
 def _scan_step_op(xz: torch.Tensor, x: torch.Tensor, part: torch.Tensor, dt_proj_weight: torch.Tensor,
                   dt_proj_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor | None,
-                  ssm_state: torch.Tensor) -> torch.Tensor:
-    return scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state)
+                  ssm_state: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+    return scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, reset)
 
 
-def scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, tile=None):
+def scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, reset=None, tile=None):
     batch = xz.shape[0]
     E, N = A_log.shape
     R = dt_proj_weight.shape[1]
@@ -173,14 +184,14 @@ def scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, ti
     y = x.new_empty(batch, 1, E)
     _scan_step_kernel[(triton.cdiv(E, block_e), batch)](
         xz, x, part, dt_proj_weight.contiguous(), dt_proj_bias, A_log.contiguous(), D if D is not None else dt_proj_bias,
-        ssm_state, y, batch, E, R, N, part.shape[2], part.shape[0], xz.stride(0), HAS_D=D is not None,
-        BLOCK_E=block_e, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=triton.next_power_of_2(N),
-        BLOCK_P=triton.next_power_of_2(part.shape[0]), num_warps=warps)
+        resets(reset, ssm_state), ssm_state, y, batch, E, R, N, part.shape[2], part.shape[0], xz.stride(0),
+        HAS_D=D is not None, HAS_RESET=reset is not None, BLOCK_E=block_e, BLOCK_R=triton.next_power_of_2(R),
+        BLOCK_N=triton.next_power_of_2(N), BLOCK_P=triton.next_power_of_2(part.shape[0]), num_warps=warps)
     return y
 
 
 @_scan_step_op.register_fake
-def _(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state):
+def _(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, reset):
     return x.new_empty(xz.shape[0], 1, A_log.shape[0])
 
 
@@ -192,12 +203,12 @@ def _decodes(xz, positions, conv_state, ssm_state, needs_grad) -> bool:
 
 
 def mamba_inner_triton(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-                       conv_state=None, ssm_state=None):
+                       conv_state=None, ssm_state=None, reset=None):
     params = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, conv_state, ssm_state)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     if not _decodes(xz, positions, conv_state, ssm_state, needs_grad):
         return mamba_inner_reference(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                                     dt_proj_bias, A_log, D, conv_state, ssm_state)
-    x, part = _conv_step_op(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight)
-    y = _scan_step_op(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state)
+                                     dt_proj_bias, A_log, D, conv_state, ssm_state, reset)
+    x, part = _conv_step_op(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, reset)
+    y = _scan_step_op(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, reset)
     return y, conv_state, ssm_state

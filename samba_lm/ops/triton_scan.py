@@ -47,6 +47,14 @@ carry, and runs the reverse scan g_t = dy'_t C_t + a_{t+1} g_{t+1} (the shifted 
 recomputed from delta at t+1, so no register shift is needed). The sums over channels of dB and dC
 stay in registers across the superblock and are written once per (superblock, chunk).
 
+Document resets (reset [B, T] bool, read as bytes; HAS_RESET): a document's first step has decay 0.
+The chunked kernels put that zero into the scan's decays (forward and backward, a_t and a_{t+1}); the
+step-at-a-time ones zero the state with a `where` before the step (and stop the backward's q there).
+A state that a reset drops is dropped by a `where`, never only multiplied by zero, since it may be
+anything (an initial state that a reset at t = 0 ignores may be NaN). Time segments: a segment holding
+a reset forgets the state entering it (PASS 1 makes its sum of dt inf). Without resets the kernels
+are today's: HAS_RESET is a constexpr, no flag is loaded.
+
 Both backwards write partial sums (dB and dC per program, dA, dD and d(delta_bias) per row) that are
 added up afterwards in a fixed order, with no atomics: the backward is deterministic, run to run.
 
@@ -120,11 +128,19 @@ def _softplus(x):
 
 
 @triton.jit
+def _starts(r_ptr, b, t, T):
+    """Whether a document starts at step t of row b (t a scalar or a vector; False outside [0, T)):
+    the state before t is then dropped, a decay of zero. r_ptr: the resets, [B, T] bytes."""
+    return tl.load(r_ptr + b * T + t, mask=(t >= 0) & (t < T), other=0) != 0
+
+
+@triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, carry_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, r_ptr, y_ptr, hT_ptr, carry_ptr,
     T, E, N, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SAVE_CARRIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_RESET: tl.constexpr, SAVE_CARRIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -147,6 +163,8 @@ def _scan_fwd_kernel(
     for c in range(0, n_chunks):
         if SAVE_CARRIES:
             tl.store(carry_ptr + (b * n_chunks + c) * E * N + ne_offs, h, mask=en)
+        if HAS_RESET:  # dropped by a where, not only by the zero decay below: it may be anything (NaN)
+            h = tl.where(_starts(r_ptr, b, c * BLOCK_T, T), 0.0, h)
         t = c * BLOCK_T + tt
         tm = t < T
         m = tm[:, None] & em[None, :]
@@ -159,6 +177,8 @@ def _scan_fwd_kernel(
         Bt = tl.load(B_ptr + b * s_Bb + t[:, None] * s_Bt + n[None, :], mask=tn, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + b * s_Cb + t[:, None] * s_Ct + n[None, :], mask=tn, other=0.0).to(tl.float32)
         decay = tl.exp(dt[:, :, None] * A[None, :, :])  # [T, E, N]: time leads, so it stays in-thread
+        if HAS_RESET:
+            decay = tl.where(_starts(r_ptr, b, t, T)[:, None, None], 0.0, decay)
         inputs = (dt * uu)[:, :, None] * Bt[:, None, :]
         cum, hs = tl.associative_scan((decay, inputs), axis=0, combine_fn=_combine)
         hs += cum * h[None, :, :]
@@ -198,22 +218,27 @@ def _seq_state(ptrs, mask, GIVEN: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t, T, e, n, em, nm,
-              s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z: tl.constexpr):
-    """Step t's inputs. Past the end it reloads the last step (the caller keeps it out of the state):
-    no time masks, so the B and C loads, N per thread, need no per-element predicates."""
+def _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t, T, e, n, em, nm, s_ub, s_ut, s_db, s_dt,
+              s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Step t's inputs and whether a document starts there. Past the end it reloads the last step
+    (the caller keeps it out of the state) and starts no document: no time masks, so the B and C
+    loads, N per thread, need no per-element predicates."""
+    rr = _starts(r_ptr, b, t, T) if HAS_RESET else False
     t = tl.minimum(t, T - 1)
     uu = tl.load(u_ptr + b * s_ub + t * s_ut + e, mask=em, other=0.0)
     dt = tl.load(dl_ptr + b * s_db + t * s_dt + e, mask=em, other=0.0)
     zz = tl.load(z_ptr + b * s_zb + t * s_zt + e, mask=em, other=0.0) if HAS_Z else uu
     Bv = tl.load(B_ptr + b * s_Bb + t * s_Bt + n * s_Bn, mask=nm, other=0.0)  # [N, 1]: broadcast in registers
     Cv = tl.load(C_ptr + b * s_Cb + t * s_Ct + n * s_Cn, mask=nm, other=0.0)
-    return uu, dt, zz, Bv, Cv
+    return uu, dt, zz, Bv, Cv, rr
 
 
 @triton.jit
-def _seq_step(h, uu, dt, zz, Bv, Cv, A, Dv, bias, ok, HAS_Z: tl.constexpr):
-    """h <- exp(dt A) h + dt u B, y = C.h + D u, gated by SiLU(z); a step past the end leaves h alone."""
+def _seq_step(h, uu, dt, zz, Bv, Cv, rr, A, Dv, bias, ok, HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr):
+    """h <- exp(dt A) h + dt u B, y = C.h + D u, gated by SiLU(z); a step past the end leaves h alone,
+    a document's first step (rr) starts from h = 0 (a where: the state it drops may be anything)."""
+    if HAS_RESET:
+        h = tl.where(rr, 0.0, h)
     uu, Bv, Cv = uu.to(tl.float32), Bv.to(tl.float32), Cv.to(tl.float32)
     dt = tl.where(ok, _softplus(dt.to(tl.float32) + bias), 0.0)
     h = tl.exp2(dt * A) * h + (dt * uu) * Bv  # A comes scaled by log2(e)
@@ -230,11 +255,11 @@ def _seq_step(h, uu, dt, zz, Bv, Cv, A, Dv, bias, ok, HAS_Z: tl.constexpr):
 # and convert through shared memory at every step.
 @triton.jit(do_not_specialize=["zero"])
 def _scan_fwd_seq_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, carry_ptr, ends_ptr, dts_ptr,
-    T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_Bn, s_Cn, zero, SEG, SEGS,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SAVE_CARRIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
-    STEPS: tl.constexpr, PASS: tl.constexpr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, r_ptr, y_ptr, hT_ptr, carry_ptr, ends_ptr,
+    dts_ptr, T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_Bn, s_Cn, zero,
+    SEG, SEGS, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_RESET: tl.constexpr, SAVE_CARRIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    CARRY_T: tl.constexpr, STEPS: tl.constexpr, PASS: tl.constexpr,
 ):
     """One step at a time: a thread owns one channel and its N states in registers, so the state
     update and the C.h sum never leave the thread. The loop takes STEPS (1 or 2) steps per iteration
@@ -243,7 +268,8 @@ def _scan_fwd_seq_kernel(
     Program (b, channels, s) walks time segment s, steps [s SEG, (s + 1) SEG). PASS 0: one segment,
     the whole stream. PASS 1: a segment's end state from zero and its sum of dt (no outputs). PASS 2:
     the state entering segment s from the segments before it (h <- exp(A sum dt) h + end, in order),
-    then the walk with outputs; the last segment writes the final state."""
+    then the walk with outputs; the last segment writes the final state. A segment holding a document
+    start forgets the state entering it: PASS 1 makes its sum of dt inf (sticky: inf + dt = inf)."""
     b = tl.program_id(0)
     s = tl.program_id(2)
     e, n, em, nm, ne, ne_offs, A, Dv, bias = _seq_channels(A_ptr, D_ptr, bias_ptr, tl.program_id(1), E, N, zero,
@@ -257,34 +283,45 @@ def _scan_fwd_seq_kernel(
     if PASS == 2:
         for j in range(0, s):
             seg_dt = tl.load(dts_ptr + (b * SEGS + j) * E + e, mask=em, other=0.0)
-            h = tl.exp2(seg_dt * A) * h + tl.load(ends_ptr + (b * SEGS + j) * E * N + ne_offs, mask=ne, other=0.0)
+            h = tl.exp2(seg_dt * A) * h
+            if HAS_RESET:  # a where: exp2(inf A) h is 0 only for A < 0
+                h = tl.where(seg_dt == float("inf"), 0.0, h)
+            h += tl.load(ends_ptr + (b * SEGS + j) * E * N + ne_offs, mask=ne, other=0.0)
     dt_sum = tl.zeros([1, BLOCK_E], dtype=tl.float32)
     t_begin = s * SEG
     t_end = tl.minimum(T, t_begin + SEG)
-    u0, d0, z0, B0, C0 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t_begin, T, e, n, em, nm,
-                                   s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+    u0, d0, z0, B0, C0, r0 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t_begin, T, e, n, em, nm,
+                                       s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt,
+                                       HAS_Z, HAS_RESET)
     if STEPS == 2:
-        u1, d1, z1, B1, C1 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t_begin + 1, T, e, n, em, nm,
-                                       s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+        u1, d1, z1, B1, C1, r1 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t_begin + 1, T, e, n, em, nm,
+                                           s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt,
+                                           HAS_Z, HAS_RESET)
     for t in range(t_begin, t_end, STEPS):
         if SAVE_CARRIES:
             if t % CARRY_T == 0:  # CARRY_T is a multiple of STEPS, SEG of CARRY_T
                 tl.store(carry_ptr + (b * tl.cdiv(T, CARRY_T) + t // CARRY_T) * E * N + ne_offs, h, mask=ne)
-        uu, dt, zz, Bv, Cv = u0, d0, z0, B0, C0
-        u0, d0, z0, B0, C0 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t + STEPS, T, e, n, em, nm,
-                                       s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
-        h, y, dt = _seq_step(h, uu, dt, zz, Bv, Cv, A, Dv, bias, zero_e + t < t_end, HAS_Z)
+        uu, dt, zz, Bv, Cv, rr = u0, d0, z0, B0, C0, r0
+        u0, d0, z0, B0, C0, r0 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t + STEPS, T, e, n, em, nm,
+                                           s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt,
+                                           HAS_Z, HAS_RESET)
+        h, y, dt = _seq_step(h, uu, dt, zz, Bv, Cv, rr, A, Dv, bias, zero_e + t < t_end, HAS_Z, HAS_RESET)
         if PASS == 1:
             dt_sum += dt
+            if HAS_RESET:
+                dt_sum = tl.where(rr, float("inf"), dt_sum)
         else:
             tl.store(y_ptr + (b * T + t) * E + e, y.to(y_ptr.dtype.element_ty), mask=em)
         if STEPS == 2:
-            uu, dt, zz, Bv, Cv = u1, d1, z1, B1, C1
-            u1, d1, z1, B1, C1 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t + 3, T, e, n, em, nm,
-                                           s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
-            h, y, dt = _seq_step(h, uu, dt, zz, Bv, Cv, A, Dv, bias, zero_e + t + 1 < t_end, HAS_Z)
+            uu, dt, zz, Bv, Cv, rr = u1, d1, z1, B1, C1, r1
+            u1, d1, z1, B1, C1, r1 = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t + 3, T, e, n, em, nm,
+                                               s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt,
+                                               HAS_Z, HAS_RESET)
+            h, y, dt = _seq_step(h, uu, dt, zz, Bv, Cv, rr, A, Dv, bias, zero_e + t + 1 < t_end, HAS_Z, HAS_RESET)
             if PASS == 1:
                 dt_sum += dt
+                if HAS_RESET:
+                    dt_sum = tl.where(rr, float("inf"), dt_sum)
             else:
                 y_mask = em & (zero_e + t + 1 < t_end)
                 tl.store(y_ptr + (b * T + t + 1) * E + e, y.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -297,16 +334,18 @@ def _scan_fwd_seq_kernel(
 
 @triton.jit(do_not_specialize=["zero"])
 def _scan_bwd_seq_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, carry_ptr, dy_ptr, dhT_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, r_ptr, carry_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, h_ptr,
     T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_Bn, s_Cn, zero,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr, WARP_SUMS: tl.constexpr,
+    HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
+    WARP_SUMS: tl.constexpr,
 ):
     """The step-at-a-time backward: a thread owns one channel's N states. Each CARRY_T-step segment,
     last first, is recomputed forward from its saved carry (states parked in a per-program scratch
     meant to stay in L2), then walked in reverse carrying q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1}
-    needs no shifted decay: one exponential per step and pass."""
+    needs no shifted decay: one exponential per step and pass. At a document's first step a_t = 0:
+    q stops there, and dA and d delta take nothing from the decay (a_t h_{t-1} = 0)."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
     n_prog = tl.num_programs(1)
@@ -326,20 +365,25 @@ def _scan_bwd_seq_kernel(
         h = tl.load(carry_ptr + (b * n_seg + seg) * E * N + ne_offs, mask=ne, other=0.0)
         # Recompute the segment's states into the scratch; the next step's inputs load during this one.
         t0 = seg * CARRY_T
-        u_n, raw_n, _, B_n, _ = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t0, T, e, n, em, nm, s_ub, s_ut,
-                                          s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, False)
+        u_n, raw_n, _, B_n, _, r_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t0, T, e, n, em, nm,
+                                               s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt,
+                                               False, HAS_RESET)
         for j in range(0, CARRY_T):
             t = t0 + j
-            uu, raw, Bv = u_n.to(tl.float32), raw_n.to(tl.float32), B_n
-            u_n, raw_n, _, B_n, _ = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t + 1, T, e, n, em, nm, s_ub,
-                                              s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, False)
+            uu, raw, Bv, rr = u_n.to(tl.float32), raw_n.to(tl.float32), B_n, r_n
+            u_n, raw_n, _, B_n, _, r_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t + 1, T, e, n, em,
+                                                   nm, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn,
+                                                   s_zb, s_zt, False, HAS_RESET)
             dt = tl.where(zero_e + t < T, _softplus(raw + bias), 0.0)  # past the end: the state stays
+            if HAS_RESET:
+                h = tl.where(rr, 0.0, h)
             h = tl.exp2(dt * A2) * h + (dt * uu) * Bv
             tl.store(scratch + j * BLOCK_N * BLOCK_E, h)
         # Walk it in reverse, again loading the next (earlier) step's inputs during this one.
         t1 = t0 + CARRY_T - 1
-        u_n, raw_n, z_n, B_n, C_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t1, T, e, n, em, nm, s_ub, s_ut,
-                                              s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt, HAS_Z)
+        u_n, raw_n, z_n, B_n, C_n, r_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t1, T, e, n, em,
+                                                   nm, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn,
+                                                   s_zb, s_zt, HAS_Z, HAS_RESET)
         dy_n = tl.load(dy_ptr + b * s_yb + tl.minimum(t1, T - 1) * s_yt + e, mask=em, other=0.0)
         h_n = tl.load(scratch + (CARRY_T - 1) * BLOCK_N * BLOCK_E)
         for jj in range(0, CARRY_T):
@@ -347,17 +391,19 @@ def _scan_bwd_seq_kernel(
             t = t0 + j
             ok = (zero_e + t) < T
             m = em & ok
-            uu, raw, Bv, Cv, h = u_n.to(tl.float32), raw_n.to(tl.float32) + bias, B_n, C_n, h_n
+            uu, raw, Bv, Cv, rr, h = u_n.to(tl.float32), raw_n.to(tl.float32) + bias, B_n, C_n, r_n, h_n
             dyy = tl.where(ok, dy_n.to(tl.float32), 0.0)
             zz = z_n.to(tl.float32)
             jp = tl.maximum(j - 1, 0)  # the segment's first step loads itself again, unused
-            u_n, raw_n, z_n, B_n, C_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, t0 + jp, T, e, n, em, nm,
-                                                  s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb,
-                                                  s_zt, HAS_Z)
+            u_n, raw_n, z_n, B_n, C_n, r_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t0 + jp, T, e, n,
+                                                       em, nm, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct,
+                                                       s_Cn, s_zb, s_zt, HAS_Z, HAS_RESET)
             dy_n = tl.load(dy_ptr + b * s_yb + tl.minimum(t0 + jp, T - 1) * s_yt + e, mask=em, other=0.0)
             h_n = tl.load(scratch + jp * BLOCK_N * BLOCK_E)
             dt = tl.where(ok, _softplus(raw), 0.0)
             decay = tl.exp2(dt * A2)
+            if HAS_RESET:
+                decay = tl.where(rr, 0.0, decay)
             dtu = dt * uu
             b_t = dtu * Bv
             if HAS_Z:
@@ -369,6 +415,8 @@ def _scan_bwd_seq_kernel(
             g = dyy * Cv + q
             q = decay * g
             g_ah = g * (h - b_t)  # a_t h_{t-1} = h_t - b_t
+            if HAS_RESET:  # exactly 0, where an FMA would leave the rounding of b_t
+                g_ah = tl.where(rr, 0.0, g_ah)
             d_dtu = tl.sum(g * Bv, axis=0)[None, :]
             ddt = d_dtu * uu + tl.sum(g_ah * A, axis=0)[None, :]
             dA_acc += g_ah * dt
@@ -400,11 +448,11 @@ def _scan_bwd_seq_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, carry_ptr, dy_ptr, dhT_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, r_ptr, carry_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, g_ptr,
     T, E, N, N_SUB, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
     sb = tl.program_id(1)
@@ -424,6 +472,9 @@ def _scan_bwd_kernel(
         Ct = tl.load(C_ptr + b * s_Cb + t[:, None] * s_Ct + n[None, :], mask=ntm, other=0.0).to(tl.float32)
         acc_dB = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         acc_dC = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        if HAS_RESET:  # decays of zero at documents' first steps, this one's and the next one's
+            starts = _starts(r_ptr, b, t, T)[:, None, None]
+            starts_next = _starts(r_ptr, b, tn, T)[:, None, None]
         for s in range(0, N_SUB):
             e = (sb * N_SUB + s) * BLOCK_E + tl.arange(0, BLOCK_E)
             em = e < E
@@ -433,6 +484,8 @@ def _scan_bwd_kernel(
             mn = tnm[:, None] & em[None, :]
             A = tl.load(A_ptr + en_offs, mask=en, other=0.0).to(tl.float32)
             h0 = tl.load(carry_ptr + (b * n_chunks + c) * E * N + e[:, None] + n[None, :] * E, mask=en, other=0.0)
+            if HAS_RESET:  # as in the forward: a where, the carry may be anything
+                h0 = tl.where(_starts(r_ptr, b, c * BLOCK_T, T), 0.0, h0)
             if i == 0:
                 if HAS_DHT:
                     g_next = tl.load(dhT_ptr + b * E * N + en_offs, mask=en, other=0.0).to(tl.float32)
@@ -452,6 +505,9 @@ def _scan_bwd_kernel(
             dt_next = tl.where(mn, _softplus(raw_next), 0.0)
             decay = tl.exp(dt[:, :, None] * A[None, :, :])  # [T, E, N]
             decay_next = tl.exp(dt_next[:, :, None] * A[None, :, :])  # a_{t+1}
+            if HAS_RESET:
+                decay = tl.where(starts, 0.0, decay)
+                decay_next = tl.where(starts_next, 0.0, decay_next)
             dtu = dt * uu
             inputs = dtu[:, :, None] * Bt[:, None, :]
             cum, hs = tl.associative_scan((decay, inputs), axis=0, combine_fn=_combine)
@@ -501,12 +557,13 @@ def _scan_bwd_kernel(
 
 @triton.jit
 def _scan_step_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h_ptr, y_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, r_ptr, h_ptr, y_ptr,
     E, N, s_ub, s_db, s_Bb, s_Cb, s_zb,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One time step, the state updated in place: decode reads and writes each state value once."""
+    """One time step, the state updated in place: decode reads and writes each state value once. A
+    row whose document starts at this token steps from a zero state."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
@@ -514,6 +571,8 @@ def _scan_step_kernel(
     en = em[:, None] & nm[None, :]
     h_offs = h_ptr + b * E * N + e[:, None] * N + n[None, :]
     h = tl.load(h_offs, mask=en, other=0.0)
+    if HAS_RESET:
+        h = tl.where(_starts(r_ptr, b, 0, 1), 0.0, h)
     A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en, other=0.0).to(tl.float32)
     uu = tl.load(u_ptr + b * s_ub + e, mask=em, other=0.0).to(tl.float32)
     dt = tl.load(dl_ptr + b * s_db + e, mask=em, other=0.0).to(tl.float32)
@@ -588,7 +647,13 @@ def _config(t: ScanTuning, E: int, N: int, which: str = "fwd"):
     return block_e, block_n, t.block_t, warps
 
 
-def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries: bool):
+def resets(reset, fallback):
+    """reset [B, T] bool as the kernels read it (bytes, rows contiguous), or a dummy pointer (HAS_RESET
+    off: the kernels never read it)."""
+    return reset.contiguous().view(torch.uint8) if reset is not None else fallback
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries: bool, reset=None):
     batch, T, E = u.shape
     N = A.shape[1]
     u, delta, B, C = (row_stride(x) for x in (u, delta, B, C))
@@ -600,7 +665,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     carry_t = _carry_steps(t, batch, E, N, u.device) if save_carries else t.sequential_carry_t
     y, final_out, carries = _forward_outputs(t, u, A, save_carries)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                 HAS_H0=initial_state is not None, SAVE_CARRIES=save_carries, BLOCK_N=block_n)
+                 HAS_H0=initial_state is not None, HAS_RESET=reset is not None, SAVE_CARRIES=save_carries,
+                 BLOCK_N=block_n)
     seq_e, seq_warps = t.sequential_forward
     if sequential:  # states [N, E]-major (channels contiguous), B and C in fp32 (no per-thread conversions)
         A, B, C = A.t(), B.float(), C.float()
@@ -609,7 +675,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     dummy = final
     args = (u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
-            initial_state.contiguous() if initial_state is not None else dummy, y, final, carries)
+            initial_state.contiguous() if initial_state is not None else dummy, resets(reset, dummy), y, final,
+            carries)
     strides = (T, E, N, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
                C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0)
     if sequential:
@@ -673,7 +740,7 @@ def _superblocks(batch: int, E: int, block_e: int, device) -> tuple[int, int]:
     return n_sub, triton.cdiv(blocks, n_sub)
 
 
-def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
+def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset=None):
     batch, T, E = u.shape
     N = A.shape[1]
     u, delta, B, C, dy = (row_stride(x) for x in (u, delta, B, C, dy))
@@ -704,14 +771,14 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
     dh0 = torch.empty(batch, *A.shape, **f32)
     dummy = dh0
     args = (u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, carries, dy,
+            delta_bias if delta_bias is not None else dummy, resets(reset, dummy), carries, dy,
             d_final.contiguous() if d_final is not None else dummy,
             du, ddelta, dz if dz is not None else dummy, dA, dD, dbias, dB, dC, dh0)
     strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
                C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
                dy.stride(0), dy.stride(1))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                 HAS_DHT=d_final is not None, BLOCK_N=block_n)
+                 HAS_DHT=d_final is not None, HAS_RESET=reset is not None, BLOCK_N=block_n)
     if sequential:
         scratch = torch.empty(batch, n_sb, t.sequential_carry_t, block_n, seq_e, **f32)  # a segment's states
         warp_sums = block_n == 16 and seq_e == 32 and seq_warps == 1 and not interpreting()
@@ -731,25 +798,27 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
 @torch.library.custom_op("samba_lm::selective_scan_fwd", mutates_args=())
 def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-                 initial_state: torch.Tensor | None, save_carries: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries)
+                 initial_state: torch.Tensor | None, reset: torch.Tensor | None,
+                 save_carries: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries, reset)
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carries):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, save_carries):
     return _forward_outputs(tuning.current("scan"), u, A, save_carries)
 
 
 @torch.library.custom_op("samba_lm::selective_scan_bwd", mutates_args=())
 def _scan_bwd_op(dy: torch.Tensor, d_final: torch.Tensor | None, u: torch.Tensor, delta: torch.Tensor,
                  A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
-                 delta_bias: torch.Tensor | None, carries: torch.Tensor) -> list[torch.Tensor]:
-    grads = scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries)
+                 delta_bias: torch.Tensor | None, carries: torch.Tensor,
+                 reset: torch.Tensor | None) -> list[torch.Tensor]:
+    grads = scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset)
     return [g if g is not None else u.new_empty(0) for g in grads]
 
 
 @_scan_bwd_op.register_fake
-def _(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
+def _(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset):
     f32 = dict(dtype=torch.float32)
     E, N = A.shape
     return [torch.empty_like(u), torch.empty_like(delta), A.new_empty(E, N, **f32), B.new_empty(B.shape, **f32),
@@ -759,14 +828,14 @@ def _(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries):
 
 
 def _setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    u, delta, A, B, C, D, z, delta_bias, initial_state, reset, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], reset)
     ctx.h0_dtype = None if initial_state is None else initial_state.dtype
     ctx.tuning = tuning.current("scan")  # the carries' spacing depends on it; see _backward
 
 
 def _backward(ctx, dy, d_final, _d_carries):
-    u, delta, A, B, C, D, z, delta_bias, carries = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, carries, reset = ctx.saved_tensors
     if carries.shape[1] == 0 and u.shape[1] > 0:
         raise RuntimeError("samba_lm::selective_scan_fwd ran with save_carries=False (an inference forward): "
                            "it has no backward")
@@ -774,11 +843,11 @@ def _backward(ctx, dy, d_final, _d_carries):
     # which sees the defaults.
     with tuning.tuned(scan=ctx.tuning):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
-            dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries)
+            dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset)
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None,
-            dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None, None)
+            dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None, None, None)
 
 
 torch.library.register_autograd("samba_lm::selective_scan_fwd", _backward, setup_context=_setup)
@@ -787,7 +856,7 @@ torch.library.register_autograd("samba_lm::selective_scan_fwd", _backward, setup
 @torch.library.custom_op("samba_lm::selective_scan_step", mutates_args=("state",))
 def _scan_step_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-                  state: torch.Tensor) -> torch.Tensor:
+                  state: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
     batch, _, E = u.shape
     N = A.shape[1]
     block_n = triton.next_power_of_2(N)
@@ -796,25 +865,25 @@ def _scan_step_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     dummy = state
     _scan_step_kernel[(batch, triton.cdiv(E, block_e))](
         u, delta, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, state, y, E, N,
+        delta_bias if delta_bias is not None else dummy, resets(reset, dummy), state, y, E, N,
         u.stride(0), delta.stride(0), B.stride(0), C.stride(0), z.stride(0) if z is not None else 0,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_RESET=reset is not None,
         BLOCK_E=block_e, BLOCK_N=block_n, num_warps=4)
     return y
 
 
 @_scan_step_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, state):
+def _(u, delta, A, B, C, D, z, delta_bias, state, reset):
     return torch.empty_like(u)
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, reset=None):
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
     if (u.shape[1] == 1 and not needs_grad and initial_state is not None and initial_state.dtype == torch.float32
             and initial_state.is_contiguous() and all(t.stride(-1) == 1 for t in (u, delta, B, C))
             and (z is None or z.stride(-1) == 1)):
         # Decode: one step, the state updated in place and returned (see ops.selective_scan).
-        return _scan_step_op(u, delta, A, B, C, D, z, delta_bias, initial_state), initial_state
-    y, final, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, needs_grad)
+        return _scan_step_op(u, delta, A, B, C, D, z, delta_bias, initial_state, reset), initial_state
+    y, final, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, needs_grad)
     return y, final

@@ -14,6 +14,7 @@ from .distributed import PARALLEL_MODES
 
 DTYPES = ("auto", "fp32", "bf16")
 TASKS = ("lm", "passkey")
+PACKING = ("concat", "documents")
 
 
 def option(default, help: str):
@@ -37,6 +38,9 @@ class TrainConfig:
     task: str = option("lm", "lm: next-token prediction on --data; passkey: the paper's passkey fine-tuning, "
                              "prompts made on the fly with the tokenizer of --init-from")
     data: str = option("data/shakespeare", "a shard directory written by `samba-lm data` (task lm)")
+    pack: str = option("concat", "concat: blocks cut from the documents concatenated, each seeing what came "
+                                 "before it (the paper's); documents: the same blocks, each document seeing "
+                                 "only itself (the state resets after every EOS; task lm)")
     seq_len: int = option(256, "tokens per training sequence")
     batch_size: int = option(8, "sequences per optimizer step, over all processes")
     micro_batch_size: int = option(0, "sequences per forward pass and process (gradient accumulation); "
@@ -112,6 +116,9 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.parallel in PARALLEL_MODES, "parallel", f"must be one of {PARALLEL_MODES}")
         need(self.task in TASKS, "task", f"must be one of {TASKS}")
+        need(self.pack in PACKING, "pack", f"must be one of {PACKING}")
+        need(self.pack == "concat" or self.task == "lm", "pack",
+             "documents packs the lm task's shards; the passkey task makes one prompt per sequence")
         need(self.task != "passkey" or self.init_from, "init_from",
              "the passkey task fine-tunes a model: give a saved model, a training checkpoint or a run directory")
         need(not (self.init_from and self.model_args), "model_args",

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from ..checkpoint import (load_checkpoint, newest_intact_checkpoint, prune_checkpoints, read_checkpoint_meta,
                           save_checkpoint, save_pretrained)
 from ..config import SambaConfig
-from ..data import BlockLoader, TokenShards, TokenStream, load_tokenizer
+from ..data import BlockLoader, TokenShards, TokenStream, eos_id, load_tokenizer
+from ..documents import documents_from_eos
 from ..data.passkey import PasskeyBlocks
 from ..flops import flops_per_token
 from ..loading import TOKENIZER_FILE, RunDir, load_model_and_tokenizer_path
@@ -71,6 +72,7 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.exempt_from_decay)
     step = _restore(resume[0], model, optimizer) if resume else _start_run(cfg, env, data.tokenizer, model_cfg)
     autocast = _autocast(cfg, env.device)
+    eos = eos_id(load_tokenizer(data.tokenizer)) if cfg.pack == "documents" else None
 
     bar = _progress(cfg, env, step)
     tokens_per_step, last = cfg.batch_size * cfg.seq_len, {}
@@ -81,13 +83,13 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
         lr = lr_at(step, cfg.steps, cfg.lr, round(cfg.warmup_fraction * cfg.steps), cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm = train_step(model, optimizer, train_loader, micro, accum, autocast, env, cfg.grad_clip)
+        loss, grad_norm = train_step(model, optimizer, train_loader, micro, accum, autocast, env, cfg.grad_clip, eos)
         step += 1
         dt = time.perf_counter() - t0
         last = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * tokens_per_step, tok_per_s=tokens_per_step / dt)
         log.log(step, **last)
         if val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last["val_loss"] = evaluate(model, val_stream, cfg, micro, autocast, env)
+            last["val_loss"] = evaluate(model, val_stream, cfg, micro, autocast, env, eos)
             log.log(step, val_loss=last["val_loss"], val_ppl=perplexity(last["val_loss"]))
         _report(bar, step, cfg, last, env.is_main)
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -263,13 +265,20 @@ def _report(bar, step, cfg, last, is_main):
 
 
 # ----------------------------------------------------------------------------- the step
-def train_step(model, optimizer, loader, micro, accum, autocast, env, clip) -> tuple[float, float]:
+def _documents(inputs: torch.Tensor, eos: int | None) -> torch.Tensor | None:
+    """--pack documents: a new document after every EOS of the block's inputs; else None (concat)."""
+    return documents_from_eos(inputs, eos) if eos is not None else None
+
+
+def train_step(model, optimizer, loader, micro, accum, autocast, env, clip, eos=None) -> tuple[float, float]:
+    """One optimizer step; `eos`: the EOS id when documents are packed with resets (--pack documents)."""
     batch = loader.next_batch(micro * accum * env.world_size)  # this rank's share of the global batch
     total = torch.zeros((), device=env.device)
     for i, block in enumerate(batch.split(micro)):
         block = block.to(env.device, non_blocking=True)
+        inputs = block[:, :-1]
         with D.gradient_sync(model, i == accum - 1), autocast():
-            loss = model(block[:, :-1], labels=block[:, 1:]).loss / accum  # chunked: no [B, T, vocab] logits
+            loss = model(inputs, labels=block[:, 1:], document_ids=_documents(inputs, eos)).loss / accum
             loss.backward()
         total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
@@ -280,8 +289,9 @@ def train_step(model, optimizer, loader, micro, accum, autocast, env, clip) -> t
 
 
 @torch.no_grad()
-def evaluate(model, stream, cfg, micro, autocast, env) -> float:
-    """Mean loss over the first eval_batches global micro-batches of the validation split (fixed)."""
+def evaluate(model, stream, cfg, micro, autocast, env, eos=None) -> float:
+    """Mean loss over the first eval_batches global micro-batches of the validation split (fixed),
+    packed as in training."""
     loader = BlockLoader(stream, cfg.seq_len, cfg.seed, env.rank, env.world_size, shuffle=False)
     n = max(1, min(cfg.eval_batches, loader.n_blocks // (micro * env.world_size)))
     model.eval()
@@ -289,7 +299,7 @@ def evaluate(model, stream, cfg, micro, autocast, env) -> float:
     for _ in range(n):
         block = loader.next_batch(micro * env.world_size).to(env.device)
         with autocast():
-            total += model(block[:, :-1], labels=block[:, 1:]).loss
+            total += model(block[:, :-1], labels=block[:, 1:], document_ids=_documents(block[:, :-1], eos)).loss
     model.train()
     return D.mean_across_ranks(total / n).item()
 

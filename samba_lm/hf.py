@@ -127,7 +127,9 @@ class SambaCache(Cache):
         self.state = self.state.select(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def crop(self, *args, **kwargs):
-        raise NotImplementedError("a Samba state cannot be cropped: its Mamba records keep no history")
+        # What assisted decoding and prompt lookup call to roll rejected tokens back (is_croppable says no).
+        raise ValueError("SambaCache cannot be cropped: a recurrent state keeps no history to roll back to, "
+                         "so assisted decoding is not supported")
 
     def reset(self):
         self.restart(torch.zeros(self.batch_size, dtype=torch.long))

@@ -69,6 +69,9 @@ def test_logits_equal_sambalm_with_and_without_cache():
     logits, returned = hf(ids, return_dict=False)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
     assert isinstance(returned, SambaCache)
+    assert not returned.is_croppable
+    with pytest.raises(ValueError, match="cannot be cropped"):  # what assisted decoding would call
+        returned.crop(10)
 
 
 @torch.no_grad()

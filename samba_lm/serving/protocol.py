@@ -18,6 +18,9 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MAX_TOKENS = 16
+# OpenAI fields this server does not implement, accepted at their no-op values only.
+NO_OP_FIELDS = {"n": (1,), "best_of": (None, 1), "echo": (False,), "logprobs": (None,), "suffix": (None,),
+                "logit_bias": (None, {}), "frequency_penalty": (0.0,), "presence_penalty": (0.0,)}
 
 
 class ApiError(Exception):
@@ -114,25 +117,13 @@ class CompletionRequest(BaseModel):
             raise ValueError("a stop string must not be empty")
         return value
 
-    @field_validator("n", "best_of")
+    @field_validator(*NO_OP_FIELDS)
     @classmethod
-    def _only_one(cls, value, info):
-        if value != 1:
-            raise ValueError(f"only {info.field_name}=1 is supported (send one request per completion)")
-        return value
-
-    @field_validator("echo", "logprobs", "suffix", "logit_bias")
-    @classmethod
-    def _unsupported(cls, value, info):
-        if not (value is None or value is False or value == {}):
-            raise ValueError(f"{info.field_name} is not supported by this server")
-        return value
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value, info):
-        if value != 0:
-            raise ValueError(f"{info.field_name} is not supported by this server (only 0)")
+    def _no_op_only(cls, value, info):
+        allowed = NO_OP_FIELDS[info.field_name]
+        if value not in allowed:  # the request model is strict: no bool arrives as an int
+            raise ValueError(f"{info.field_name} is not supported by this server (only "
+                             f"{' or '.join(json.dumps(ok) for ok in allowed)})")
         return value
 
     @property

@@ -3,6 +3,7 @@
 
     python benchmarks/bench_scan.py --out results/          # the issue's table
     python benchmarks/bench_scan.py --sweep                 # shapes of the Triton scan kernels
+    python benchmarks/bench_scan.py --sweep-training-segments   # training with few rows: time segments
 
 Reports median milliseconds (triton.testing.do_bench), the ratio to the peer, and the ratio to a
 floor: the larger of bytes / measured copy bandwidth and exponentials / measured exp rate.
@@ -99,7 +100,7 @@ def scan_floor(batch, L, bw, exps, backward):
 
 
 def run_scan(rows, bw, exps, peer):
-    for batch, L in [(1, 4096), (8, 4096), (1, 16384), (8, 16384)]:
+    for batch, L in [(1, 4096), (2, 4096), (8, 4096), (1, 16384), (8, 16384)]:
         args = scan_inputs(batch, L)
         grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
         for mode in ("fwd", "fwd+bwd"):
@@ -198,7 +199,7 @@ def sweep():
     results = []
 
     def time(batch, args, label, fwd=True, **scan):
-        with ops.use_kernels("triton"), ops.tuned(scan=scan):
+        with ops.use_kernels("triton"), ops.tuned(scan=dict(training_segment_below_programs_per_sm=0, **scan)):
             f = median_ms(lambda: ops.selective_scan(**args), rep=50) if fwd else float("nan")
             fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=30)
         results.append((label, batch, f, fb))
@@ -242,6 +243,31 @@ def sweep_segments():
     return results
 
 
+def sweep_training_segments():
+    """Training with few rows (forward+backward): time segments, the backward's programs per SM
+    targeted, against one walk and the chunked kernels, to place `training_segment_below_programs_per_sm`
+    and `backward_segment_programs_per_sm`."""
+    grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+    results = []
+    for batch, e in [(1, 4096), (2, 4096), (4, 4096), (8, 2048), (8, 3072), (8, 4096), (6, 4096)]:
+        args = scan_inputs(batch, 4096, E=e)
+        configs = [("chunked", dict(sequential_min_programs_per_sm=10**9, training_segment_below_programs_per_sm=0)),
+                   ("one walk", dict(sequential_min_programs_per_sm=0, training_segment_below_programs_per_sm=0))]
+        configs += [(f"segments: backward {pps} programs/SM", dict(training_segment_below_programs_per_sm=10**6,
+                                                                  backward_segment_programs_per_sm=pps))
+                    for pps in (4, 8, 16, 32)]
+        for label, scan in configs:
+            with ops.use_kernels("triton"), ops.tuned(scan=scan):
+                f = median_ms(lambda: ops.selective_scan(**args), rep=50)
+                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=50)
+                segs = triton_scan._segments(tuning.current("scan"), batch, e, 4096, torch.device("cuda"),
+                                             training=True, backward=True)
+            results.append(dict(B=batch, E=e, config=label, backward_segments=segs, fwd_ms=f, fwd_bwd_ms=fb))
+            print(results[-1], flush=True)
+        torch.cuda.empty_cache()
+    return results
+
+
 def sweep_paths():
     """Training (forward+backward): the step-at-a-time kernels against the chunked ones as the programs
     per SM grow, to place `sequential_min_programs_per_sm`."""
@@ -250,7 +276,8 @@ def sweep_paths():
         args = scan_inputs(batch, 4096, E=e)
         times = {}
         for label, threshold in (("step at a time", 0), ("chunked", 10**9)):
-            with ops.use_kernels("triton"), ops.tuned(scan=dict(sequential_min_programs_per_sm=threshold)):
+            with ops.use_kernels("triton"), ops.tuned(scan=dict(sequential_min_programs_per_sm=threshold,
+                                                                training_segment_below_programs_per_sm=0)):
                 times[label] = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, set(args)),
                                          rep=100)
         per_sm = batch * e / triton_scan.ScanTuning().sequential_forward[0] / torch.cuda.get_device_properties(0).multi_processor_count
@@ -300,7 +327,10 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--sweep", action="store_true", help="tile and path sweep of the training kernels")
+    p.add_argument("--ops", default="scan,conv,decode", help="the table's parts, comma-separated: scan, conv, decode")
     p.add_argument("--sweep-segments", action="store_true", help="time segments of inference forwards with few rows")
+    p.add_argument("--sweep-training-segments", action="store_true",
+                   help="training with few rows: time segments against one walk and the chunked kernels")
     p.add_argument("--sweep-paths", action="store_true",
                    help="training: step-at-a-time against chunked kernels as rows x channels grow")
     args = p.parse_args()
@@ -308,6 +338,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         (out / "scan_sweep.json").write_text(json.dumps(sweep()))
+        return
+    if args.sweep_training_segments:
+        (out / "scan_training_segments_sweep.json").write_text(json.dumps(sweep_training_segments()))
         return
     if args.sweep_paths:
         (out / "scan_paths_sweep.json").write_text(json.dumps(sweep_paths()))
@@ -332,9 +365,13 @@ def main():
         selective_state_update = None
     bw, exps = copy_bandwidth(), exp_rate()
     rows = []
-    run_scan(rows, bw, exps, selective_scan_fn)
-    run_conv(rows, bw, causal_conv1d_fn)
-    run_decode(rows, bw, selective_state_update, causal_conv1d_update)
+    parts = set(args.ops.split(","))
+    if "scan" in parts:
+        run_scan(rows, bw, exps, selective_scan_fn)
+    if "conv" in parts:
+        run_conv(rows, bw, causal_conv1d_fn)
+    if "decode" in parts:
+        run_decode(rows, bw, selective_state_update, causal_conv1d_update)
     md = table(rows, bw, exps, "mamba_ssm 2.3.2.post1, causal_conv1d 1.7.0 (CUDA, sm_90)")
     (out / "bench_scan.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "exp_rate": exps,
                                                      "tuning": dataclasses.asdict(tuning.current("scan"))},

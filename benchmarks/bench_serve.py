@@ -87,7 +87,7 @@ def run_server(args, port: int):
 
     model, tokenizer = load_model(args)
     scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                          max_context=args.max_context).start()
+                          prefill_rows=args.prefill_rows, max_context=args.max_context).start()
     app = build_app(scheduler, tokenizer, "bench", args.max_context, vocab_size=model.config.vocab_size, grace_s=5)
     serve(app, "127.0.0.1", port, log_level="warning")
 
@@ -219,6 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--max-queue", type=int, default=256, help="the server's queue bound")
     p.add_argument("--max-context", type=int, help="the server's max context (needed for full-attention layers)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="the scheduler's prefill chunk")
+    p.add_argument("--prefill-rows", type=int, default=8, help="the scheduler's short prompts prefilled together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype (auto: bf16 for a preset on CUDA, else as saved / float32)")

@@ -123,9 +123,10 @@ class DecodeEngine:
 
 
 class StepGraphs:
-    """One-token steps captured as CUDA graphs, one per key (what changes the captured work: the bucket,
-    whether to truncate, the stop buffer's size), sharing one memory pool. A step reads and writes only
-    fixed buffers allocated outside the pool, so the graphs may replay in any order, one at a time."""
+    """Steps captured as CUDA graphs, one per key (what changes the captured work: the bucket, whether
+    to truncate, the stop buffer's size; a prefill's length), sharing one memory pool. A step reads and
+    writes only fixed buffers allocated outside the pool, so the graphs may replay in any order, one at
+    a time."""
 
     def __init__(self, device):
         self.device = device
@@ -135,12 +136,13 @@ class StepGraphs:
     def __len__(self) -> int:
         return len(self.graphs)
 
-    def run(self, key, step, state):
-        """Run `step` (whose growing caches live in `state`) once: replay its graph for `key`, or capture it."""
+    def run(self, key, step, state, tokens: int = 1):
+        """Run `step` (`tokens` tokens per row, whose growing caches live in `state`) once: replay its
+        graph for `key`, or capture it."""
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
-            state.advance_host_count(1)
+            state.advance_host_count(tokens)
             return
         # A real first step, eagerly on a side stream: it compiles and loads every kernel, so that the
         # capture that follows only records. The capture runs the Python of one more step (the
@@ -153,7 +155,7 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             step()
-        state.advance_host_count(-1)
+        state.advance_host_count(-tokens)
         self.pool = graph.pool()
         self.graphs[key] = graph
 

@@ -60,6 +60,11 @@ def scan_step_at_a_time_train():
     (y.sum() + h.sum()).backward()
 
 
+def scan_segments_train():
+    y, h = ops.selective_scan(**scan_args(1, 24, 24, 4, grad=True))
+    (y.sum() + h.sum()).backward()
+
+
 def scan_inference_segments():
     with torch.no_grad():
         ops.selective_scan(**scan_args(1, 37, 40, 4, grad=False))
@@ -151,6 +156,7 @@ def cross_entropy_train_and_eval():
 SCENARIOS = {
     "scan, chunked, training": scan_train,
     "scan, step at a time, training": scan_step_at_a_time_train,
+    "scan, time segments, training": scan_segments_train,
     "scan, time segments, inference": scan_inference_segments,
     "scan, decode step": scan_decode,
     "conv, training and decode step": conv_train_and_step,
@@ -168,6 +174,9 @@ SCENARIOS = {
 # launchers read it again.
 TUNING = {
     "scan, step at a time, training": dict(scan=dict(sequential_min_programs_per_sm=1)),
+    "scan, time segments, training": dict(scan=dict(sequential_min_segment=8, sequential_segment_programs_per_sm=10**6,
+                                                    training_segment_below_programs_per_sm=10**6,
+                                                    backward_segment_programs_per_sm=10**6)),
     "scan, time segments, inference": dict(scan=dict(sequential_min_segment=8,
                                                      sequential_segment_programs_per_sm=10**6)),
     # On a GPU only tabled shapes take the few-rows kernel (the others go to cuBLAS): table this one, split in two.

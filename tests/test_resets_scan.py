@@ -26,12 +26,13 @@ RESETS = [
     [21],                       # one inside the second only, at an odd step (two steps per loop iteration)
 ]
 PATHS = {  # the scan's kernels: forward, then backward
-    "chunked": dict(sequential_min_programs_per_sm=10**9),
+    "chunked": dict(sequential_min_programs_per_sm=10**9, training_segment_below_programs_per_sm=0),
     "step-at-a-time, chunked backward": dict(sequential_min_programs_per_sm=0, sequential_backward=False),
     "step-at-a-time": dict(sequential_min_programs_per_sm=0, sequential_backward=True),
     "step-at-a-time, 1 step": dict(sequential_min_programs_per_sm=0, sequential_backward=True, sequential_steps=1),
 }
 SEGMENTS = dict(sequential_min_segment=8, sequential_segment_programs_per_sm=10**6)  # inference, few rows
+TRAINING_SEGMENTS = dict(SEGMENTS, training_segment_below_programs_per_sm=10**6, backward_segment_programs_per_sm=10**6)
 
 
 def reset_mask(T, rows=RESETS):
@@ -177,6 +178,22 @@ def test_the_time_segments_run_each_document_alone(with_h0):
         assert triton_scan._segments(tuning.current("scan"), 5, 8, 37, torch.device(DEVICE)) == 4
         y, f = ops.selective_scan(**lowered(args, torch.float32))
     assert rel_err(y, y64) < 1e-5 and rel_err(f, f64) < 1e-5
+
+
+def test_the_training_time_segments_run_each_document_alone():
+    """Training with few rows: forward and backward in time segments ([0, 16), [16, 32), [32, 37)),
+    the backward's combining each later segment's state gradient unless a reset cut it off."""
+    args = scan_args(37, 6, 4, seed=11)
+    gy, gf = cotangents(args)
+    y64, f64, d64 = run_alone(args, gy, gf)
+    low = lowered(args, torch.float32)
+    with ops.use_kernels("reference"):
+        y_ref, f_ref, d_ref = run_packed(ops.selective_scan, low, gy, gf)
+    with ops.use_kernels("triton"), ops.tuned(scan=TRAINING_SEGMENTS):
+        y_tri, f_tri, d_tri = run_packed(ops.selective_scan, low, gy, gf)
+    for name, tri, ref, exact in [("y", y_tri, y_ref, y64), ("final", f_tri, f_ref, f64)] + [
+            (f"d{k}", d_tri[k], d_ref[k], d64[k]) for k in d64]:
+        assert rel_err(tri, exact) <= 3 * rel_err(ref, exact) + 1e-6, name
 
 
 def test_a_stream_of_chunks_and_decode_steps_runs_each_document_alone():

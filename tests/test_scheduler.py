@@ -13,6 +13,7 @@ import samba_lm
 from samba_lm.sampling import Sampling
 from samba_lm.serving import GenerationRequest, QueueFull, Scheduler, SchedulerClosed
 from samba_lm.serving.batch import buckets
+from samba_lm.serving.prefill import PrefillBatch, length_buckets
 
 from conftest import small_model
 
@@ -117,10 +118,10 @@ def test_captured_buckets_equal_generate_alone_on_a_gpu():
     with Scheduler(model, max_batch=4, prefill_chunk=4, cuda_graph=True) as scheduler:
         handles = [scheduler.submit(r) for r in requests]
         outputs = [list(h.tokens(timeout=120)) for h in handles]
-        captured = len(scheduler._batch._graphs)
+        captured = len(scheduler._batch._graphs), len(scheduler._short._graphs)
     for request, output in zip(requests, outputs):
         assert output == alone(model, request)
-    assert captured == 2 * len(buckets(4))  # all at start()
+    assert captured == (2 * len(buckets(4)), len(buckets(4)))  # all at start(): prefills of 4 tokens, 1-4 rows
 
 
 def test_a_long_prefill_is_interleaved_with_the_running_decode():
@@ -145,11 +146,40 @@ def test_short_prompts_join_together_within_the_prefill_budget():
     scheduler = Scheduler(model, max_batch=4, prefill_chunk=16)
     requests = [GenerationRequest(prompt(4), max_tokens=3, seed=i, temperature=0.5 * i) for i in range(3)]
     handles = [scheduler.submit(r) for r in requests]  # queued before the loop starts
+    runs = []
+    run = scheduler._short.run
+    scheduler._short.run = lambda prompts: runs.append(len(prompts)) or run(prompts)
     with scheduler:  # starts it
         outputs = [list(h.tokens(timeout=60)) for h in handles]
         steps = scheduler.stats().steps
-    assert steps == 2
+    assert steps == 2 and runs == [3]  # one forward prefilled all three
     assert outputs == [alone(model, r) for r in requests]
+
+
+@pytest.mark.parametrize("layers", [None, RECURRENT])
+def test_prompts_prefilled_together_are_each_alone(layers):
+    """Three prompts left-padded to 16 tokens in a 4-row bucket (the fourth a dummy): each row's
+    last logits are its prompt's alone, in float64, and so is its state: the same continuation
+    (a chunk, then a step) gives the same logits (the caches' slots may hold padding, never seen)."""
+    model = small_model(torch.float64) if layers is None else small_model(torch.float64, layers=layers)
+    capacity = 24 if layers is None else None
+    short = PrefillBatch(model, rows=4, longest=16, capacity=capacity, cuda_graph=False)
+    assert short.lengths == [16] and length_buckets(300) == [16, 32, 64, 128, 256, 300]
+    prompts = [list(prompt(n)) for n in (1, 16, 5)]
+    state, logits = short.run(prompts)
+    for i, ids in enumerate(prompts):
+        alone_state = model.init_state(1, capacity=capacity)
+        expected = model(torch.tensor([ids]), state=alone_state, logits_to_keep=1).logits[:, -1]
+        torch.testing.assert_close(logits[i:i + 1], expected, rtol=1e-12, atol=1e-12)
+        row = model.init_state(1, capacity=capacity)
+        row.assign(0, state, i)
+        for ids_next in ([[3, 7]], [[11]]):
+            mine = model(torch.tensor(ids_next), state=row).logits
+            torch.testing.assert_close(mine, model(torch.tensor(ids_next), state=alone_state).logits,
+                                       rtol=1e-12, atol=1e-12)
+        assert torch.equal(row.pos, alone_state.pos)
+    with pytest.raises(ValueError, match="1 to 4 prompts of 1 to 16 tokens"):
+        short.run([list(prompt(17))])
 
 
 def test_cancel_frees_the_slot():

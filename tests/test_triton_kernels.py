@@ -10,6 +10,8 @@ import torch
 from samba_lm import ops
 
 triton = pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
+from samba_lm.ops import triton_scan, tuning  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -39,11 +41,17 @@ def rel_err(a, ref):
 @pytest.fixture(params=["chunked", "sequential", "sequential+backward", "sequential-1step+backward"])
 def forward_kernel(request):
     """Every kernel: the dispatcher picks by how many programs fill the GPU; switches choose the
-    backward after a step-at-a-time forward, and its steps per loop iteration."""
+    backward after a step-at-a-time forward, and its steps per loop iteration (time segments: below)."""
     with ops.tuned(scan=dict(sequential_min_programs_per_sm=0 if "sequential" in request.param else 10**9,
+                             training_segment_below_programs_per_sm=0,
                              sequential_backward=request.param.endswith("backward"),
                              sequential_steps=1 if "1step" in request.param else 2)):
         yield request.param
+
+
+# Training with few rows: time segments of at least 8 steps, forward and backward, as many as T allows.
+TRAINING_SEGMENTS = dict(training_segment_below_programs_per_sm=10**6, sequential_min_segment=8,
+                         sequential_segment_programs_per_sm=10**6, backward_segment_programs_per_sm=10**6)
 
 
 @pytest.mark.parametrize("T, dtype, flags", [
@@ -68,6 +76,27 @@ def test_scan_values_and_gradients(T, dtype, flags, forward_kernel):
     for name, tri, ref, exact_ in [("y", y_tri, y_ref, y64), ("final", f_tri, f_ref, f64)] + [
             (f"d{k}", d_tri[k], d_ref[k], d64[k]) for k in d64]:
         assert rel_err(tri, exact_) <= 3 * rel_err(ref, exact_) + slack, name
+
+
+def test_scan_time_segments_in_training(T=37, dtype=torch.float32):
+    """Forward and backward in time segments (37 steps: 3 of 16, the last short; each backward segment
+    two carry segments of 8), against float64, and the backward deterministic run to run."""
+    exact, low = scan_args(2, T, 6, 4, dtype, seed=T)
+    g = torch.Generator().manual_seed(5)
+    gy, gf = torch.randn(2, T, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    y64, f64, d64 = run(ops.selective_scan_reference, exact, gy, gf)
+    with ops.use_kernels("reference"):
+        y_ref, f_ref, d_ref = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
+    with ops.use_kernels("triton"), ops.tuned(scan=TRAINING_SEGMENTS):
+        assert triton_scan._segments(tuning.current("scan"), 2, 6, T, torch.device(DEVICE), training=True) > 2
+        y_tri, f_tri, d_tri = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
+        _, _, d_again = run(ops.selective_scan, low, gy.to(DEVICE), gf.to(DEVICE))
+    slack = 1e-6 if dtype == torch.float32 else 1e-3
+    for name, tri, ref, exact_ in [("y", y_tri, y_ref, y64), ("final", f_tri, f_ref, f64)] + [
+            (f"d{k}", d_tri[k], d_ref[k], d64[k]) for k in d64]:
+        assert rel_err(tri, exact_) <= 3 * rel_err(ref, exact_) + slack, name
+    for k in d_tri:
+        assert torch.equal(d_tri[k], d_again[k]), k
 
 
 @pytest.mark.parametrize("N", [12, 16])

@@ -23,12 +23,16 @@ conversions) and loaded as [N, 1] columns that broadcast in registers. How Trito
 out decides the speed (states across threads cost a shuffle reduction per step): `zero` below keeps
 it from vectorizing [N, E] accesses into a second layout.
 
-Inference with few rows (no carries to save): the step-at-a-time forward also splits time into
-segments walked in parallel, twice. PASS 1 walks each segment but the last from a zero state and keeps
-its end state and its sum of dt; PASS 2 combines them in order into the state entering its segment
-(h <- exp(A sum dt) h + end), then walks it with outputs. About 1.5x the exponentials of one walk, for
-segments x the programs: H200, B=1, L=4096, E=4096: 0.36 ms in 33 segments against 1.59 ms in one
-walk and 0.93 ms for the chunked kernel before (mamba_ssm: 0.32 ms).
+Few rows: the step-at-a-time forward also splits time into segments walked in parallel, twice.
+PASS 1 walks each segment but the last from a zero state and keeps its end state and its sum of dt;
+PASS 2 combines them in order into the state entering its segment (h <- exp(A sum dt) h + end), then
+walks it with outputs (and, training, saves its carries). About 1.5x the exponentials of one walk,
+for segments x the programs: H200, B=1, L=4096, E=4096: 0.36 ms in 33 segments against 1.59 ms in
+one walk and 0.93 ms for the chunked kernel before (mamba_ssm: 0.32 ms). The backward of such a
+forward splits time the same way, in segments of whole carry segments: its PASS 1 walks each segment
+but the first in reverse from a zero state gradient (q_t = a_t (dy'_t C_t + q_{t+1}) needs no states)
+and keeps its q at the segment's start and its sum of dt; PASS 2 combines the later segments' into
+the gradient entering its segment's end, then runs the backward below over it.
 
 Decode: a one-token call without gradients runs `_scan_step_kernel`, which reads and writes the
 state once, in place, and returns it as the final state.
@@ -332,12 +336,67 @@ def _scan_fwd_seq_kernel(
         tl.store(hT_ptr + b * E * N + ne_offs, h, mask=ne)
 
 
+@triton.jit
+def _q_load(dl_ptr, C_ptr, z_ptr, dy_ptr, r_ptr, b, t, T, e, n, em, nm, s_db, s_dt, s_Cb, s_Ct, s_Cn, s_zb, s_zt,
+            s_yb, s_yt, HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr):
+    """What step t's state gradient needs: raw delta, dy, z (a placeholder without the gate), C and
+    whether a document starts there."""
+    rr = _starts(r_ptr, b, t, T) if HAS_RESET else False
+    raw = tl.load(dl_ptr + b * s_db + t * s_dt + e, mask=em, other=0.0)
+    dyy = tl.load(dy_ptr + b * s_yb + t * s_yt + e, mask=em, other=0.0)
+    zz = tl.load(z_ptr + b * s_zb + t * s_zt + e, mask=em, other=0.0) if HAS_Z else dyy
+    Cv = tl.load(C_ptr + b * s_Cb + t * s_Ct + n * s_Cn, mask=nm, other=0.0)
+    return raw, dyy, zz, Cv, rr
+
+
+@triton.jit(do_not_specialize=["zero"])
+def _scan_bwd_seq_q_kernel(
+    dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, r_ptr, dy_ptr, qs_ptr, dts_ptr, T, E, N: tl.constexpr,
+    s_db, s_dt, s_Cb, s_Ct, s_Cn, s_zb, s_zt, s_yb, s_yt, zero, SEG, SEGS,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """PASS 1 of the backward in time segments, for segment s >= 1: the walk in reverse from a zero
+    state gradient, q_t = a_t (dy'_t C_t + q_{t+1}), keeping q at the segment's first step and its sum
+    of dt. No states are needed (dy' is dy gated by SiLU(z)): one exponential and no C.h a step.
+    PASS 2 combines them (q <- exp(A sum dt) q + q_s, last segment first) into the gradient entering
+    each segment's end. A document start in the segment (a_t = 0) makes its sum of dt inf."""
+    b = tl.program_id(0)
+    s = tl.program_id(2) + 1
+    e, n, em, nm, ne, ne_offs, A, _, bias = _seq_channels(A_ptr, A_ptr, bias_ptr, tl.program_id(1), E, N, zero,
+                                                          False, HAS_BIAS, BLOCK_E, BLOCK_N)
+    A2 = A * LOG2E
+    q = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dt_sum = tl.zeros([1, BLOCK_E], dtype=tl.float32)
+    t_begin = s * SEG
+    t_end = tl.minimum(T, t_begin + SEG)
+    nxt = _q_load(dl_ptr, C_ptr, z_ptr, dy_ptr, r_ptr, b, t_end - 1, T, e, n, em, nm, s_db, s_dt, s_Cb, s_Ct, s_Cn,
+                  s_zb, s_zt, s_yb, s_yt, HAS_Z, HAS_RESET)
+    for i in range(0, t_end - t_begin):
+        raw, dyy, zz, Cv, rr = nxt
+        # the earlier step's inputs load during this one (the segment's first step loads itself again)
+        nxt = _q_load(dl_ptr, C_ptr, z_ptr, dy_ptr, r_ptr, b, tl.maximum(t_end - 2 - i, t_begin), T, e, n, em, nm,
+                      s_db, s_dt, s_Cb, s_Ct, s_Cn, s_zb, s_zt, s_yb, s_yt, HAS_Z, HAS_RESET)
+        dyy = dyy.to(tl.float32)
+        if HAS_Z:
+            zf = zz.to(tl.float32)
+            dyy *= zf * tl.sigmoid(zf)
+        dt = _softplus(raw.to(tl.float32) + bias)
+        q = tl.exp2(dt * A2) * (dyy * Cv.to(tl.float32) + q)
+        dt_sum += dt
+        if HAS_RESET:
+            q = tl.where(rr, 0.0, q)
+            dt_sum = tl.where(rr, float("inf"), dt_sum)
+    tl.store(qs_ptr + (b * SEGS + s) * E * N + ne_offs, q, mask=ne)
+    tl.store(dts_ptr + (b * SEGS + s) * E + e, dt_sum, mask=em)
+
+
 @triton.jit(do_not_specialize=["zero"])
 def _scan_bwd_seq_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, r_ptr, carry_ptr, dy_ptr, dhT_ptr,
-    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, h_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, h_ptr, qs_ptr, dts_ptr,
     T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_Bn, s_Cn, zero,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
+    SEGC, SEGS, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
     HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
     WARP_SUMS: tl.constexpr,
 ):
@@ -345,23 +404,36 @@ def _scan_bwd_seq_kernel(
     last first, is recomputed forward from its saved carry (states parked in a per-program scratch
     meant to stay in L2), then walked in reverse carrying q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1}
     needs no shifted decay: one exponential per step and pass. At a document's first step a_t = 0:
-    q stops there, and dA and d delta take nothing from the decay (a_t h_{t-1} = 0)."""
+    q stops there, and dA and d delta take nothing from the decay (a_t h_{t-1} = 0).
+
+    Program (b, channels, s) walks time segment s: SEGC carry segments (SEGS = 1: the whole stream).
+    Its state gradient at the segment's end combines the later segments' PASS-1 results, in order."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
+    s = tl.program_id(2)
     n_prog = tl.num_programs(1)
     e, n, em, nm, ne, ne_offs, A, Dv, bias = _seq_channels(A_ptr, D_ptr, bias_ptr, pid, E, N, zero,
                                                            HAS_D, HAS_BIAS, BLOCK_E, BLOCK_N)
     zero_e = e * 0
     A2 = A * LOG2E  # for exp2
     q = _seq_state(dhT_ptr + b * E * N + ne_offs, ne, HAS_DHT, BLOCK_E, BLOCK_N)
+    for i in range(0, SEGS - 1 - s):  # the later segments, last first
+        j = SEGS - 1 - i
+        seg_dt = tl.load(dts_ptr + (b * SEGS + j) * E + e, mask=em, other=0.0)
+        q = tl.exp2(seg_dt * A2) * q
+        if HAS_RESET:  # a where: exp2(inf A) q is 0 only for A < 0
+            q = tl.where(seg_dt == float("inf"), 0.0, q)
+        q += tl.load(qs_ptr + (b * SEGS + j) * E * N + ne_offs, mask=ne, other=0.0)
+    row = b * SEGS + s  # this program's partial sums of dA, dD and d delta_bias, and its scratch
     dA_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dD_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
     db_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
-    scratch = (h_ptr + (b * n_prog + pid) * CARRY_T * BLOCK_N * BLOCK_E + n * BLOCK_E
+    scratch = (h_ptr + (row * n_prog + pid) * CARRY_T * BLOCK_N * BLOCK_E + n * BLOCK_E
                + tl.arange(0, BLOCK_E)[None, :] + zero)
     n_seg = tl.cdiv(T, CARRY_T)
-    for i in range(0, n_seg):
-        seg = n_seg - 1 - i
+    seg_end = tl.minimum(n_seg, (s + 1) * SEGC)
+    for i in range(0, seg_end - s * SEGC):
+        seg = seg_end - 1 - i
         h = tl.load(carry_ptr + (b * n_seg + seg) * E * N + ne_offs, mask=ne, other=0.0)
         # Recompute the segment's states into the scratch; the next step's inputs load during this one.
         t0 = seg * CARRY_T
@@ -438,12 +510,13 @@ def _scan_bwd_seq_kernel(
                 okn = (tl.arange(0, BLOCK_N) < N) & ((tl.arange(0, BLOCK_N) * 0 + t) < T)
                 tl.store(dB_ptr + part, tl.sum(g * dtu, axis=1), mask=okn)
                 tl.store(dC_ptr + part, tl.sum(dyy * h, axis=1), mask=okn)
-    tl.store(dh0_ptr + b * E * N + ne_offs, q, mask=ne)
-    tl.store(dA_ptr + b * E * N + ne_offs, dA_acc, mask=ne)
+    if s == 0:
+        tl.store(dh0_ptr + b * E * N + ne_offs, q, mask=ne)
+    tl.store(dA_ptr + row * E * N + ne_offs, dA_acc, mask=ne)
     if HAS_D:
-        tl.store(dD_ptr + b * E + e, dD_acc, mask=em)
+        tl.store(dD_ptr + row * E + e, dD_acc, mask=em)
     if HAS_BIAS:
-        tl.store(dbias_ptr + b * E + e, db_acc, mask=em)
+        tl.store(dbias_ptr + row * E + e, db_acc, mask=em)
 
 
 @triton.jit
@@ -637,6 +710,19 @@ class ScanTuning(tuning.Tuning):
     1.22 ms against 1.43 and 6.31."""
     sequential_min_segment: int = 64
     """Steps a time segment keeps at least (the same sweep)."""
+    training_segment_below_programs_per_sm: float = 6.5
+    """A training forward and its step-at-a-time backward with fewer programs per SM than this split
+    time into segments too (0: never; then the chunked kernels take few rows). The forward's segments
+    are the inference ones, saving their carries; the backward's are below. The sweep below: segments
+    win up to 5.8 programs per SM (B8 E3072, samba-421m: 7.75 against 8.15 ms; B6 E4096 7.74 against
+    8.10), one walk at 7.8."""
+    backward_segment_programs_per_sm: int = 32
+    """The backward's time segments, until rows x channel blocks x segments reach this many programs
+    per SM. H200, L=4096, forward+backward, bench_scan.py --sweep-training-segments, 4 / 8 / 16 / 32
+    programs per SM against one walk: B1 E4096 2.03 / 1.93 / 2.07 / 1.59 ms against 6.68 (chunked
+    6.17); B2 E4096 3.40 / 3.46 / 3.00 / 2.74 against 6.87; B4 E4096 and B8 E2048 (3.9 programs per
+    SM) 5.46 / 5.93 / 5.38 / 5.24 against 7.24; B8 E3072 (5.8) 8.04 / 8.83 / 8.54 / 7.75 against
+    8.15; B8 E4096 (7.8, above the threshold) 9.13 / 9.95 / 9.64 / 9.80 against 8.62."""
 
 
 def _config(t: ScanTuning, E: int, N: int, which: str = "fwd"):
@@ -660,9 +746,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
     z = row_stride(z) if z is not None else None
     t = tuning.current("scan")
     block_e, block_n, block_t, warps = _config(t, E, N)
-    segments = 1 if save_carries else _segments(t, batch, E, T, u.device)
+    segments = _segments(t, batch, E, T, u.device, training=save_carries)
     sequential = _sequential(t, batch, E, u.device) or segments > 1
-    carry_t = _carry_steps(t, batch, E, N, u.device) if save_carries else t.sequential_carry_t
+    carry_t = _carry_steps(t, batch, E, N, T, u.device) if save_carries else t.sequential_carry_t
     y, final_out, carries = _forward_outputs(t, u, A, save_carries)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_H0=initial_state is not None, HAS_RESET=reset is not None, SAVE_CARRIES=save_carries,
@@ -688,9 +774,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
         launch = dict(BLOCK_E=seq_e, CARRY_T=carry_t, STEPS=t.sequential_steps, num_warps=seq_warps)
         tail = (B.stride(2), C.stride(2), 0, seg, segments)
         programs = (batch, triton.cdiv(E, seq_e))
-        if segments > 1:
-            _scan_fwd_seq_kernel[(*programs, segments - 1)](*args, ends, dts, *strides, *tail, **flags, PASS=1,
-                                                            **launch)
+        if segments > 1:  # PASS 1's states start from zero: none of them is a carry
+            _scan_fwd_seq_kernel[(*programs, segments - 1)](*args, ends, dts, *strides, *tail,
+                                                            **{**flags, "SAVE_CARRIES": False}, PASS=1, **launch)
         _scan_fwd_seq_kernel[(*programs, segments)](*args, ends, dts, *strides, *tail, **flags,
                                                     PASS=2 if segments > 1 else 0, **launch)
         final = final_out.copy_(final.transpose(1, 2))
@@ -705,25 +791,35 @@ def _forward_outputs(t: ScanTuning, u, A, save_carries: bool):
     `_carry_steps` steps [B, chunks, N, E] (fp32): the launcher's outputs, and the fake's."""
     batch, T, E = u.shape
     N = A.shape[1]
-    chunks = triton.cdiv(T, _carry_steps(t, batch, E, N, u.device)) if save_carries else 0
+    chunks = triton.cdiv(T, _carry_steps(t, batch, E, N, T, u.device)) if save_carries else 0
     return (u.new_empty(batch, T, E), u.new_empty(batch, E, N, dtype=torch.float32),
             u.new_empty(batch, chunks, N, E, dtype=torch.float32))
 
 
-def _carry_steps(t: ScanTuning, batch: int, E: int, N: int, device) -> int:
+def _carry_steps(t: ScanTuning, batch: int, E: int, N: int, T: int, device) -> int:
     """Steps between the states a training forward saves: what its backward recomputes from."""
-    if _sequential(t, batch, E, device) and t.sequential_backward:
+    if _sequential_backward(t, batch, E, T, device):
         return t.sequential_carry_t
     return _config(t, E, N)[2]
 
 
-def _segments(t: ScanTuning, batch: int, E: int, T: int, device) -> int:
-    """Time segments for an inference forward: 1 when rows x channel blocks fill the GPU already."""
+def _sequential_backward(t: ScanTuning, batch: int, E: int, T: int, device) -> bool:
+    """Whether a training forward runs step at a time and its backward too, in one walk or in segments."""
+    return t.sequential_backward and (_sequential(t, batch, E, device)
+                                      or _segments(t, batch, E, T, device, training=True) > 1)
+
+
+def _segments(t: ScanTuning, batch: int, E: int, T: int, device, training: bool = False,
+              backward: bool = False) -> int:
+    """Time segments for a forward (inference, or training: `training`) or for a training backward:
+    1 when rows x channel blocks fill the GPU already."""
     programs = batch * triton.cdiv(E, t.sequential_forward[0])
     sms = multiprocessors(device)
-    if programs >= t.segment_below_programs_per_sm * sms:
+    below = t.training_segment_below_programs_per_sm if training else t.segment_below_programs_per_sm
+    if programs >= below * sms or (training and not t.sequential_backward):
         return 1
-    return max(1, min(triton.cdiv(t.sequential_segment_programs_per_sm * sms, programs), T // t.sequential_min_segment))
+    target = t.backward_segment_programs_per_sm if backward else t.sequential_segment_programs_per_sm
+    return max(1, min(triton.cdiv(target * sms, programs), T // t.sequential_min_segment))
 
 
 def _sequential(t: ScanTuning, batch: int, E: int, device) -> bool:
@@ -740,19 +836,29 @@ def _superblocks(batch: int, E: int, block_e: int, device) -> tuple[int, int]:
     return n_sub, triton.cdiv(blocks, n_sub)
 
 
-def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset=None):
+def backward_path(batch: int, T: int, E: int, N: int, device) -> tuple[int, bool]:
+    """What a training forward under the current tuning leaves its backward: the steps between its
+    saved states, and whether the backward runs step at a time (else chunked)."""
+    t = tuning.current("scan")
+    return _carry_steps(t, batch, E, N, T, device), _sequential_backward(t, batch, E, T, device)
+
+
+def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset=None, path=None):
+    """The gradients. `path`: the forward's `backward_path` (what autograd passes, since a backward may
+    run where the forward's tuning is not seen); None: the current tuning's, which must agree with the
+    states saved. Tiles come from the current tuning either way."""
     batch, T, E = u.shape
     N = A.shape[1]
     u, delta, B, C, dy = (row_stride(x) for x in (u, delta, B, C, dy))
     z = row_stride(z) if z is not None else None
     t = tuning.current("scan")
-    carry_t = _carry_steps(t, batch, E, N, u.device)
+    carry_t, sequential = path if path is not None else backward_path(batch, T, E, N, u.device)
     if carries.shape[1] != triton.cdiv(T, carry_t):  # a wrong spacing would read the wrong states
         raise RuntimeError(f"selective_scan backward: the forward saved {carries.shape[1]} states for {T} steps, "
                            f"the scan's tuning now says one every {carry_t}: run it under its forward's tuning")
     block_e, block_n, block_t, warps = _config(t, E, N, "bwd")
     seq_e, seq_warps = t.sequential_forward
-    sequential = t.sequential_backward and _sequential(t, batch, E, u.device)
+    segments = 1
     if sequential:  # as in the forward: [N, E]-major states, fp32 B and C
         n_sub, n_sb = 1, triton.cdiv(E, seq_e)
         A, B, C = A.t(), B.float(), C.float()
@@ -763,9 +869,13 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, res
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
-    dA = torch.zeros(batch, *A.shape, **f32)
-    dD = torch.zeros(batch, E, **f32)
-    dbias = torch.zeros(batch, E, **f32)
+    if sequential:  # time segments of whole carry segments; their partial sums are added up below
+        carry_segments = triton.cdiv(T, carry_t)
+        per_segment = triton.cdiv(carry_segments, _segments(t, batch, E, T, u.device, training=True, backward=True))
+        segments = triton.cdiv(carry_segments, per_segment)
+    dA = torch.zeros(batch * segments, *A.shape, **f32)
+    dD = torch.zeros(batch * segments, E, **f32)
+    dbias = torch.zeros(batch * segments, E, **f32)
     dB = torch.empty(batch, n_sb, T, N, **f32)
     dC = torch.empty(batch, n_sb, T, N, **f32)
     dh0 = torch.empty(batch, *A.shape, **f32)
@@ -780,11 +890,21 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, res
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_DHT=d_final is not None, HAS_RESET=reset is not None, BLOCK_N=block_n)
     if sequential:
-        scratch = torch.empty(batch, n_sb, t.sequential_carry_t, block_n, seq_e, **f32)  # a segment's states
+        scratch = torch.empty(batch * segments, n_sb, carry_t, block_n, seq_e, **f32)  # a carry segment's states
+        qs = torch.empty(batch, segments, N, E, **f32)  # PASS 1: each segment's state gradient, and sum of dt
+        dts = torch.empty(batch, segments, E, **f32)
+        tile = dict(BLOCK_E=seq_e, num_warps=seq_warps)
+        if segments > 1:
+            _scan_bwd_seq_q_kernel[(batch, n_sb, segments - 1)](
+                delta, A.contiguous(), C, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy, resets(reset, dummy), dy, qs, dts, T, E, N,
+                delta.stride(0), delta.stride(1), C.stride(0), C.stride(1), C.stride(2), strides[8], strides[9],
+                dy.stride(0), dy.stride(1), 0, per_segment * carry_t, segments, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, HAS_RESET=reset is not None, BLOCK_N=block_n, **tile)
         warp_sums = block_n == 16 and seq_e == 32 and seq_warps == 1 and not interpreting()
-        _scan_bwd_seq_kernel[(batch, n_sb)](*args, scratch, T, E, N, *strides, B.stride(2), C.stride(2), 0,
-                                            **flags, BLOCK_E=seq_e, CARRY_T=t.sequential_carry_t,
-                                            WARP_SUMS=warp_sums, num_warps=seq_warps)
+        _scan_bwd_seq_kernel[(batch, n_sb, segments)](
+            *args, scratch, qs, dts, T, E, N, *strides, B.stride(2), C.stride(2), 0, per_segment, segments,
+            **flags, CARRY_T=carry_t, WARP_SUMS=warp_sums, **tile)
         dA, dh0 = dA.transpose(1, 2).contiguous(), dh0.transpose(1, 2).contiguous()
     else:
         g = torch.empty(batch, E, N, **f32)  # the reverse scan's carry between chunks
@@ -811,14 +931,14 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, save_carries):
 @torch.library.custom_op("samba_lm::selective_scan_bwd", mutates_args=())
 def _scan_bwd_op(dy: torch.Tensor, d_final: torch.Tensor | None, u: torch.Tensor, delta: torch.Tensor,
                  A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
-                 delta_bias: torch.Tensor | None, carries: torch.Tensor,
-                 reset: torch.Tensor | None) -> list[torch.Tensor]:
-    grads = scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset)
+                 delta_bias: torch.Tensor | None, carries: torch.Tensor, reset: torch.Tensor | None,
+                 carry_steps: int, sequential: bool) -> list[torch.Tensor]:
+    grads = scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset, (carry_steps, sequential))
     return [g if g is not None else u.new_empty(0) for g in grads]
 
 
 @_scan_bwd_op.register_fake
-def _(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset):
+def _(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset, carry_steps, sequential):
     f32 = dict(dtype=torch.float32)
     E, N = A.shape
     return [torch.empty_like(u), torch.empty_like(delta), A.new_empty(E, N, **f32), B.new_empty(B.shape, **f32),
@@ -831,7 +951,9 @@ def _setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, reset, _ = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], reset)
     ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-    ctx.tuning = tuning.current("scan")  # the carries' spacing depends on it; see _backward
+    ctx.tuning = tuning.current("scan")  # for the backward's tiles; see _backward
+    batch, T, E = u.shape
+    ctx.path = backward_path(batch, T, E, A.shape[1], u.device)  # the carries' spacing, the kernels
 
 
 def _backward(ctx, dy, d_final, _d_carries):
@@ -839,11 +961,11 @@ def _backward(ctx, dy, d_final, _d_carries):
     if carries.shape[1] == 0 and u.shape[1] > 0:
         raise RuntimeError("samba_lm::selective_scan_fwd ran with save_carries=False (an inference forward): "
                            "it has no backward")
-    # The forward's tuning: a backward may run outside its block, or on autograd's CUDA thread,
-    # which sees the defaults.
+    # The forward's path, as arguments: a backward may run outside the forward's tuning block, or
+    # on autograd's CUDA thread, which sees the defaults (a compiled backward: there the tiles too).
     with tuning.tuned(scan=ctx.tuning):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
-            dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset)
+            dy.contiguous(), d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset, *ctx.path)
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None,

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                         help="prompt tokens per prefill call: smaller chunks interleave prefills with the running "
                              "decodes more finely")
+    parser.add_argument("--prefill-rows", type=int, default=8, metavar="N",
+                        help="short prompts (up to 512 tokens and --prefill-chunk) prefilled together in one "
+                             "forward at most")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the weights' dtype (auto: as the model was saved)")

@@ -22,6 +22,20 @@ from ..sampling import Sampling
 from ..state import SambaState
 
 
+def host_list(values: torch.Tensor) -> list[int]:
+    """A 1-D tensor's values as a list. On CUDA it waits for them with the GIL released (an event's
+    synchronize), so that the server's event loop streams the last tokens while the step runs; a plain
+    .tolist() would hold the GIL for the whole step."""
+    if values.device.type != "cuda":
+        return values.tolist()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)  # from the caching host allocator
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    ready.synchronize()
+    return host.tolist()
+
+
 def buckets(max_batch: int) -> list[int]:
     """The batch sizes a step runs at: powers of two below max_batch, then max_batch."""
     sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
@@ -48,14 +62,15 @@ class SlotBatch:
         return next(b for b in self.buckets if b >= self.active)
 
     def add(self, state: SambaState, token: torch.Tensor, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int) -> int:
-        """A prefilled request joins: its batch-1 state, its first token ([1, 1] on the device) and its
-        sampling settings go into the first free row, whose index is returned."""
+            top_p: float | None, seed: int, source_row: int = 0) -> int:
+        """A prefilled request joins: row `source_row` of its prefill state and of its first tokens
+        ([rows, 1] on the device) and its sampling settings go into the first free row, whose index
+        is returned."""
         if self.active == self.max_batch:
             raise RuntimeError("no free slot: the scheduler admits a request only when one is free")
         row = self.active
-        self.state.assign(row, state)
-        self.tokens[row].copy_(token[0])
+        self.state.assign(row, state, source_row)
+        self.tokens[row].copy_(token[source_row])
         self.finished[row] = False
         self.sampling.set_row(row, temperature, top_k, top_p, seed)
         self.active += 1
@@ -79,7 +94,7 @@ class SlotBatch:
     def step(self, truncate: bool) -> list[int]:
         """One token for every active row (truncate: some row uses top-k or top-p); returns them."""
         self._run(self.bucket(), truncate)
-        return self.tokens[:self.active, 0].tolist()  # the one read of the device per step
+        return host_list(self.tokens[:self.active, 0])  # the one read of the device per step
 
     def capture(self):
         """Capture every bucket's step, with and without truncation, before any request waits on it

@@ -4,13 +4,17 @@ One background thread does all the model work, under torch.inference_mode. Each 
 1. end what was cancelled (or outlived shutdown's grace) and free the rows of finished requests,
    moving the last active row into each freed one (`SlotBatch.remove`), so the active rows stay a
    prefix and the smallest bucket covering them runs;
-2. while rows are free, prefill the oldest waiting requests, `prefill_chunk` prompt tokens in all
-   (a long prompt takes several turns; several short ones join in one), each in a batch-1 state of
-   its own; after a request's last chunk its first token is chosen from the prefill logits with its
-   own seed at its position, as generate() does, and its state is copied into a free row;
+2. while rows are free, prefill the oldest waiting requests, `prefill_chunk` prompt tokens in all:
+   - short prompts (up to 512 tokens and `prefill_chunk`) at the head of the queue together, up to
+     `prefill_rows` of them in one forward, left-padded to a common length (`PrefillBatch`: a CUDA
+     graph per rows and length bucket on CUDA, where an eager short prefill is all launch overhead);
+   - a longer one alone, in chunks, in a batch-1 state (it may take several turns);
+   after a request's prefill its first token is chosen from the prefill logits with its own seed at
+   its position, as generate() does, and its state is copied into a free row;
 3. run one decode step of the running batch and deliver each row's token (one read of the device).
 So a long prompt delays each token of the running streams by one chunk's work, not by its whole
-prefill. On CUDA, start() captures every bucket's decode step first, so no request waits on a capture.
+prefill. On CUDA, start() captures every bucket's decode step and prefill first, so no request waits
+on a capture.
 
 Each request generates what `samba_lm.generate(model, [prompt], ..., seed=s)` gives for it alone: a
 row's draws depend on its seed and positions only (`sampling.row_seeds`; for one row an int seed
@@ -35,7 +39,8 @@ import torch
 
 from ..model import SambaLM
 from ..sampling import Sampling, row_seeds
-from .batch import SlotBatch
+from .batch import SlotBatch, host_list
+from .prefill import PrefillBatch
 from .request import GenerationRequest, RequestHandle, checked
 
 __all__ = ["GenerationRequest", "QueueFull", "RequestHandle", "Scheduler", "SchedulerClosed", "SchedulerStats"]
@@ -83,11 +88,11 @@ class Scheduler:
     """Serve GenerationRequests from any thread with one model: see the module docstring."""
 
     def __init__(self, model: SambaLM, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
-                 max_context: int | None = None, cuda_graph: bool | None = None):
+                 max_context: int | None = None, cuda_graph: bool | None = None, prefill_rows: int = 8):
         if not isinstance(model, SambaLM):
             raise ValueError(f"model must be a SambaLM, got {type(model).__name__}")
         for name, value, least in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
-                                   ("prefill_chunk", prefill_chunk, 1)):
+                                   ("prefill_chunk", prefill_chunk, 1), ("prefill_rows", prefill_rows, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
@@ -104,15 +109,20 @@ class Scheduler:
         capacity = max_context if model.config.count("attn") else None
         self._batch = SlotBatch(model, max_batch, capacity, self.cuda_graph)
         self._prefill_state = model.init_state(1, capacity=capacity)
-        self._first = Sampling.empty(1, self.device)  # the first token's settings, from the prefill logits
-        self._first_token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self._first_finished = torch.zeros(1, dtype=torch.bool, device=self.device)
+        # Short prompts: up to 512 tokens, one turn's budget, and (padded) the caches' capacity.
+        longest = min(512, prefill_chunk, max_context or prefill_chunk)
+        self._short = PrefillBatch(model, min(prefill_rows, max_batch), longest, capacity, self.cuda_graph)
+        rows = self._short.rows
+        self._first = Sampling.empty(rows, self.device)  # the first tokens' settings, from the prefill logits
+        self._first_token = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self._first_finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
 
         # The lock guards the queue, the flags, the counters and every change of who holds a slot;
         # the model runs outside it, so submit() and stats() never wait for a step.
         self._cond = threading.Condition()
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._prefill: _Prefill | None = None
+        self._group: list[RequestHandle] = []  # short prompts prefilling together, this turn
         self._running: list[_Running] = []  # aligned with the batch's active rows
         self._ids = itertools.count()
         self._finished = self._tokens = self._steps = 0
@@ -134,8 +144,9 @@ class Scheduler:
             started = time.perf_counter()
             with torch.inference_mode():
                 self._batch.capture()
-            logger.info("scheduler: captured %d decode steps in %.1f s", 2 * len(self._batch.buckets),
-                        time.perf_counter() - started)
+                self._short.capture()
+            logger.info("scheduler: captured %d decode steps and %d prefills in %.1f s", 2 * len(self._batch.buckets),
+                        len(self._short.lengths) * len(self._short.row_buckets), time.perf_counter() - started)
         self._thread.start()
         return self
 
@@ -205,13 +216,22 @@ class Scheduler:
         with self._cond:
             self._end_cancelled()
             self._retire()
-            if not self._admit() and not self._running:  # (the condition's lock is re-entrant)
+            if not (self._running or self._prefill or self._waiting):
                 if self._closing:
                     return False
                 self._cond.wait()
                 return True
         budget = self.prefill_chunk  # prompt tokens per turn, over as many waiting requests as it takes
-        while budget > 0 and self._admit():
+        while budget > 0:
+            group = self._take_short(budget)
+            if group:
+                self._guarded("prefill", self._prefill_short, group)
+                with self._cond:
+                    self._group = []
+                budget -= sum(len(h.request.prompt_ids) for h in group)
+                continue
+            if not self._admit():
+                break
             p = self._prefill
             done_before = p.offset
             self._guarded("prefill", lambda: self._prefill_chunk(budget), [p.handle])
@@ -244,6 +264,41 @@ class Scheduler:
                 self._prefill = _Prefill(handle, ids)
             return self._prefill is not None
 
+    def _take_short(self, budget: int) -> list[RequestHandle]:
+        """The short prompts at the head of the queue that prefill together now: as many as rows are
+        free, `prefill_rows` allow and `budget` tokens cover (the first always). None while a long
+        prompt is prefilling or heads the queue."""
+        with self._cond:
+            free = self.max_batch - len(self._running)
+            while (self._prefill is None and self._waiting and len(self._group) < min(free, self._short.rows)
+                   and len(self._waiting[0].request.prompt_ids) <= self._short.longest
+                   and (not self._group or len(self._waiting[0].request.prompt_ids) <= budget)):
+                handle = self._waiting.popleft()
+                self._group.append(handle)
+                budget -= len(handle.request.prompt_ids)
+            return list(self._group)
+
+    def _prefill_short(self):
+        """Prefill the group together, then each one's first token and row."""
+        group = self._group
+        state, logits = self._short.run([h.request.prompt_ids for h in group])
+        k = len(group)
+        requests = [h.request for h in group]
+        seeds = [row_seeds([r.seed], 1)[0] for r in requests]  # row 0 of a lone call, as generate draws it
+        first = self._first.rows(k).set([r.temperature for r in requests], [r.top_k for r in requests],
+                                        [r.top_p for r in requests], seeds)
+        self._first_finished[:k].zero_()
+        first.next_tokens(logits, state.pos[:k], self._first_token[:k], self._first_finished[:k], self._batch.stops)
+        tokens = host_list(self._first_token[:k, 0])
+        for i, (handle, request, token) in enumerate(zip(group, requests, tokens)):
+            running = _Running(handle, frozenset(request.stop_tokens))
+            self._emit(running, token)
+            with self._cond:
+                if not handle.done:
+                    self._batch.add(state, self._first_token, request.temperature, request.top_k, request.top_p,
+                                    seeds[i], source_row=i)
+                    self._running.append(running)
+
     def _prefill_chunk(self, chunk: int):
         """One chunk (at most `chunk` tokens) of the prefilling request; after the last one, its first
         token and its row."""
@@ -257,12 +312,12 @@ class Scheduler:
             return
         r = p.handle.request
         seed = row_seeds([r.seed], 1)  # row 0 of a lone call with seed r.seed, as generate draws it
-        self._first.set(r.temperature, r.top_k, r.top_p, seed)
-        self._first_finished.zero_()
-        self._first.next_tokens(logits, self._prefill_state.pos, self._first_token, self._first_finished,
-                                self._batch.stops)
+        first = self._first.rows(1).set(r.temperature, r.top_k, r.top_p, seed)
+        self._first_finished[:1].zero_()
+        first.next_tokens(logits, self._prefill_state.pos, self._first_token[:1], self._first_finished[:1],
+                          self._batch.stops)
         running = _Running(p.handle, frozenset(r.stop_tokens))
-        self._emit(running, int(self._first_token[0, 0]))
+        self._emit(running, host_list(self._first_token[:1, 0])[0])
         with self._cond:
             self._prefill = None
             if not p.handle.done:  # a cancel() during the last chunk ends it at the next turn
@@ -293,11 +348,12 @@ class Scheduler:
         with self._cond:
             for handle in self._holders():
                 self._end(handle, "error", error)
-            self._running, self._prefill = [], None
+            self._running, self._prefill, self._group = [], None, []
             self._batch.clear()
 
     def _holders(self) -> list[RequestHandle]:
-        return [r.handle for r in self._running] + ([self._prefill.handle] if self._prefill else [])
+        return ([r.handle for r in self._running] + ([self._prefill.handle] if self._prefill else [])
+                + self._group)
 
     def _end(self, handle: RequestHandle, reason: str, error: BaseException | None = None):
         if handle._finish(reason, error):

@@ -354,7 +354,7 @@ def main(args: argparse.Namespace):
     from ..loading import load_for_inference, resolve_device
     from .scheduler import Scheduler
 
-    for flag in ("max_batch", "max_queue", "prefill_chunk", "max_context"):
+    for flag in ("max_batch", "max_queue", "prefill_chunk", "prefill_rows", "max_context"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive int, got {value}")
@@ -372,7 +372,7 @@ def main(args: argparse.Namespace):
         raise ValueError("--max-context is required for this model: its full-attention layers' caches get that "
                          "many slots up front")
     scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                          max_context=args.max_context).start()
+                          prefill_rows=args.prefill_rows, max_context=args.max_context).start()
     name = args.model_name or Path(args.model).resolve().name
     app = build_app(scheduler, tokenizer, name, args.max_context, vocab_size=model.config.vocab_size,
                     grace_s=args.grace)

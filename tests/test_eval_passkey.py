@@ -80,7 +80,7 @@ def test_scorer(text, ok):
 # ----------------------------------------------------------------------------- the grid
 def fake_generate(tok, right: bool):
     """Answers each prompt with its key (or another) as a model would: prompt ids + answer ids."""
-    def generate(model, prompts, max_new_tokens, temperature, stop_tokens):
+    def generate(model, prompts, max_new_tokens, temperature, stop_tokens, prefill_chunk=None):
         out = []
         for ids in prompts:
             key = re.search(r"The pass key is (\d+)\.", tok.decode(ids)).group(1)

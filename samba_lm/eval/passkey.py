@@ -40,8 +40,9 @@ def check_grid(lengths, depths, n_keys, max_new_tokens):
 
 
 def passkey_grid(model, tokenizer: Tokenizer, lengths, depths=PAPER_DEPTHS, n_keys: int = 5, seed: int = 0,
-                 max_new_tokens: int = 8, progress: bool = True) -> dict:
-    """Accuracy [len(lengths)][len(depths)], each the mean over n_keys keys, and every trial."""
+                 max_new_tokens: int = 8, progress: bool = True, prefill_chunk: int | None = None) -> dict:
+    """Accuracy [len(lengths)][len(depths)], each the mean over n_keys keys, and every trial.
+    prefill_chunk: prompt tokens per prefill call (generate's; the results do not depend on it)."""
     check_grid(lengths, depths, n_keys, max_new_tokens)
     for depth in depths:  # a length too short for some key's prompt fails now, not midway
         _cell(tokenizer, seed, min(lengths), depth, n_keys)
@@ -53,7 +54,7 @@ def passkey_grid(model, tokenizer: Tokenizer, lengths, depths=PAPER_DEPTHS, n_ke
             for depth in depths:
                 keys, prompts = _cell(tokenizer, seed, length, depth, n_keys)
                 outputs = generate(model, [ids for ids, _ in prompts], max_new_tokens, temperature=0.0,
-                                   stop_tokens=[eos])
+                                   stop_tokens=[eos], prefill_chunk=prefill_chunk)
                 cell = []
                 for key, (ids, needle_at), out in zip(keys, prompts, outputs):
                     answer = tokenizer.decode(out[len(ids):].tolist())

@@ -22,39 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import samba_lm  # noqa: E402
-from samba_lm.cli import resolve_device  # noqa: E402
+from samba_lm.loading import resolve_device  # noqa: E402
 from samba_lm.data import TokenShards, build_shards  # noqa: E402
 from samba_lm.eval.record import pyplot, run_record, write_json  # noqa: E402
 from samba_lm.eval.ppl import stream_nll, summarize  # noqa: E402
 from samba_lm.train import TrainConfig, train  # noqa: E402
 
-PATTERNS = {"samba": ("mamba", "mlp", "swa", "mlp"), "llama": ("attn", "mlp"), "llama-swa": ("swa", "mlp"),
-            "mamba": ("mamba",)}
+from experiments.matched import PATTERNS, count_params, matched_args  # noqa: E402
+
 MULTIPLES = (1, 2, 4, 16, 64)
-
-
-def model_args(name: str, repeats: int, d_model: int, seq_len: int) -> dict:
-    heads = max(1, d_model // 32)
-    return dict(layers=PATTERNS[name] * repeats, d_model=d_model, n_heads=heads, n_kv_heads=heads, head_dim=32,
-                mlp_hidden=(8 * d_model // 3 + 31) // 32 * 32, window=seq_len // 2)
-
-
-def count_params(args: dict, vocab: int) -> int:
-    """Parameters without the (tied) embedding, which is the same for every model."""
-    with torch.device("meta"):
-        model = samba_lm.SambaLM(samba_lm.SambaConfig.from_preset("tiny", vocab_size=vocab, **args))
-    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-
-
-def matched_args(d_model: int, seq_len: int, vocab: int, samba_repeats: int) -> dict[str, dict]:
-    """Every model at the Samba model's parameter count: the number of repeated blocks is the free knob."""
-    target = count_params(model_args("samba", samba_repeats, d_model, seq_len), vocab)
-    chosen = {}
-    for name in PATTERNS:
-        best = min(range(1, 8 * samba_repeats + 1),
-                   key=lambda r: abs(count_params(model_args(name, r, d_model, seq_len), vocab) - target))
-        chosen[name] = model_args(name, best, d_model, seq_len)
-    return chosen
 
 
 def prefix_ppl(model, docs: torch.Tensor, lengths: list[int], chunk_size: int) -> dict[int, float]:
@@ -95,7 +71,8 @@ def main():
     docs = torch.from_numpy(val.read(0, n_docs * lengths[-1]).astype("int64")).view(n_docs, lengths[-1])
 
     results = {}
-    for name, margs in matched_args(args.d_model, args.seq_len, shards.vocab_size, args.repeats).items():
+    window = args.seq_len // 2  # as the paper: 4K training length, 2K window
+    for name, margs in matched_args(PATTERNS, args.d_model, window, shards.vocab_size, args.repeats).items():
         if name not in names:
             continue
         run_dir = out / name

@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import samba_lm  # noqa: E402
 from samba_lm.checkpoint import newest_intact_checkpoint, read_checkpoint_meta  # noqa: E402
 from samba_lm.data import TokenShards, build_shards  # noqa: E402
 from samba_lm.eval.passkey import PAPER_DEPTHS, format_table, passkey_grid, plot_grid  # noqa: E402
@@ -51,8 +50,8 @@ from samba_lm.loading import RunDir, load_for_inference, resolve_device  # noqa:
 from samba_lm.options import HelpFormatter, ListOption  # noqa: E402
 from samba_lm.train import TrainConfig, train  # noqa: E402
 
-PATTERNS = {"samba": ("mamba", "mlp", "swa", "mlp"), "llama-swa": ("swa", "mlp"), "mamba": ("mamba",),
-            "llama": ("attn", "mlp")}
+from experiments.matched import PATTERNS, count_params, matched_args  # noqa: E402
+
 # The two settings; every value is also a flag, which overrides it.
 SETTINGS = {
     "gpu": dict(d_model=512, repeats=3, window=256, pretrain_len=512, pretrain_steps=1200, pretrain_batch=32,
@@ -65,27 +64,6 @@ SETTINGS = {
 }
 # Runs whose saved train config differs only here are the same run.
 NOT_THE_RUN = ("device", "progress", "out_dir", "init_from")
-
-
-# ----------------------------------------------------------------------------- models
-def model_args(name: str, repeats: int, d_model: int, window: int) -> dict:
-    heads = max(1, d_model // 32)
-    return dict(layers=PATTERNS[name] * repeats, d_model=d_model, n_heads=heads, n_kv_heads=heads, head_dim=32,
-                mlp_hidden=(8 * d_model // 3 + 31) // 32 * 32, window=window)
-
-
-def count_params(args: dict, vocab: int) -> int:
-    """Parameters without the (tied) embedding, which is the same for every model."""
-    with torch.device("meta"):
-        model = samba_lm.SambaLM(samba_lm.SambaConfig.from_preset("tiny", vocab_size=vocab, **args))
-    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-
-
-def matched_args(names, d_model: int, window: int, vocab: int, samba_repeats: int) -> dict[str, dict]:
-    """Every model at the Samba model's parameter count: the number of repeated blocks is the free knob."""
-    target = count_params(model_args("samba", samba_repeats, d_model, window), vocab)
-    return {name: model_args(name, min(range(1, 8 * samba_repeats + 1), key=lambda r: abs(
-        count_params(model_args(name, r, d_model, window), vocab) - target)), d_model, window) for name in names}
 
 
 # ----------------------------------------------------------------------------- measuring a phase

@@ -277,9 +277,16 @@ def _dkdv_blocks(dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, b, h0, start
     offs_m = tl.arange(0, BLOCK_M)
     if HAS_START and MASK == CHUNK_MASK:
         base = tl.load(q_pos_ptr)  # the position of chunk index 0
+    # For the prefix with documents, n comes from _query_reach's loop, whose maximum starts at 0. Triton
+    # 3.6's axis analysis, short of the loop's fixpoint, then folds the pipelined first iteration's
+    # `0 // n` as 0 / 0 and the sm_90 compile dies (SIGFPE). The divisor at least 1 changes nothing:
+    # with n == 0 the loop never runs.
+    div = n
+    if HAS_START and MASK == PREFIX_MASK:
+        div = tl.maximum(n, 1)
     for it in range(0, G * n):
-        g = it // n
-        r0 = _block_start(it % n, start, n1, c, BLOCK_M)
+        g = it // div
+        r0 = _block_start(it % div, start, n1, c, BLOCK_M)
         rows = r0 + offs_m
         row_ok = rows < T
         q = _rows(q_desc, b, r0, h0 + g, BLOCK_M, HEAD_DIM)

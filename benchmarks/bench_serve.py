@@ -5,7 +5,8 @@
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000                  # a server already running
 
 Without --url the server runs in a child process (the model, the scheduler, uvicorn), so that the
-clients, asyncio + httpx in this process, do not share its interpreter lock. For each concurrency C
+clients, asyncio + httpx in this process (or spread over --client-processes processes that start
+together at a barrier), do not share its interpreter lock. For each concurrency C
 in --concurrency: a warm-up round (C requests of 16 tokens: it captures the decode graphs), then C
 clients each sending --requests-per-client streaming requests one after another, every one
 --prompt-tokens random token ids and exactly --max-tokens generated tokens (greedy, ignore_eos).
@@ -136,8 +137,9 @@ async def one_request(client, url: str, body: dict) -> dict:
     return {"sent": sent, "arrivals": arrivals, "tokens": tokens}
 
 
-async def load_round(url: str, concurrency: int, per_client: int, body: dict) -> tuple[list[dict], float]:
-    """`concurrency` clients, each sending `per_client` requests in turn; (results, wall seconds)."""
+async def load_round(url: str, concurrency: int, per_client: int, body: dict, barrier=None) -> tuple[list[dict], float]:
+    """`concurrency` clients, each sending `per_client` requests in turn; (results, wall seconds). With
+    a barrier, the clients start once every process of the round has reached it."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -145,9 +147,49 @@ async def load_round(url: str, concurrency: int, per_client: int, body: dict) ->
         async def one_client():
             return [await one_request(client, url, body) for _ in range(per_client)]
 
+        if barrier is not None:
+            barrier.wait()
         start = time.perf_counter()
         results = await asyncio.gather(*(one_client() for _ in range(concurrency)))
         return [r for rs in results for r in rs], time.perf_counter() - start
+
+
+def _client_process(url: str, concurrency: int, per_client: int, body: dict, barrier, queue):
+    queue.put(asyncio.run(load_round(url, concurrency, per_client, body, barrier))[0])
+
+
+def spread_round(url: str, concurrency: int, per_client: int, body: dict, processes: int) -> tuple[list[dict], float]:
+    """load_round's clients spread over `processes` processes, so that parsing the streams is not one
+    interpreter's work. They start together, at a barrier that waits for every process to have imported
+    and connected; the wall time runs from there to the last chunk (perf_counter is the system's
+    monotonic clock on Linux, the same in every process)."""
+    context = multiprocessing.get_context("spawn")
+    processes = min(processes, concurrency)
+    barrier, queue = context.Barrier(processes + 1), context.Queue()
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    workers = [context.Process(target=_client_process, args=(url, n, per_client, body, barrier, queue), daemon=True)
+               for n in shares]
+    for w in workers:
+        w.start()
+    barrier.wait(timeout=300)
+    start = time.perf_counter()
+    results = [r for _ in workers for r in queue.get(timeout=600)]
+    for w in workers:
+        w.join(30)
+    end = max([start] + [r["arrivals"][-1] for r in results if r["arrivals"]])
+    return results, end - start
+
+
+def server_steps(url: str) -> int | None:
+    """The server's decode steps so far (/metrics), or None if it does not say."""
+    import httpx
+
+    from samba_lm.serving.metrics import PREFIX
+
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(f"{PREFIX}_scheduler_steps_total "):
+            return int(float(line.split()[1]))
+    return None
 
 
 def summarize(results: list[dict], wall: float, concurrency: int) -> dict:
@@ -182,14 +224,17 @@ def time_generate(model, prompt: list[int], max_tokens: int, sync_every: int, re
 def table(rows: list[dict], baseline: list[dict], meta: dict) -> str:
     f = lambda x, spec=".1f": "-" if x is None else format(x, spec)  # noqa: E731
     lines = [f"bench_serve: {meta['model']} on {meta['device']}, {meta['dtype']}, prompt {meta['prompt_tokens']} "
-             f"tokens, {meta['max_tokens']} generated per request ({meta['date']})", "",
+             f"tokens, {meta['max_tokens']} generated per request, clients in up to {meta['client_processes']} "
+             f"processes ({meta['date']})", "",
              "| clients | requests | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-             "| tokens/chunk |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| tokens/chunk | server steps | tokens/step | ms/step |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {f(r['tokens_per_s'])} | "
                      f"{f(r['requests_per_s'], '.2f')} | "
                      f"{f(r['ttft_p50_ms'])} | {f(r['ttft_p99_ms'])} | {f(r['itl_p50_ms'], '.2f')} | "
-                     f"{f(r['itl_p99_ms'], '.2f')} | {f(r['tokens_per_chunk'], '.2f')} |")
+                     f"{f(r['itl_p99_ms'], '.2f')} | {f(r['tokens_per_chunk'], '.2f')} | {r.get('server_steps', '-')} | "
+                     f"{f(r.get('tokens_per_step'))} | {f(r.get('ms_per_step'), '.2f')} |")
     if baseline:
         lines += ["", "| generate() at batch 1 | TTFT ms | ITL p50 ms | ITL p99 ms | ITL mean ms |",
                   "|---|---:|---:|---:|---:|"]
@@ -215,6 +260,9 @@ def parse_args(argv=None):
     p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends, one after another")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of every request (random ids)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated by every request (ignore_eos)")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="processes the clients are spread over (started together at a barrier), so that one "
+                        "interpreter parsing every stream does not bound the measurement")
     p.add_argument("--max-batch", type=int, help="the server's batch slots (default: the largest concurrency)")
     p.add_argument("--max-queue", type=int, default=256, help="the server's queue bound")
     p.add_argument("--max-context", type=int, help="the server's max context (needed for full-attention layers)")
@@ -237,7 +285,7 @@ def parse_args(argv=None):
         args.levels = [int(c) for c in args.concurrency.split(",") if c]
     except ValueError:
         p.error(f"--concurrency must be comma-separated ints, got {args.concurrency!r}")
-    for name in ("requests_per_client", "prompt_tokens", "max_tokens"):
+    for name in ("requests_per_client", "prompt_tokens", "max_tokens", "client_processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.levels or min(args.levels) < 1:
@@ -260,7 +308,8 @@ def main(argv=None):
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu",
             "dtype": args.dtype, "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
             "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
-            "max_batch": args.max_batch, "command": " ".join(sys.argv)}
+            "max_batch": args.max_batch, "client_processes": args.client_processes,
+            "command": " ".join(sys.argv)}
 
     process, url = (None, args.url) if args.url else start_server(args)
     rows = []
@@ -268,8 +317,16 @@ def main(argv=None):
         for concurrency in args.levels:
             warm = body | {"max_tokens": min(16, args.max_tokens)}
             asyncio.run(load_round(url, concurrency, 1, warm))
-            results, wall = asyncio.run(load_round(url, concurrency, args.requests_per_client, body))
-            rows.append(summarize(results, wall, concurrency))
+            steps_before = server_steps(url)
+            if args.client_processes > 1 and concurrency > 1:
+                results, wall = spread_round(url, concurrency, args.requests_per_client, body, args.client_processes)
+            else:
+                results, wall = asyncio.run(load_round(url, concurrency, args.requests_per_client, body))
+            row = summarize(results, wall, concurrency) | {"client_processes": min(args.client_processes, concurrency)}
+            steps = server_steps(url) - steps_before if steps_before is not None else None
+            if steps:  # the server's side: decode steps in the round, rows a step, wall time a step
+                row |= {"server_steps": steps, "tokens_per_step": row["tokens"] / steps, "ms_per_step": wall / steps * 1e3}
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
             (out / "bench_serve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     finally:

@@ -141,7 +141,8 @@ def test_a_long_prefill_is_interleaved_with_the_running_decode():
 
 def test_short_prompts_join_together_within_the_prefill_budget():
     """Three 4-token prompts fit one turn's 16-token budget: they join before the first decode step,
-    so their 3 tokens each take 2 steps of the batch (one prompt a turn would take at least 4)."""
+    so their 3 tokens each take 2 steps of the batch (one prompt a turn would take at least 4), and a
+    third that runs while the second's tokens, which end them, are delivered."""
     model = small_model(torch.float64, layers=RECURRENT)
     scheduler = Scheduler(model, max_batch=4, prefill_chunk=16)
     requests = [GenerationRequest(prompt(4), max_tokens=3, seed=i, temperature=0.5 * i) for i in range(3)]
@@ -152,7 +153,7 @@ def test_short_prompts_join_together_within_the_prefill_budget():
     with scheduler:  # starts it
         outputs = [list(h.tokens(timeout=60)) for h in handles]
         steps = scheduler.stats().steps
-    assert steps == 2 and runs == [3]  # one forward prefilled all three
+    assert steps == 3 and runs == [3]  # one forward prefilled all three
     assert outputs == [alone(model, r) for r in requests]
 
 

@@ -9,7 +9,8 @@ captured once as a CUDA graph (`engine.StepGraphs`); elsewhere the step runs eag
 
 Stop tokens differ between requests, so the device's stop buffer stays empty and the host checks
 each request's stops when its token comes back (one read per step, which the server needs anyway to
-stream); the caller then removes the row before the next step, so nothing past a stop is delivered.
+stream). The scheduler reads a step's tokens while the next one runs, so a row that ended runs one
+step more before it is removed; that token is dropped, and nothing past a stop is delivered.
 """
 
 from __future__ import annotations
@@ -22,18 +23,32 @@ from ..sampling import Sampling
 from ..state import SambaState
 
 
+class HostRead:
+    """A 1-D device tensor's values on their way to the host: the copy is queued now, behind the work
+    that writes them; `values()` waits for it. On CUDA the wait is an event's synchronize, which
+    releases the GIL, so that the server's event loop streams tokens meanwhile (a plain .tolist()
+    would hold the GIL for the whole step)."""
+
+    def __init__(self, values: torch.Tensor):
+        if values.device.type != "cuda":
+            self._values = values.tolist()  # the work that wrote them ran eagerly
+            return
+        self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)  # caching host allocator
+        self._host.copy_(values, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+        self._values = None
+
+    def values(self) -> list[int]:
+        if self._values is None:
+            self._ready.synchronize()
+            self._values = self._host.tolist()
+        return self._values
+
+
 def host_list(values: torch.Tensor) -> list[int]:
-    """A 1-D tensor's values as a list. On CUDA it waits for them with the GIL released (an event's
-    synchronize), so that the server's event loop streams the last tokens while the step runs; a plain
-    .tolist() would hold the GIL for the whole step."""
-    if values.device.type != "cuda":
-        return values.tolist()
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)  # from the caching host allocator
-    host.copy_(values, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    ready.synchronize()
-    return host.tolist()
+    """A 1-D tensor's values as a list, waiting for them as `HostRead` does."""
+    return HostRead(values).values()
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -91,10 +106,12 @@ class SlotBatch:
         self.finished.fill_(True)
         self.active = 0
 
-    def step(self, truncate: bool) -> list[int]:
-        """One token for every active row (truncate: some row uses top-k or top-p); returns them."""
+    def step(self, truncate: bool) -> HostRead:
+        """Launch one token for every active row (truncate: some row uses top-k or top-p); their values
+        come back through the returned read (the one read of the device per step). The next step, and
+        any change of rows, may be queued before it is read: each reads the rows as they are then."""
         self._run(self.bucket(), truncate)
-        return host_list(self.tokens[:self.active, 0])  # the one read of the device per step
+        return HostRead(self.tokens[:self.active, 0])
 
     def capture(self):
         """Capture every bucket's step, with and without truncation, before any request waits on it

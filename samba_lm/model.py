@@ -1,6 +1,6 @@
 """SambaLM: token embedding -> pre-norm residual sub-layers -> final RMSNorm -> (tied) LM head.
 
-Each sub-layer computes h = h + mixer(RMSNorm(h)), the mixer being Mamba, sliding-window attention,
+Each sub-layer computes h = h + mixer(RMSNorm(h)) (or LayerNorm, `config.norm`), the mixer being Mamba, sliding-window attention,
 full attention or a SwiGLU MLP, as `config.layers` lists them. The residual stream h is kept in
 float32 (float64 in a float64 model) whatever the compute dtype. The add of a sub-layer's output
 and the next norm are one op (`ops.add_rmsnorm`), so each sub-layer hands on its output and the next
@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import SambaConfig
 from .documents import check_document_ids, document_starts
-from .layers import Attention, Mamba, RMSNorm, SwiGLU
+from .layers import Attention, LayerNorm, Mamba, RMSNorm, SwiGLU, build_norm
 from .ops import linear, linear_cross_entropy, recomputed
 from .state import SambaState, start_positions
 
@@ -38,7 +38,8 @@ def build_mixer(kind: str, cfg: SambaConfig) -> nn.Module:
                      cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
     if kind in ("swa", "attn"):
         window = cfg.window if kind == "swa" else 0
-        return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, window, cfg.rope_base)
+        return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, window, cfg.rope_base, cfg.rope,
+                         cfg.attention_bias)
     return SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
 
@@ -46,7 +47,7 @@ class Residual(nn.Module):
     def __init__(self, kind: str, cfg: SambaConfig):
         super().__init__()
         self.kind = kind
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg)
 
     def forward(self, h, delta, positions, state=None, documents=None):
@@ -63,7 +64,7 @@ class SambaLM(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Residual(kind, config) for kind in config.layers)
-        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.norm_f = build_norm(config.norm, config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Activation checkpointing (a trainer option): in training without a state, keep only each
         # sub-layer's inputs and recompute its activations in the backward.
@@ -83,7 +84,7 @@ class SambaLM(nn.Module):
         | mamba dt_proj.weight                         | U(+-dt_rank^-0.5)                           |
         | mamba dt_proj.bias                           | softplus^-1(dt), dt log-U[dt_min, dt_max]   |
         | mamba A_log, D                               | log(1..d_state) per channel, 1              |
-        | RMSNorm weights                              | 1                                           |
+        | RMSNorm / LayerNorm weights, LayerNorm bias  | 1, 0                                        |
 
         The residual scale is the official 1/sqrt(2 * n_blocks), with a block = mixer + MLP.
         """
@@ -91,7 +92,7 @@ class SambaLM(nn.Module):
             if isinstance(m, (nn.Linear, nn.Conv1d)):
                 m.reset_parameters()
         for m in self.modules():
-            if isinstance(m, (Mamba, RMSNorm)):
+            if isinstance(m, (Mamba, RMSNorm, LayerNorm)):
                 m.reset_parameters()
         nn.init.normal_(self.embedding.weight, std=self.config.init_std)
         for layer in self.layers:

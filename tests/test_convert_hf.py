@@ -208,6 +208,13 @@ def test_other_layer_patterns_are_refused_naming_them(preset):
     assert unit[preset] in str(err.value)
 
 
+@pytest.mark.parametrize("field, value", [("norm", "layer"), ("rope", False), ("attention_bias", True)])
+def test_variants_without_a_transformers_twin_are_refused(field, value):
+    cfg = samba_lm.SambaConfig.from_preset("llama2-438m", **{field: value})
+    with pytest.raises(ValueError, match=f"SambaConfig.{field}={value!r}: transformers' llama models"):
+        hf_config(cfg)
+
+
 @pytest.mark.parametrize("config, field", [
     (transformers.LlamaConfig(attention_bias=True), "attention_bias"),
     (transformers.LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),

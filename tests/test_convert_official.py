@@ -357,5 +357,9 @@ def test_errors(tmp_path):
         to_official(model, tmp_path / "e.pth", c)
     with pytest.raises(ValueError, match="rope_base"):
         to_official(small_model(torch.float32, rope_base=5e5), tmp_path / "f.pth")
+    for field, value in (("norm", "layer"), ("rope", False), ("attention_bias", True)):
+        with pytest.raises(ValueError, match=f"'{field}'"):
+            to_official(small_model(torch.float32, layers=("mamba", "mlp", "swa", "mlp"), **{field: value}),
+                        tmp_path / "h.pth")
     with pytest.raises(ValueError, match="cannot build layers"):
         to_official(small_model(torch.float32, layers=("mlp", "mamba")), tmp_path / "g.pth")

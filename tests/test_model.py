@@ -182,11 +182,74 @@ def test_any_sequence_of_kinds_is_a_model():
             torch.testing.assert_close(chunked, model(ids).logits, rtol=1e-9, atol=1e-9)
 
 
+def variant_model(**overrides):
+    """LayerNorm with bias, biased attention projections and no RoPE (SambaY's choices), every
+    parameter random."""
+    model = small_model(torch.float64, norm="layer", attention_bias=True, rope=False, **overrides)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and ("norm" in name or "_proj" in name):
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_variants_full_equals_chunked_equals_stepwise_and_each_row_alone():
+    model = variant_model()
+    assert isinstance(model.norm_f, samba_lm.layers.LayerNorm) and model.layers[2].mixer.qkv_proj.bias is not None
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (2, 19), generator=gen)
+    with torch.no_grad():
+        full = model(ids).logits
+        for cuts in ([0, 5, 6, 19], list(range(20))):
+            chunked, _ = run_chunks(model, ids, cuts)
+            torch.testing.assert_close(chunked, full, rtol=1e-9, atol=1e-9)
+        alone = model(ids[1:]).logits
+    torch.testing.assert_close(alone, full[1:], rtol=1e-9, atol=1e-9)
+
+
+def test_layer_norm_is_the_float64_formula():
+    norm = samba_lm.layers.LayerNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    h, delta = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    s, y = norm(h, delta)
+    x = h + delta
+    want = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(s, x, rtol=0, atol=0)
+    torch.testing.assert_close(y, want * norm.weight + norm.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_without_rope_attention_sees_a_set_of_earlier_tokens():
+    """One attention layer and no positions: the last token's logits ignore the order of the tokens
+    before it. With RoPE they do not."""
+    ids = torch.randint(0, 97, (1, 12))
+    shuffled = torch.cat([ids[:, :-1][:, torch.randperm(11)], ids[:, -1:]], 1)
+    for rope, same in ((False, True), (True, False)):
+        model = small_model(torch.float64, layers=("attn", "mlp"), rope=rope)
+        with torch.no_grad():
+            a, b = model(ids).logits[0, -1], model(shuffled).logits[0, -1]
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10) == same
+
+
+def test_zero_attention_biases_are_no_biases():
+    plain, biased = small_model(torch.float64), small_model(torch.float64, attention_bias=True)
+    state = {k: v for k, v in biased.state_dict().items() if not k.endswith(("qkv_proj.bias", "out_proj.bias"))}
+    assert set(biased.state_dict()) - set(state) and plain.load_state_dict(state) is not None
+    with torch.no_grad():
+        for name, p in biased.named_parameters():
+            if name.endswith(("qkv_proj.bias", "out_proj.bias")):
+                p.zero_()
+        ids = torch.randint(0, 97, (2, 9))
+        torch.testing.assert_close(biased(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ configuration and errors
 @pytest.mark.parametrize("field, value", [
     ("d_model", 0), ("vocab_size", -1), ("layers", ()), ("layers", ("mamba", "lstm")), ("n_kv_heads", 3),
     ("head_dim", 7), ("window", 1), ("mlp_hidden", 0), ("d_state", 0), ("d_conv", 1), ("expand", 0),
     ("dt_rank", 0), ("dt_min", 0.5), ("norm_eps", 0.0), ("rope_base", -1.0), ("tie_embeddings", "yes"),
+    ("norm", "batch"), ("rope", "no"), ("attention_bias", 1),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"SambaConfig.{field}"):

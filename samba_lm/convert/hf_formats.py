@@ -81,8 +81,13 @@ def describe(layers: tuple[str, ...]) -> str:
 
 
 def hf_config(cfg: SambaConfig) -> transformers.PretrainedConfig:
-    """The LlamaConfig, MistralConfig or MambaConfig of `cfg`; ValueError for layers that fit none."""
+    """The LlamaConfig, MistralConfig or MambaConfig of `cfg`; ValueError for layers or variants that fit none."""
     arch = architecture(cfg.layers)
+    variants = [("norm", "rms")] + [("rope", True), ("attention_bias", False)] * (arch != "mamba")
+    for name, theirs in variants:  # these exports have RMSNorm, RoPE and no attention biases
+        if getattr(cfg, name) != theirs:
+            raise ValueError(f"SambaConfig.{name}={getattr(cfg, name)!r}: transformers' {arch} models have no such "
+                             f"variant; only {name}={theirs!r} converts")
     # The model knows no tokenizer: leave the token ids unset rather than claim transformers' defaults.
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, tie_word_embeddings=cfg.tie_embeddings,
                   initializer_range=cfg.init_std, bos_token_id=None, eos_token_id=None, pad_token_id=None)

@@ -191,9 +191,9 @@ def samba_config(config: str | dict) -> SambaConfig:
 
 def network(cfg: SambaConfig) -> dict:
     """The fields that decide what a config computes (initialisation and unused fields left out)."""
-    keys = ["d_model", "vocab_size", "layers", "norm_eps", "tie_embeddings"]
+    keys = ["d_model", "vocab_size", "layers", "norm", "norm_eps", "tie_embeddings"]
     if any(k in ATTENTION_KINDS for k in cfg.layers):
-        keys += ["n_heads", "n_kv_heads", "head_dim", "rope_base"]
+        keys += ["n_heads", "n_kv_heads", "head_dim", "rope", "rope_base", "attention_bias"]
     keys += ["window"] * ("swa" in cfg.layers) + ["mlp_hidden"] * ("mlp" in cfg.layers)
     keys += ["d_state", "d_conv", "expand", "dt_rank"] * ("mamba" in cfg.layers)
     return {k: getattr(cfg, k) for k in keys}

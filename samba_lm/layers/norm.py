@@ -1,12 +1,16 @@
-"""RMSNorm (weight only) of the residual stream, with the previous sub-layer's output added in the same
-op (`ops.add_rmsnorm`): computed in float32 whatever the input dtype."""
+"""The residual stream's norms, each with the previous sub-layer's output added in the same call and
+computed in float32 whatever the input dtype: RMSNorm (weight only, the paper's; one op,
+`ops.add_rmsnorm`) and LayerNorm (weight and bias, `config.norm="layer"`; plain torch ops, which
+torch.compile fuses)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import add_rmsnorm
+from ..ops._checks import compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -22,3 +26,27 @@ class RMSNorm(nn.Module):
         """(s, norm(s)) with s = h + delta (h when delta is None). The norm comes in the weight's dtype:
         a bf16 model gets bf16; under autocast the next matmul casts."""
         return add_rmsnorm(h, delta, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, layer_norm(s)) with s = h + delta, as RMSNorm.forward."""
+        s = h if delta is None else h + delta.to(h.dtype)
+        cdt = compute_dtype(s.dtype)
+        y = F.layer_norm(s.to(cdt), s.shape[-1:], self.weight.to(cdt), self.bias.to(cdt), self.eps)
+        return s, y.to(self.weight.dtype)
+
+
+def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The norm `config.norm` names: "rms" or "layer"."""
+    return RMSNorm(dim, eps) if kind == "rms" else LayerNorm(dim, eps)

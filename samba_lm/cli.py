@@ -76,7 +76,7 @@ def cmd_generate(args):
 
 def cmd_info(args):
     from .checkpoint import load_config, read_checkpoint_meta
-    from .config import SambaConfig
+    from .config import LAYER_KINDS, SambaConfig
     from .flops import flops_per_token
     from .loading import resolve_model_dir
     from .model import SambaLM
@@ -91,14 +91,14 @@ def cmd_info(args):
         state = model.init_state(args.batch_size, dtype=getattr(torch, args.dtype))
     n = sum(p.numel() for p in model.parameters())
     emb = cfg.vocab_size * cfg.d_model
-    kinds = ", ".join(f"{cfg.count(k)} {k}" for k in ("mamba", "swa", "attn", "mlp") if cfg.count(k))
+    kinds = ", ".join(f"{cfg.count(k)} {k}" for k in LAYER_KINDS if cfg.count(k))
     fpt = flops_per_token(cfg, args.seq_len)
     info = {
         "config": cfg.name, "layers": kinds, "parameters": n, "non_embedding_parameters": n - emb,
         f"state_bytes_batch_{args.batch_size}_{args.dtype}": state.nbytes(),
         f"forward_flops_per_token_at_{args.seq_len}": round(fpt), "training_flops_per_token": round(3 * fpt),
     }
-    if cfg.count("attn"):
+    if cfg.grows:
         info["note"] = "full-attention layers keep a cache that grows with the stream; the state size shown is its start"
     print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:>40}: {v:,}" if isinstance(v, int) else
                                                                   f"{k:>40}: {v}" for k, v in info.items()))

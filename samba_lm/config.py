@@ -1,7 +1,8 @@
 """Model configuration: one frozen dataclass, the paper's presets and its baselines.
 
 `layers` is the full tuple of residual sub-layer kinds, in order: "mamba" (Mamba-1 mixer), "swa"
-(sliding-window attention), "attn" (full causal attention) and "mlp" (SwiGLU). The paper counts
+(sliding-window attention), "attn" (full causal attention), "mlp" (SwiGLU), and "dswa" / "dattn"
+(differential attention, SambaY's, sliding-window / full; `layers.attention.DifferentialAttention`). The paper counts
 sub-layers (Samba-421M has N = 24); the official code counts blocks of (mixer + MLP).
 
 The paper's model is the default everywhere: RMSNorm, attention without biases, RoPE. `norm`,
@@ -15,8 +16,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-LAYER_KINDS = ("mamba", "swa", "attn", "mlp")
-ATTENTION_KINDS = ("swa", "attn")
+LAYER_KINDS = ("mamba", "swa", "attn", "mlp", "dswa", "dattn")
+ATTENTION_KINDS = ("swa", "attn", "dswa", "dattn")
+WINDOWED_KINDS = ("swa", "dswa")
+GROWING_KINDS = ("attn", "dattn")  # full attention: a cache that grows with the stream
+DIFFERENTIAL_KINDS = ("dswa", "dattn")
 NORMS = ("rms", "layer")
 
 
@@ -76,6 +80,11 @@ class SambaConfig:
     def count(self, kind: str) -> int:
         return sum(k == kind for k in self.layers)
 
+    @property
+    def grows(self) -> bool:
+        """Whether some layer (full attention) keeps a cache that grows with the stream."""
+        return any(k in GROWING_KINDS for k in self.layers)
+
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_preset(cls, name: str, **overrides) -> SambaConfig:
@@ -115,7 +124,9 @@ class SambaConfig:
             need(_is_pos_int(self.head_dim) and (self.head_dim % 2 == 0 or not self.rope), "head_dim",
                  "must be a positive integer, and even with RoPE (it rotates pairs)")
             need(self.rope_base > 0, "rope_base", "must be positive")
-        if "swa" in self.layers:
+        if any(k in DIFFERENTIAL_KINDS for k in self.layers):  # heads split into two halves
+            need(self.n_kv_heads % 2 == 0, "n_kv_heads", "must be even for differential attention (dswa, dattn)")
+        if any(k in WINDOWED_KINDS for k in self.layers):
             need(_is_pos_int(self.window) and self.window >= 2, "window", "must be an integer >= 2")
         if "mlp" in self.layers:
             need(_is_pos_int(self.mlp_hidden), "mlp_hidden", "must be a positive integer")

@@ -72,7 +72,7 @@ class DecodeEngine:
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"this engine decodes {self.batch_size} rows; got {ids.shape[0]} prompts")
         needed = ids.shape[1] + max_new_tokens
-        if self.model.config.count("attn") and (self.capacity is None or needed > self.capacity):
+        if self.model.config.grows and (self.capacity is None or needed > self.capacity):
             raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {needed} exceeds "
                              f"the engine's full-attention capacity ({self.capacity}); make an engine with "
                              f"capacity >= {needed}")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import SambaConfig
+from .config import DIFFERENTIAL_KINDS, WINDOWED_KINDS, SambaConfig
 from .documents import check_document_ids, document_starts
-from .layers import Attention, LayerNorm, Mamba, RMSNorm, SwiGLU, build_norm
+from .layers import Attention, DifferentialAttention, LayerNorm, Mamba, RMSNorm, SwiGLU, build_norm
 from .ops import linear, linear_cross_entropy, recomputed
 from .state import SambaState, start_positions
 
@@ -32,23 +32,27 @@ class SambaOutput:
     # no gradient flows through them (it flows through loss)
 
 
-def build_mixer(kind: str, cfg: SambaConfig) -> nn.Module:
+def build_mixer(kind: str, cfg: SambaConfig, index: int = 0) -> nn.Module:
+    """Sub-layer `index` of `cfg.layers`, of kind `kind`."""
     if kind == "mamba":
         return Mamba(cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank,
                      cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
-    if kind in ("swa", "attn"):
-        window = cfg.window if kind == "swa" else 0
-        return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, window, cfg.rope_base, cfg.rope,
-                         cfg.attention_bias)
-    return SwiGLU(cfg.d_model, cfg.mlp_hidden)
+    if kind == "mlp":
+        return SwiGLU(cfg.d_model, cfg.mlp_hidden)
+    args = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.window if kind in WINDOWED_KINDS else 0,
+            cfg.rope_base, cfg.rope, cfg.attention_bias)
+    if kind in DIFFERENTIAL_KINDS:
+        depth = sum(k != "mlp" for k in cfg.layers[:index])  # the block's index: a mixer and its MLP
+        return DifferentialAttention(*args, depth=depth, eps=cfg.norm_eps)
+    return Attention(*args)
 
 
 class Residual(nn.Module):
-    def __init__(self, kind: str, cfg: SambaConfig):
+    def __init__(self, kind: str, cfg: SambaConfig, index: int = 0):
         super().__init__()
         self.kind = kind
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(kind, cfg)
+        self.mixer = build_mixer(kind, cfg, index)
 
     def forward(self, h, delta, positions, state=None, documents=None):
         """(h + delta, this sub-layer's output): delta is the previous sub-layer's output (None first)."""
@@ -63,7 +67,7 @@ class SambaLM(nn.Module):
             raise ValueError(f"config must be a SambaConfig, got {type(config).__name__}")
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Residual(kind, config) for kind in config.layers)
+        self.layers = nn.ModuleList(Residual(kind, config, i) for i, kind in enumerate(config.layers))
         self.norm_f = build_norm(config.norm, config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Activation checkpointing (a trainer option): in training without a state, keep only each
@@ -84,6 +88,7 @@ class SambaLM(nn.Module):
         | mamba dt_proj.weight                         | U(+-dt_rank^-0.5)                           |
         | mamba dt_proj.bias                           | softplus^-1(dt), dt log-U[dt_min, dt_max]   |
         | mamba A_log, D                               | log(1..d_state) per channel, 1              |
+        | differential attention lambdas, subln        | N(0, 0.1), 1                                |
         | RMSNorm / LayerNorm weights, LayerNorm bias  | 1, 0                                        |
 
         The residual scale is the official 1/sqrt(2 * n_blocks), with a block = mixer + MLP.
@@ -92,7 +97,7 @@ class SambaLM(nn.Module):
             if isinstance(m, (nn.Linear, nn.Conv1d)):
                 m.reset_parameters()
         for m in self.modules():
-            if isinstance(m, (Mamba, RMSNorm, LayerNorm)):
+            if isinstance(m, (Mamba, RMSNorm, LayerNorm, DifferentialAttention)):
                 m.reset_parameters()
         nn.init.normal_(self.embedding.weight, std=self.config.init_std)
         for layer in self.layers:

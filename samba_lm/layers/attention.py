@@ -1,5 +1,6 @@
 """Causal self-attention with grouped-query heads and RoPE: sliding-window (window > 0) or full.
 Optionally without RoPE (`rope=False`: no positional encoding) and with biases on the projections.
+`DifferentialAttention` is SambaY's variant of it.
 
 With a state, a chunk attends to the cached keys plus itself, and its keys join the cache
 (`ops.attention_with_cache`): a ring of the last window-1 positions (SWA), or a buffer that grows for
@@ -8,10 +9,14 @@ full attention, both indexed by position. Training, chunked prefill and decode r
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops import attention, attention_with_cache, linear, qkv_rope
+from ..ops import add_rmsnorm, attention, attention_with_cache, linear, qkv_rope
+from ..ops._checks import compute_dtype
 from ..state import KVCache
 
 GROWING_INITIAL_CAPACITY = 256
@@ -25,29 +30,84 @@ class Attention(nn.Module):
         self.window, self.rope_base, self.rope = window, rope_base, rope  # window 0: full causal attention
         self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.cache_dim = head_dim  # the width of a cached key and value
 
     def init_state(self, batch_size: int, device=None, dtype=None, capacity: int | None = None, length: int = 0):
         """SWA: a ring of window-1 slots. Full attention: `capacity` slots to start with (they grow)."""
         slots = self.window - 1 if self.window else (capacity or GROWING_INITIAL_CAPACITY)
-        kv = torch.zeros(batch_size, slots, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
+        kv = torch.zeros(batch_size, slots, self.n_kv_heads, self.cache_dim, device=device, dtype=dtype)
         pos = torch.full((batch_size, slots), -1, device=device, dtype=torch.long)
         return KVCache(kv, kv.clone(), pos, grows=not self.window, length=length)
 
     def forward(self, x, positions, state=None, documents=None):
         batch, T, _ = x.shape
-        # Packed documents: RoPE counts from each document's start, and no key before it is seen.
-        angles = positions if documents is None else positions - documents.start
-        extra = {} if documents is None else {"q_start": documents.start}
-        qkv = _project(x, self.qkv_proj)
-        if self.rope:
-            q, k, v = qkv_rope(qkv, angles, self.n_heads, self.n_kv_heads, self.rope_base)
-        else:
-            q, k, v = qkv.unflatten(-1, (-1, self.head_dim)).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], 2)
-        if state is None:
-            out = attention(q, k, v, positions, self.window, **extra)
-        else:
-            out = attention_with_cache(q, k, v, positions, self.window, *state.reserve(T), **extra)
+        q, k, v = self._heads(x, positions, documents)
+        out = self._attend(q, k, v, positions, state, documents)
         return _project(out.reshape(batch, T, self.n_heads * self.head_dim), self.out_proj)
+
+    def _heads(self, x, positions, documents):
+        """q, k, v [B, T, heads, Dh]; packed documents: RoPE counts from each document's start."""
+        qkv = _project(x, self.qkv_proj)
+        if not self.rope:
+            return qkv.unflatten(-1, (-1, self.head_dim)).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], 2)
+        angles = positions if documents is None else positions - documents.start
+        return qkv_rope(qkv, angles, self.n_heads, self.n_kv_heads, self.rope_base)
+
+    def _attend(self, q, k, v, positions, state, documents):
+        extra = {} if documents is None else {"q_start": documents.start}  # no key before a document's start
+        if state is None:
+            return attention(q, k, v, positions, self.window, **extra)
+        return attention_with_cache(q, k, v, positions, self.window, *state.reserve(q.shape[1]), **extra)
+
+
+class DifferentialAttention(Attention):
+    """Differential attention, as SambaY (Phi-4-mini-flash) has it: the heads split interleaved into
+    two halves (even heads q1, k1, v1; odd heads q2, k2, v2), each half's softmax reads V = [v1 | v2],
+
+        A1 = [attn(q1, k1, v1) | attn(q1, k1, v2)],   A2 = [attn(q2, k2, v1) | attn(q2, k2, v2)]
+        out = out_proj(subln(A1 - lambda A2) * (1 - lambda_init)),  subln an RMSNorm over 2 Dh,
+        lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init,
+        lambda_init = 0.8 - 0.6 exp(-0.3 depth)   (depth: the block's index, mixer + MLP a block).
+
+    Both halves are one call of the attention op: H query heads over Hkv key heads, every key head
+    holding [v1 | v2]. The op takes one head width for q, k and v, so q and k are zero-padded to
+    2 Dh (q scaled by sqrt 2, which keeps the softmax scale at Dh^-0.5); the scores are exactly
+    those of Dh-wide heads. The cost: a cache entry is 2 Dh wide in k and holds [v1 | v2] for both
+    halves, twice the keys and values the model computes."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int,
+                 rope_base: float, rope: bool, bias: bool, depth: int, eps: float):
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, window, rope_base, rope, bias)
+        self.cache_dim, self.eps = 2 * head_dim, eps
+        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * depth)
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.empty(head_dim)) for _ in range(4))
+        self.subln_weight = nn.Parameter(torch.empty(2 * head_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The DIFF Transformer's: lambda vectors N(0, 0.1), subln weight 1."""
+        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            nn.init.normal_(p, std=0.1)
+        nn.init.ones_(self.subln_weight)
+
+    def forward(self, x, positions, state=None, documents=None):
+        batch, T, _ = x.shape
+        q, k, v = self._heads(x, positions, documents)
+        halves = lambda t: torch.cat([t[:, :, 0::2], t[:, :, 1::2]], 2)  # noqa: E731  [first half | second half]
+        q = F.pad(halves(q) * math.sqrt(2), (0, self.head_dim))
+        k = F.pad(halves(k), (0, self.head_dim))
+        v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], -1)  # [B, T, Hkv/2, 2 Dh]: [v1 | v2]
+        out = self._attend(q, k, torch.cat([v12, v12], 2), positions, state, documents)
+        a1, a2 = out.chunk(2, dim=2)  # [B, T, H/2, 2 Dh] each
+        cdt = compute_dtype(out.dtype)
+        lam = (torch.exp((self.lambda_q1 * self.lambda_k1).to(cdt).sum())
+               - torch.exp((self.lambda_q2 * self.lambda_k2).to(cdt).sum()) + self.lambda_init)
+        diff = (a1.to(cdt) - lam * a2.to(cdt)).to(out.dtype)
+        _, normed = add_rmsnorm(diff, None, self.subln_weight, self.eps)
+        normed = normed * (1 - self.lambda_init)
+        return _project(normed.reshape(batch, T, self.n_heads * self.head_dim), self.out_proj)
 
 
 def _project(x, proj: nn.Linear):

@@ -108,7 +108,7 @@ class Scheduler:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise ValueError(f"max_context must be an int >= 2 (prompt + max_tokens) or None, got {max_context!r}")
-        if model.config.count("attn") and max_context is None:
+        if model.config.grows and max_context is None:
             raise ValueError("max_context is required for a model with full-attention layers: their caches get "
                              "max_context slots up front (a captured decode step cannot grow them)")
         self.device = model.embedding.weight.device
@@ -117,7 +117,7 @@ class Scheduler:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.prefill_chunk, self.max_context = prefill_chunk, max_context
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        capacity = max_context if model.config.count("attn") else None
+        capacity = max_context if model.config.grows else None
         self._batch = SlotBatch(model, max_batch, capacity, self.cuda_graph)
         self._prefill_state = model.init_state(1, capacity=capacity)
         # Short prompts: up to 512 tokens, one turn's budget, and (padded) the caches' capacity.

@@ -368,7 +368,7 @@ def main(args: argparse.Namespace):
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model} or at the top of its run: the server "
                                 "cannot encode prompts")
-    if model.config.count("attn") and args.max_context is None:
+    if model.config.grows and args.max_context is None:
         raise ValueError("--max-context is required for this model: its full-attention layers' caches get that "
                          "many slots up front")
     scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,

@@ -1,0 +1,94 @@
+"""Differential attention (SambaY's, `dswa` / `dattn`) against the equations, written here from
+../shared/SAMBAY.md with four softmax attentions per layer, not from the layer's code; and the
+model's invariants with it: full == chunked == token by token, and each row alone."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import small_model
+
+SAMBAY_LIKE = dict(layers=("mamba", "mlp", "dswa", "mlp", "dattn", "mlp"), norm="layer", attention_bias=True,
+                   rope=False)
+
+
+def softmax_attention(q, k, v, window):
+    """q [B, T, h, d], k and v [B, T, hkv, dv]: causal (and windowed) softmax, GQA by repeating k, v."""
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    T = q.shape[1]
+    dist = torch.arange(T)[:, None] - torch.arange(T)[None]
+    visible = (dist >= 0) & ((dist < window) if window else True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+def differential_attention(layer, x):
+    """SAMBAY.md's differential attention, with the layer's weights, in float64."""
+    H, Hkv, Dh = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    qkv = x @ layer.qkv_proj.weight.T + layer.qkv_proj.bias  # [q | k | v] along the output
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], -1)
+    q, k, v = (t.unflatten(-1, (-1, Dh)) for t in (q, k, v))
+    q1, q2, k1, k2, v1, v2 = q[:, :, 0::2], q[:, :, 1::2], k[:, :, 0::2], k[:, :, 1::2], v[:, :, 0::2], v[:, :, 1::2]
+    w = layer.window
+    a1 = torch.cat([softmax_attention(q1, k1, v1, w), softmax_attention(q1, k1, v2, w)], -1)
+    a2 = torch.cat([softmax_attention(q2, k2, v1, w), softmax_attention(q2, k2, v2, w)], -1)
+    lam = (torch.exp((layer.lambda_q1 * layer.lambda_k1).sum()) - torch.exp((layer.lambda_q2 * layer.lambda_k2).sum())
+           + layer.lambda_init)
+    d = a1 - lam * a2
+    sub = d / torch.sqrt(d.pow(2).mean(-1, keepdim=True) + 1e-5) * layer.subln_weight
+    out = (sub * (1 - layer.lambda_init)).reshape(*x.shape[:2], H * Dh)
+    return out @ layer.out_proj.weight.T + layer.out_proj.bias
+
+
+def random_model(**overrides):
+    model = small_model(torch.float64, **{**SAMBAY_LIKE, **overrides})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("proj.bias", "norm.bias", "norm_f.bias", "lambda_q1", "lambda_k1", "lambda_q2",
+                              "lambda_k2", "subln_weight")):
+                p.uniform_(-0.5, 0.5) if "subln" not in name else p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("index", [2, 4])  # dswa (window 8), dattn
+def test_the_layer_is_the_equations(index):
+    model = random_model()
+    layer = model.layers[index].mixer
+    assert layer.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * (index // 2)))  # its block's index
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    positions = torch.arange(19).expand(2, 19)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, positions), differential_attention(layer, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_full_equals_chunked_equals_stepwise_and_each_row_alone(rope):
+    model = random_model(rope=rope)
+    ids = torch.randint(0, 97, (2, 21))
+    with torch.no_grad():
+        full = model(ids).logits
+        for cuts in ([0, 3, 12, 21], list(range(22))):
+            state, parts = model.init_state(2), []
+            for a, b in zip(cuts, cuts[1:]):
+                parts.append(model(ids[:, a:b], state=state).logits)
+            torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(model(ids[1:]).logits, full[1:], rtol=1e-9, atol=1e-9)
+
+
+def test_gradients_reach_every_parameter():
+    model = random_model()
+    model.train()
+    loss = model(torch.randint(0, 97, (2, 11))).logits.square().mean()
+    loss.backward()
+    for name in ("lambda_q1", "lambda_k2", "subln_weight", "qkv_proj.bias"):
+        grads = [p.grad for n, p in model.named_parameters() if n.endswith(name)]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_odd_kv_heads_are_refused():
+    with pytest.raises(ValueError, match="SambaConfig.n_kv_heads=1: must be even for differential attention"):
+        small_model(torch.float64, layers=("dswa", "mlp"), n_kv_heads=1)

@@ -95,9 +95,8 @@ class DifferentialAttention(Attention):
     def forward(self, x, positions, state=None, documents=None):
         batch, T, _ = x.shape
         q, k, v = self._heads(x, positions, documents)
-        halves = lambda t: torch.cat([t[:, :, 0::2], t[:, :, 1::2]], 2)  # noqa: E731  [first half | second half]
-        q = F.pad(halves(q) * math.sqrt(2), (0, self.head_dim))
-        k = F.pad(halves(k), (0, self.head_dim))
+        q = F.pad(_halves(q) * math.sqrt(2), (0, self.head_dim))
+        k = F.pad(_halves(k), (0, self.head_dim))
         v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], -1)  # [B, T, Hkv/2, 2 Dh]: [v1 | v2]
         out = self._attend(q, k, torch.cat([v12, v12], 2), positions, state, documents)
         a1, a2 = out.chunk(2, dim=2)  # [B, T, H/2, 2 Dh] each
@@ -108,6 +107,11 @@ class DifferentialAttention(Attention):
         _, normed = add_rmsnorm(diff, None, self.subln_weight, self.eps)
         normed = normed * (1 - self.lambda_init)
         return _project(normed.reshape(batch, T, self.n_heads * self.head_dim), self.out_proj)
+
+
+def _halves(t):
+    """Heads [B, T, h, d] regrouped as [even heads | odd heads]: the first half, then the second."""
+    return torch.cat([t[:, :, 0::2], t[:, :, 1::2]], 2)
 
 
 def _project(x, proj: nn.Linear):

@@ -1,8 +1,10 @@
 """Model configuration: one frozen dataclass, the paper's presets and its baselines.
 
 `layers` is the full tuple of residual sub-layer kinds, in order: "mamba" (Mamba-1 mixer), "swa"
-(sliding-window attention), "attn" (full causal attention), "mlp" (SwiGLU), and "dswa" / "dattn"
-(differential attention, SambaY's, sliding-window / full; `layers.attention.DifferentialAttention`). The paper counts
+(sliding-window attention), "attn" (full causal attention), "mlp" (SwiGLU), and SambaY's:
+"dswa" / "dattn" (differential attention, sliding-window / full; `layers.DifferentialAttention`),
+"mamba_mem" (a Mamba layer that also hands its pre-gate scan output on as the memory) and "gmu"
+(a gated memory unit reading the memory of the latest "mamba_mem" before it). The paper counts
 sub-layers (Samba-421M has N = 24); the official code counts blocks of (mixer + MLP).
 
 The paper's model is the default everywhere: RMSNorm, attention without biases, RoPE. `norm`,
@@ -16,7 +18,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-LAYER_KINDS = ("mamba", "swa", "attn", "mlp", "dswa", "dattn")
+LAYER_KINDS = ("mamba", "swa", "attn", "mlp", "dswa", "dattn", "mamba_mem", "gmu")
+MAMBA_KINDS = ("mamba", "mamba_mem")
 ATTENTION_KINDS = ("swa", "attn", "dswa", "dattn")
 WINDOWED_KINDS = ("swa", "dswa")
 GROWING_KINDS = ("attn", "dattn")  # full attention: a cache that grows with the stream
@@ -130,7 +133,11 @@ class SambaConfig:
             need(_is_pos_int(self.window) and self.window >= 2, "window", "must be an integer >= 2")
         if "mlp" in self.layers:
             need(_is_pos_int(self.mlp_hidden), "mlp_hidden", "must be a positive integer")
-        if "mamba" in self.layers:
+        if "gmu" in self.layers:
+            first = self.layers.index("gmu")
+            need("mamba_mem" in self.layers[:first], "layers",
+                 f"a 'gmu' (sub-layer {first}) reads the memory of a 'mamba_mem' before it, and none comes first")
+        if any(k in MAMBA_KINDS for k in self.layers) or "gmu" in self.layers:
             need(_is_pos_int(self.d_state), "d_state", "must be a positive integer")
             need(_is_pos_int(self.d_conv) and self.d_conv >= 2, "d_conv", "must be an integer >= 2")
             need(_is_pos_int(self.expand), "expand", "must be a positive integer")

@@ -2,7 +2,8 @@
 
 Matmuls: 2 x every projection weight, LM head included. Attention: 4 x heads x head_dim x the mean
 number of keys a query sees at this sequence length (its window, or its prefix); differential
-attention 6 x (its scores are head_dim wide, its values twice that). Mamba: the depthwise
+attention 6 x (its scores are head_dim wide, its values twice that). A gated memory unit: its two
+projections and the gate. Mamba: the depthwise
 conv (2 x d_inner x d_conv) and the scan (about 9 x d_inner x d_state: decay exp and multiply,
 B*x, the state update, C.h). Training costs about 3x the forward.
 """
@@ -24,5 +25,6 @@ def flops_per_token(cfg: SambaConfig, seq_len: int) -> float:
 
     per_kind = {"mamba": mamba, "mlp": 2 * 3 * d * cfg.mlp_hidden,
                 "swa": attention(cfg.window), "attn": attention(seq_len),
-                "dswa": attention(cfg.window, 6), "dattn": attention(seq_len, 6)}
+                "dswa": attention(cfg.window, 6), "dattn": attention(seq_len, 6),
+                "mamba_mem": mamba, "gmu": 2 * 2 * d * E + E}
     return sum(per_kind[k] for k in cfg.layers) + 2 * d * cfg.vocab_size

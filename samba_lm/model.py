@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import DIFFERENTIAL_KINDS, WINDOWED_KINDS, SambaConfig
 from .documents import check_document_ids, document_starts
-from .layers import Attention, DifferentialAttention, LayerNorm, Mamba, RMSNorm, SwiGLU, build_norm
+from .layers import GMU, Attention, DifferentialAttention, LayerNorm, Mamba, RMSNorm, SwiGLU, build_norm
 from .ops import linear, linear_cross_entropy, recomputed
 from .state import SambaState, start_positions
 
@@ -34,9 +34,11 @@ class SambaOutput:
 
 def build_mixer(kind: str, cfg: SambaConfig, index: int = 0) -> nn.Module:
     """Sub-layer `index` of `cfg.layers`, of kind `kind`."""
-    if kind == "mamba":
+    if kind in ("mamba", "mamba_mem"):
         return Mamba(cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank,
-                     cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+                     cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, memory=kind == "mamba_mem")
+    if kind == "gmu":
+        return GMU(cfg.d_model, cfg.d_inner)
     if kind == "mlp":
         return SwiGLU(cfg.d_model, cfg.mlp_hidden)
     args = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.window if kind in WINDOWED_KINDS else 0,
@@ -54,10 +56,14 @@ class Residual(nn.Module):
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg, index)
 
-    def forward(self, h, delta, positions, state=None, documents=None):
-        """(h + delta, this sub-layer's output): delta is the previous sub-layer's output (None first)."""
+    def forward(self, h, delta, positions, state=None, documents=None, memory=None):
+        """(h + delta, this sub-layer's output, the memory for the layers above): delta is the previous
+        sub-layer's output (None first); memory the latest "mamba_mem" layer's (SambaY), passed on."""
         h, x = self.norm(h, delta)
-        return h, self.mixer(x, positions, state, documents)
+        if self.kind == "gmu":
+            return h, self.mixer(x, positions, state, documents, memory), memory
+        out = self.mixer(x, positions, state, documents)
+        return (h, *out) if self.kind == "mamba_mem" else (h, out, memory)
 
 
 class SambaLM(nn.Module):
@@ -145,13 +151,14 @@ class SambaLM(nn.Module):
             check_document_ids(document_ids, input_ids)
             documents = document_starts(document_ids, positions, state)
         h = self.embedding(input_ids)
-        h, delta = h.to(torch.promote_types(h.dtype, torch.float32)), None
+        h, delta, memory = h.to(torch.promote_types(h.dtype, torch.float32)), None, None
         recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled() and state is None
         for i, layer in enumerate(self.layers):
             if recompute:
-                h, delta = recomputed(layer, h, delta, positions, None, documents)
+                h, delta, memory = recomputed(layer, h, delta, positions, None, documents, memory)
             else:
-                h, delta = layer(h, delta, positions, state.layers[i] if state is not None else None, documents)
+                h, delta, memory = layer(h, delta, positions, state.layers[i] if state is not None else None,
+                                         documents, memory)
         if state is not None:
             state.pos += T
             if documents is not None:

@@ -10,7 +10,9 @@ Everything between the two projections is one op, `ops.mamba_inner` (a single pa
 per token when decoding). With `recompute` (the trainer's `--recompute-mamba`), training keeps only
 that op's input xz for the backward and runs the op again there: the conv output, delta and the
 scan's saved states are not held between the passes (mamba_ssm's checkpoint_lvl=1 recomputes the
-first two). With a state, tokens at negative positions (left padding) are zeroed
+first two). With `memory` (SambaY's "mamba_mem"), the layer runs `ops.mamba_inner_ungated` and gates
+y * silu(z) itself, and returns the pre-gate y too, as the memory of the gated memory units above.
+With a state, tokens at negative positions (left padding) are zeroed
 before and after the convolution, so a padded row's conv and SSM state are exactly those of its
 unpadded stream.
 """
@@ -22,14 +24,17 @@ import math
 import torch
 from torch import nn
 
-from ..ops import linear, mamba_inner, recomputed
+import torch.nn.functional as F
+
+from ..ops import linear, mamba_inner, mamba_inner_ungated, recomputed
 from ..state import MambaState
 
 
 class Mamba(nn.Module):
     def __init__(self, d_model: int, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, memory: bool = False):
         super().__init__()
+        self.memory = memory
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
         self.dt_range = (dt_min, dt_max, dt_init_floor)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
@@ -65,10 +70,14 @@ class Mamba(nn.Module):
         args = (linear(x, self.in_proj.weight), positions if state is not None else None, self.conv1d.weight[:, 0],
                 self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
                 conv_state, ssm_state) + (() if documents is None else (documents.reset,))  # packed: resets
+        inner = mamba_inner_ungated if self.memory else mamba_inner
         if self.recompute and state is None and self.training and torch.is_grad_enabled():
-            y, conv_state, ssm_state = recomputed(mamba_inner, *args)
+            y, conv_state, ssm_state = recomputed(inner, *args)
         else:
-            y, conv_state, ssm_state = mamba_inner(*args)
+            y, conv_state, ssm_state = inner(*args)
         if state is not None:
             state.write(conv_state, ssm_state)
-        return linear(y, self.out_proj.weight)
+        if not self.memory:
+            return linear(y, self.out_proj.weight)
+        z = args[0].chunk(2, dim=-1)[1]
+        return linear(y * F.silu(z), self.out_proj.weight), y

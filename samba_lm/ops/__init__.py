@@ -15,7 +15,7 @@ from .conv import causal_conv1d, causal_conv1d_reference
 from .dispatch import use_kernels
 from .linear import linear, linear_reference
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from .mamba import mamba_inner, mamba_inner_reference
+from .mamba import mamba_inner, mamba_inner_reference, mamba_inner_ungated
 from .norm import add_rmsnorm, add_rmsnorm_reference
 from .rope import qkv_rope, qkv_rope_reference
 from .sample import choose_tokens, choose_tokens_reference
@@ -27,8 +27,8 @@ from .tuning import tuned
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
            "choose_tokens_reference", "linear", "linear_reference", "linear_cross_entropy",
-           "linear_cross_entropy_reference", "mamba_inner",
-           "mamba_inner_reference", "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
+           "linear_cross_entropy_reference", "mamba_inner", "mamba_inner_reference", "mamba_inner_ungated",
+           "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
            "recomputed", "swiglu", "swiglu_reference", "tuned", "use_kernels"]
 
 

@@ -42,8 +42,9 @@ def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
 
 
 def mamba_inner_reference(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                          A_log, D, conv_state=None, ssm_state=None, reset=None):
+                          A_log, D, conv_state=None, ssm_state=None, reset=None, gate=True):
     x, z = xz.chunk(2, dim=-1)
+    z = z if gate else None
     real = None if positions is None else (positions >= 0)[..., None].to(x.dtype)
     if real is not None:
         x = x * real
@@ -66,7 +67,22 @@ def mamba_inner(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_we
     reset: optional bool [B, T], True at a document's first token; None is the plain stream. When no
     gradient is needed, a backend may update the given states in place and return those same tensors
     (the Triton decode step does)."""
-    op = "mamba_inner"
+    args = _checked("mamba_inner", xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                    A_log, D, conv_state, ssm_state, reset)
+    return dispatch.resolve("mamba_inner", xz.device, xz.dtype)(*args)
+
+
+def mamba_inner_ungated(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log,
+                        D, conv_state=None, ssm_state=None, reset=None):
+    """`mamba_inner` without the gate: the scan's y = C.h + D x before y * silu(z), which SambaY's
+    memory layer hands to its gated memory units. The composed ops (each dispatching on its own)."""
+    args = _checked("mamba_inner_ungated", xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                    dt_proj_bias, A_log, D, conv_state, ssm_state, reset)
+    return mamba_inner_reference(*args, gate=False)
+
+
+def _checked(op, xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+             conv_state, ssm_state, reset):
     check_rank(op, "xz", xz, 3, "[B, T, 2E]")
     check_rank(op, "A_log", A_log, 2, "[E, N]")
     check_rank(op, "dt_proj_weight", dt_proj_weight, 2, "[E, R]")
@@ -89,9 +105,8 @@ def mamba_inner(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_we
     check_float(op, "conv_state", conv_state, (batch, E, K - 1), optional=True)
     check_float(op, "ssm_state", ssm_state, (batch, E, N), optional=True)
     check_reset_flags(op, "reset", reset, (batch, T), xz.device)
-    fn = dispatch.resolve(op, xz.device, xz.dtype)
-    return fn(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-              conv_state, ssm_state, reset)
+    return xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, \
+        conv_state, ssm_state, reset
 
 
 dispatch.register("mamba_inner", "reference", mamba_inner_reference)

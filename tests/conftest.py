@@ -38,6 +38,19 @@ def small_model(dtype=torch.float64, seed=0, **overrides) -> samba_lm.SambaLM:
     return model.eval()
 
 
+def assert_stream_invariants(model, ids, chunkings, rtol=1e-9):
+    """The state invariant and batch invariance: the full forward of `ids` equals each chunking's
+    stream (a list of cut points; range(T + 1) is token by token), and each row equals itself alone."""
+    with torch.no_grad():
+        full = model(ids).logits
+        for cuts in chunkings:
+            state = model.init_state(ids.shape[0])
+            chunked = torch.cat([model(ids[:, a:b], state=state).logits for a, b in zip(cuts, cuts[1:])], 1)
+            torch.testing.assert_close(chunked, full, rtol=rtol, atol=rtol)
+        for row in range(ids.shape[0]):
+            torch.testing.assert_close(model(ids[row:row + 1]).logits, full[row:row + 1], rtol=rtol, atol=rtol)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

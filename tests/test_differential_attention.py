@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import small_model
+from conftest import assert_stream_invariants, small_model
 
 SAMBAY_LIKE = dict(layers=("mamba", "mlp", "dswa", "mlp", "dattn", "mlp"), norm="layer", attention_bias=True,
                    rope=False)
@@ -67,16 +67,7 @@ def test_the_layer_is_the_equations(index):
 
 @pytest.mark.parametrize("rope", [False, True])
 def test_full_equals_chunked_equals_stepwise_and_each_row_alone(rope):
-    model = random_model(rope=rope)
-    ids = torch.randint(0, 97, (2, 21))
-    with torch.no_grad():
-        full = model(ids).logits
-        for cuts in ([0, 3, 12, 21], list(range(22))):
-            state, parts = model.init_state(2), []
-            for a, b in zip(cuts, cuts[1:]):
-                parts.append(model(ids[:, a:b], state=state).logits)
-            torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(model(ids[1:]).logits, full[1:], rtol=1e-9, atol=1e-9)
+    assert_stream_invariants(random_model(rope=rope), torch.randint(0, 97, (2, 21)), ([0, 3, 12, 21], range(22)))
 
 
 def test_gradients_reach_every_parameter():

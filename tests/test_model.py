@@ -8,7 +8,7 @@ import torch
 import samba_lm
 from samba_lm.config import SambaConfig
 
-from conftest import small_config, small_model
+from conftest import assert_stream_invariants, small_config, small_model
 
 PAPER_PARAMS = {  # shared/PAPER.md, with tied embeddings unless noted
     "samba-421m": 421_793_280, "samba-1.3b": 1_330_207_488, "samba-1.7b": 1_741_604_864,
@@ -196,15 +196,7 @@ def variant_model(**overrides):
 def test_variants_full_equals_chunked_equals_stepwise_and_each_row_alone():
     model = variant_model()
     assert isinstance(model.norm_f, samba_lm.layers.LayerNorm) and model.layers[2].mixer.qkv_proj.bias is not None
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 97, (2, 19), generator=gen)
-    with torch.no_grad():
-        full = model(ids).logits
-        for cuts in ([0, 5, 6, 19], list(range(20))):
-            chunked, _ = run_chunks(model, ids, cuts)
-            torch.testing.assert_close(chunked, full, rtol=1e-9, atol=1e-9)
-        alone = model(ids[1:]).logits
-    torch.testing.assert_close(alone, full[1:], rtol=1e-9, atol=1e-9)
+    assert_stream_invariants(model, torch.randint(0, 97, (2, 19)), ([0, 5, 6, 19], range(20)))
 
 
 def test_layer_norm_is_the_float64_formula():

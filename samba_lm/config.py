@@ -3,8 +3,9 @@
 `layers` is the full tuple of residual sub-layer kinds, in order: "mamba" (Mamba-1 mixer), "swa"
 (sliding-window attention), "attn" (full causal attention), "mlp" (SwiGLU), and SambaY's:
 "dswa" / "dattn" (differential attention, sliding-window / full; `layers.DifferentialAttention`),
-"mamba_mem" (a Mamba layer that also hands its pre-gate scan output on as the memory) and "gmu"
-(a gated memory unit reading the memory of the latest "mamba_mem" before it). The paper counts
+"mamba_mem" (a Mamba layer that also hands its pre-gate scan output on as the memory), "gmu" (a
+gated memory unit reading the memory of the latest "mamba_mem" before it) and "dcross" (cross
+differential attention over the keys and values of the latest "dattn" before it). The paper counts
 sub-layers (Samba-421M has N = 24); the official code counts blocks of (mixer + MLP).
 
 The paper's model is the default everywhere: RMSNorm, attention without biases, RoPE. `norm`,
@@ -18,12 +19,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-LAYER_KINDS = ("mamba", "swa", "attn", "mlp", "dswa", "dattn", "mamba_mem", "gmu")
+LAYER_KINDS = ("mamba", "swa", "attn", "mlp", "dswa", "dattn", "mamba_mem", "gmu", "dcross")
 MAMBA_KINDS = ("mamba", "mamba_mem")
-ATTENTION_KINDS = ("swa", "attn", "dswa", "dattn")
+ATTENTION_KINDS = ("swa", "attn", "dswa", "dattn", "dcross")
 WINDOWED_KINDS = ("swa", "dswa")
 GROWING_KINDS = ("attn", "dattn")  # full attention: a cache that grows with the stream
-DIFFERENTIAL_KINDS = ("dswa", "dattn")
+DIFFERENTIAL_KINDS = ("dswa", "dattn", "dcross")
 NORMS = ("rms", "layer")
 
 
@@ -133,10 +134,13 @@ class SambaConfig:
             need(_is_pos_int(self.window) and self.window >= 2, "window", "must be an integer >= 2")
         if "mlp" in self.layers:
             need(_is_pos_int(self.mlp_hidden), "mlp_hidden", "must be a positive integer")
-        if "gmu" in self.layers:
-            first = self.layers.index("gmu")
-            need("mamba_mem" in self.layers[:first], "layers",
-                 f"a 'gmu' (sub-layer {first}) reads the memory of a 'mamba_mem' before it, and none comes first")
+        for reader, source, what in (("gmu", "mamba_mem", "the memory"), ("dcross", "dattn", "the keys and values")):
+            if reader in self.layers:
+                first = self.layers.index(reader)
+                need(source in self.layers[:first], "layers",
+                     f"a '{reader}' (sub-layer {first}) reads {what} of a '{source}' before it, and none comes first")
+        if "dcross" in self.layers:
+            need(self.rope is False, "rope", "must be False with 'dcross' layers (SambaY has no positions)")
         if any(k in MAMBA_KINDS for k in self.layers) or "gmu" in self.layers:
             need(_is_pos_int(self.d_state), "d_state", "must be a positive integer")
             need(_is_pos_int(self.d_conv) and self.d_conv >= 2, "d_conv", "must be an integer >= 2")
@@ -172,6 +176,19 @@ def _preset(name: str, pattern: tuple[str, ...], repeats: int, **kw) -> SambaCon
     return SambaConfig(name=name, layers=pattern * repeats, **kw)
 
 
+def sambay_layers(blocks: int) -> tuple[str, ...]:
+    """SambaY's schedule of `blocks` blocks (each a mixer and an MLP): the first half alternates Mamba and
+    windowed differential attention; then a memory Mamba and the full differential layer; the rest
+    alternates gated memory units and cross layers (../shared/SAMBAY.md, Phi-4-mini-flash's 32)."""
+    half = blocks // 2
+    mixers = [("mamba", "dswa")[i % 2] for i in range(half)] + ["mamba_mem", "dattn"]
+    mixers += [("gmu", "dcross")[i % 2] for i in range(blocks - half - 2)]
+    return tuple(k for m in mixers for k in (m, "mlp"))
+
+
+_SAMBAY = dict(norm="layer", attention_bias=True, rope=False)
+
+
 # Paper Tables 10-12. Baselines share the size of the model they are compared with.
 _S421 = dict(d_model=1536, n_heads=12, n_kv_heads=12, head_dim=128, mlp_hidden=4096, vocab_size=32000,
              window=2048)
@@ -196,5 +213,10 @@ PRESETS: dict[str, SambaConfig] = {
         _preset("mamba-1.8b", ("mamba",), 64, d_model=2048, vocab_size=50304),
         _preset("mamba-mlp-1.9b", ("mamba", "mlp"), 24, **_S17),
         _preset("mamba-swa-mlp-1.6b", ("mamba", "swa", "mlp"), 18, **_S17),
+        # SambaY: Phi-4-mini-flash-reasoning's released shapes, and a small one for tests.
+        SambaConfig(name="phi4-mini-flash", layers=sambay_layers(32), d_model=2560, n_heads=40, n_kv_heads=20,
+                    head_dim=64, window=512, mlp_hidden=10240, vocab_size=200064, **_SAMBAY),
+        SambaConfig(name="sambay-tiny", layers=sambay_layers(8), d_model=256, n_heads=4, n_kv_heads=2, head_dim=64,
+                    window=128, mlp_hidden=768, vocab_size=4096, **_SAMBAY),
     ]
 }

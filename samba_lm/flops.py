@@ -26,5 +26,6 @@ def flops_per_token(cfg: SambaConfig, seq_len: int) -> float:
     per_kind = {"mamba": mamba, "mlp": 2 * 3 * d * cfg.mlp_hidden,
                 "swa": attention(cfg.window), "attn": attention(seq_len),
                 "dswa": attention(cfg.window, 6), "dattn": attention(seq_len, 6),
-                "mamba_mem": mamba, "gmu": 2 * 2 * d * E + E}
+                "mamba_mem": mamba, "gmu": 2 * 2 * d * E + E,
+                "dcross": attention(seq_len, 6) - 2 * d * 2 * cfg.n_kv_heads * cfg.head_dim}  # no K, V of its own
     return sum(per_kind[k] for k in cfg.layers) + 2 * d * cfg.vocab_size

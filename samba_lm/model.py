@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .config import DIFFERENTIAL_KINDS, WINDOWED_KINDS, SambaConfig
 from .documents import check_document_ids, document_starts
-from .layers import GMU, Attention, DifferentialAttention, LayerNorm, Mamba, RMSNorm, SwiGLU, build_norm
+from .layers import (GMU, Attention, CrossDifferentialAttention, DifferentialAttention, LayerNorm, Mamba, RMSNorm,
+                     SwiGLU, build_norm)
 from .ops import linear, linear_cross_entropy, recomputed
 from .state import SambaState, start_positions
 
@@ -45,8 +47,22 @@ def build_mixer(kind: str, cfg: SambaConfig, index: int = 0) -> nn.Module:
             cfg.rope_base, cfg.rope, cfg.attention_bias)
     if kind in DIFFERENTIAL_KINDS:
         depth = sum(k != "mlp" for k in cfg.layers[:index])  # the block's index: a mixer and its MLP
-        return DifferentialAttention(*args, depth=depth, eps=cfg.norm_eps)
+        if kind == "dcross":
+            return CrossDifferentialAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                              cfg.attention_bias, depth, cfg.norm_eps)
+        layer = DifferentialAttention(*args, depth=depth, eps=cfg.norm_eps)
+        # A full layer hands its keys and values to the cross layers above, up to the next full one.
+        above = cfg.layers[index + 1:]
+        layer.share_kv = kind == "dattn" and "dcross" in above[:above.index("dattn") if "dattn" in above else None]
+        return layer
     return Attention(*args)
+
+
+class Shared(NamedTuple):
+    """What SambaY's sub-layers hand up the stack within one call: the memory of the latest "mamba_mem"
+    layer (for "gmu") and the keys and values of the latest sharing "dattn" (for "dcross")."""
+    memory: torch.Tensor | None = None
+    kv: object = None  # layers.attention.SharedKV
 
 
 class Residual(nn.Module):
@@ -56,14 +72,20 @@ class Residual(nn.Module):
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg, index)
 
-    def forward(self, h, delta, positions, state=None, documents=None, memory=None):
-        """(h + delta, this sub-layer's output, the memory for the layers above): delta is the previous
-        sub-layer's output (None first); memory the latest "mamba_mem" layer's (SambaY), passed on."""
+    def forward(self, h, delta, positions, state=None, documents=None, shared=Shared()):
+        """(h + delta, this sub-layer's output, `Shared` for the layers above): delta is the previous
+        sub-layer's output (None first)."""
         h, x = self.norm(h, delta)
         if self.kind == "gmu":
-            return h, self.mixer(x, positions, state, documents, memory), memory
+            return h, self.mixer(x, positions, state, documents, memory=shared.memory), shared
+        if self.kind == "dcross":
+            return h, self.mixer(x, positions, state, documents, kv=shared.kv), shared
         out = self.mixer(x, positions, state, documents)
-        return (h, *out) if self.kind == "mamba_mem" else (h, out, memory)
+        if self.kind == "mamba_mem":
+            return h, out[0], shared._replace(memory=out[1])
+        if getattr(self.mixer, "share_kv", False):
+            return h, out[0], shared._replace(kv=out[1])
+        return h, out, shared
 
 
 class SambaLM(nn.Module):
@@ -103,7 +125,7 @@ class SambaLM(nn.Module):
             if isinstance(m, (nn.Linear, nn.Conv1d)):
                 m.reset_parameters()
         for m in self.modules():
-            if isinstance(m, (Mamba, RMSNorm, LayerNorm, DifferentialAttention)):
+            if isinstance(m, (Mamba, RMSNorm, LayerNorm, DifferentialAttention, CrossDifferentialAttention)):
                 m.reset_parameters()
         nn.init.normal_(self.embedding.weight, std=self.config.init_std)
         for layer in self.layers:
@@ -151,14 +173,14 @@ class SambaLM(nn.Module):
             check_document_ids(document_ids, input_ids)
             documents = document_starts(document_ids, positions, state)
         h = self.embedding(input_ids)
-        h, delta, memory = h.to(torch.promote_types(h.dtype, torch.float32)), None, None
+        h, delta, shared = h.to(torch.promote_types(h.dtype, torch.float32)), None, Shared()
         recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled() and state is None
         for i, layer in enumerate(self.layers):
             if recompute:
-                h, delta, memory = recomputed(layer, h, delta, positions, None, documents, memory)
+                h, delta, shared = recomputed(layer, h, delta, positions, None, documents, shared)
             else:
-                h, delta, memory = layer(h, delta, positions, state.layers[i] if state is not None else None,
-                                         documents, memory)
+                h, delta, shared = layer(h, delta, positions, state.layers[i] if state is not None else None,
+                                         documents, shared)
         if state is not None:
             state.pos += T
             if documents is not None:

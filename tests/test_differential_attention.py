@@ -26,22 +26,28 @@ def softmax_attention(q, k, v, window):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
 
-def differential_attention(layer, x):
-    """SAMBAY.md's differential attention, with the layer's weights, in float64."""
+def project_heads(layer, x):
+    """q, k, v [B, T, heads, Dh] of a self-attention layer: Wqkv (with bias), [q | k | v] along the output."""
     H, Hkv, Dh = layer.n_heads, layer.n_kv_heads, layer.head_dim
-    qkv = x @ layer.qkv_proj.weight.T + layer.qkv_proj.bias  # [q | k | v] along the output
-    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], -1)
-    q, k, v = (t.unflatten(-1, (-1, Dh)) for t in (q, k, v))
+    qkv = x @ layer.qkv_proj.weight.T + layer.qkv_proj.bias
+    return (t.unflatten(-1, (-1, Dh)) for t in qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], -1))
+
+
+def differential(layer, q, k, v, window):
+    """SAMBAY.md's differential attention of heads q, k, v, with the layer's lambdas, subln and out_proj."""
     q1, q2, k1, k2, v1, v2 = q[:, :, 0::2], q[:, :, 1::2], k[:, :, 0::2], k[:, :, 1::2], v[:, :, 0::2], v[:, :, 1::2]
-    w = layer.window
-    a1 = torch.cat([softmax_attention(q1, k1, v1, w), softmax_attention(q1, k1, v2, w)], -1)
-    a2 = torch.cat([softmax_attention(q2, k2, v1, w), softmax_attention(q2, k2, v2, w)], -1)
+    a1 = torch.cat([softmax_attention(q1, k1, v1, window), softmax_attention(q1, k1, v2, window)], -1)
+    a2 = torch.cat([softmax_attention(q2, k2, v1, window), softmax_attention(q2, k2, v2, window)], -1)
     lam = (torch.exp((layer.lambda_q1 * layer.lambda_k1).sum()) - torch.exp((layer.lambda_q2 * layer.lambda_k2).sum())
            + layer.lambda_init)
     d = a1 - lam * a2
     sub = d / torch.sqrt(d.pow(2).mean(-1, keepdim=True) + 1e-5) * layer.subln_weight
-    out = (sub * (1 - layer.lambda_init)).reshape(*x.shape[:2], H * Dh)
+    out = (sub * (1 - layer.lambda_init)).reshape(*q.shape[:2], layer.n_heads * layer.head_dim)
     return out @ layer.out_proj.weight.T + layer.out_proj.bias
+
+
+def differential_attention(layer, x):
+    return differential(layer, *project_heads(layer, x), layer.window)
 
 
 def random_model(**overrides):
@@ -63,6 +69,37 @@ def test_the_layer_is_the_equations(index):
     positions = torch.arange(19).expand(2, 19)
     with torch.no_grad():
         torch.testing.assert_close(layer(x, positions), differential_attention(layer, x), rtol=1e-10, atol=1e-10)
+
+
+def test_the_cross_layer_reads_the_global_layers_keys_and_values():
+    """dcross: queries from its own projection, keys and values of the dattn below, full and causal."""
+    model = random_model(layers=("dattn", "mlp", "dcross", "mlp"))
+    glob, cross = model.layers[0].mixer, model.layers[2].mixer
+    assert glob.share_kv and cross.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3))
+    x_g, x_c = torch.randn(2, 13, 32, dtype=torch.float64), torch.randn(2, 13, 32, dtype=torch.float64)
+    positions = torch.arange(13).expand(2, 13)
+    with torch.no_grad():
+        out, kv = glob(x_g, positions)
+        torch.testing.assert_close(out, differential_attention(glob, x_g), rtol=1e-10, atol=1e-10)
+        _, k, v = project_heads(glob, x_g)
+        q = (x_c @ cross.q_proj.weight.T + cross.q_proj.bias).unflatten(-1, (-1, cross.head_dim))
+        torch.testing.assert_close(cross(x_c, positions, kv=kv), differential(cross, q, k, v, 0), rtol=1e-10,
+                                   atol=1e-10)
+
+
+def test_cross_layers_keep_no_state_and_share_the_growing_cache():
+    """The global layer's cache is the only one: the cross layers hold nothing of their own."""
+    model = random_model(layers=("mamba_mem", "mlp", "dattn", "mlp", "gmu", "mlp", "dcross", "mlp", "dcross", "mlp"))
+    state = model.init_state(2)
+    assert [r is None for r in state.layers] == [False, True, False, True, True, True, True, True, True, True]
+    assert_stream_invariants(model, torch.randint(0, 97, (2, 15)), ([0, 4, 9, 15], range(16)))
+
+
+def test_cross_layers_need_a_global_layer_below_and_no_rope():
+    with pytest.raises(ValueError, match="a 'dcross' \\(sub-layer 0\\) reads the keys and values of a 'dattn'"):
+        small_model(torch.float64, layers=("dcross", "mlp", "dattn"), rope=False)
+    with pytest.raises(ValueError, match="SambaConfig.rope=True: must be False with 'dcross' layers"):
+        small_model(torch.float64, layers=("dattn", "mlp", "dcross", "mlp"))
 
 
 @pytest.mark.parametrize("rope", [False, True])

@@ -27,6 +27,40 @@ def test_paper_parameter_counts(name):
     assert sum(p.numel() for p in model.parameters()) == PAPER_PARAMS[name]
 
 
+def sambay_tensor_count(d, vocab, inter, H, Hkv, Dh, blocks, d_state=16, d_conv=4, expand=2):
+    """The parameters of SAMBAY.md's tensor list, counted from it (tied embeddings)."""
+    E, R = expand * d, math.ceil(d / 16)
+    ln, mlp = 2 * d, 2 * inter * d + d * inter
+    mamba = 2 * E * d + E * d_conv + E + (R + 2 * d_state) * E + E * R + E + E * d_state + E + d * E
+    lambdas = 4 * Dh + 2 * Dh  # lambda_q1, _k1, _q2, _k2 and subln
+    self_attn = (H + 2 * Hkv) * Dh * (d + 1) + d * H * Dh + d + lambdas
+    cross = H * Dh * (d + 1) + d * H * Dh + d + lambdas
+    gmu = E * d + d * E
+    half = blocks // 2
+    mixers = half // 2 * (mamba + self_attn) + mamba + self_attn + (blocks - half - 2) // 2 * (gmu + cross)
+    return vocab * d + ln + blocks * (2 * ln + mlp) + mixers
+
+
+def test_the_phi4_mini_flash_preset_has_the_released_shapes():
+    cfg = SambaConfig.from_preset("phi4-mini-flash")
+    with torch.device("meta"):
+        model = samba_lm.SambaLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == sambay_tensor_count(2560, 200064, 10240, 40, 20, 64, 32) == 3_852_562_944
+    kinds = [k for k in cfg.layers if k != "mlp"]
+    assert kinds[:16] == ["mamba", "dswa"] * 8 and kinds[16:18] == ["mamba_mem", "dattn"]
+    assert kinds[18:] == ["gmu", "dcross"] * 7 and cfg.window == 512 and cfg.dt_rank == 160
+    assert (cfg.norm, cfg.attention_bias, cfg.rope, cfg.tie_embeddings) == ("layer", True, False, True)
+
+
+def test_the_small_sambay_preset_runs_its_invariants():
+    cfg = SambaConfig.from_preset("sambay-tiny", d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, window=8,
+                                  mlp_hidden=48, d_state=4, vocab_size=97)
+    torch.manual_seed(0)
+    model = samba_lm.SambaLM(cfg).double().eval()
+    assert_stream_invariants(model, torch.randint(0, 97, (2, 13)), ([0, 9, 13], range(14)))
+
+
 def test_tiny_preset_is_a_few_million_parameters():
     model = samba_lm.SambaLM(SambaConfig.from_preset("tiny"))
     assert 1e6 < sum(p.numel() for p in model.parameters()) < 1e7

@@ -10,6 +10,7 @@ full attention, both indexed by position. Training, chunked prefill and decode r
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +80,7 @@ class DifferentialAttention(Attention):
                  rope_base: float, rope: bool, bias: bool, depth: int, eps: float):
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, window, rope_base, rope, bias)
         self.cache_dim, self.eps = 2 * head_dim, eps
-        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * depth)
-        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
-            nn.Parameter(torch.empty(head_dim)) for _ in range(4))
-        self.subln_weight = nn.Parameter(torch.empty(2 * head_dim))
-        self.reset_parameters()
+        _differential_parameters(self, head_dim, depth)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -92,21 +89,84 @@ class DifferentialAttention(Attention):
             nn.init.normal_(p, std=0.1)
         nn.init.ones_(self.subln_weight)
 
+    share_kv = False  # a full layer with cross layers above: forward also returns its SharedKV
+
     def forward(self, x, positions, state=None, documents=None):
-        batch, T, _ = x.shape
         q, k, v = self._heads(x, positions, documents)
-        q = F.pad(_halves(q) * math.sqrt(2), (0, self.head_dim))
+        q = _padded_query(q, self.head_dim)
         k = F.pad(_halves(k), (0, self.head_dim))
         v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], -1)  # [B, T, Hkv/2, 2 Dh]: [v1 | v2]
-        out = self._attend(q, k, torch.cat([v12, v12], 2), positions, state, documents)
-        a1, a2 = out.chunk(2, dim=2)  # [B, T, H/2, 2 Dh] each
-        cdt = compute_dtype(out.dtype)
-        lam = (torch.exp((self.lambda_q1 * self.lambda_k1).to(cdt).sum())
-               - torch.exp((self.lambda_q2 * self.lambda_k2).to(cdt).sum()) + self.lambda_init)
-        diff = (a1.to(cdt) - lam * a2.to(cdt)).to(out.dtype)
-        _, normed = add_rmsnorm(diff, None, self.subln_weight, self.eps)
-        normed = normed * (1 - self.lambda_init)
-        return _project(normed.reshape(batch, T, self.n_heads * self.head_dim), self.out_proj)
+        v = torch.cat([v12, v12], 2)
+        if not self.share_kv:
+            return _differential(self, self._attend(q, k, v, positions, state, documents))
+        shared = SharedKV(k, v, *(state.reserve(q.shape[1]) if state is not None else (None, None, None)))
+        if state is not None:  # the cache before this chunk, for the cross layers
+            shared = shared._replace(prefix_pos=shared.prefix_pos.clone())
+        return _differential(self, self._attend(q, k, v, positions, state, documents)), shared
+
+
+class SharedKV(NamedTuple):
+    """A full differential layer's keys and values as its cross layers read them (SambaY): the chunk's
+    (padded and duplicated, as the layer's op call takes them), and its cache before the chunk."""
+    k: torch.Tensor
+    v: torch.Tensor
+    k_prefix: torch.Tensor | None
+    v_prefix: torch.Tensor | None
+    prefix_pos: torch.Tensor | None
+
+
+class CrossDifferentialAttention(nn.Module):
+    """SambaY's cross layer: differential attention whose queries are its own (`q_proj`, with bias)
+    and whose keys and values are the latest full differential layer's below, shared, not copied:
+    over the chunk and that layer's cache, causal and full. It keeps no state of its own. Its queries
+    take no RoPE (SambaY has none; the config refuses RoPE with cross layers)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool, depth: int,
+                 eps: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, head_dim, eps
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        _differential_parameters(self, head_dim, depth)
+
+    reset_parameters = DifferentialAttention.reset_parameters
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return None
+
+    def forward(self, x, positions, state=None, documents=None, kv: SharedKV | None = None):
+        if kv is None:
+            raise ValueError("a cross layer needs the keys and values of a 'dattn' layer before it")
+        q = _padded_query(_project(x, self.q_proj).unflatten(-1, (self.n_heads, self.head_dim)), self.head_dim)
+        extra = {} if documents is None else {"q_start": documents.start}
+        prefix = () if kv.k_prefix is None else (kv.k_prefix, kv.v_prefix, kv.prefix_pos)
+        return _differential(self, attention(q, kv.k, kv.v, positions, 0, *prefix, **extra))
+
+
+def _differential_parameters(layer: nn.Module, head_dim: int, depth: int):
+    layer.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * depth)
+    layer.lambda_q1, layer.lambda_k1, layer.lambda_q2, layer.lambda_k2 = (
+        nn.Parameter(torch.empty(head_dim)) for _ in range(4))
+    layer.subln_weight = nn.Parameter(torch.empty(2 * head_dim))
+    layer.reset_parameters()
+
+
+def _padded_query(q, head_dim: int):
+    """q [B, T, H, Dh] as the op call takes it: halves regrouped, scaled by sqrt 2, zero-padded to 2 Dh."""
+    return F.pad(_halves(q) * math.sqrt(2), (0, head_dim))
+
+
+def _differential(layer, out):
+    """The attention op's [B, T, H, 2 Dh] (both halves over [v1 | v2]) to the layer's output."""
+    batch, T = out.shape[:2]
+    a1, a2 = out.chunk(2, dim=2)  # [B, T, H/2, 2 Dh] each
+    cdt = compute_dtype(out.dtype)
+    lam = (torch.exp((layer.lambda_q1 * layer.lambda_k1).to(cdt).sum())
+           - torch.exp((layer.lambda_q2 * layer.lambda_k2).to(cdt).sum()) + layer.lambda_init)
+    diff = (a1.to(cdt) - lam * a2.to(cdt)).to(out.dtype)
+    _, normed = add_rmsnorm(diff, None, layer.subln_weight, layer.eps)
+    normed = normed * (1 - layer.lambda_init)
+    return _project(normed.reshape(batch, T, layer.n_heads * layer.head_dim), layer.out_proj)
 
 
 def _halves(t):

@@ -56,7 +56,12 @@ def load_config(path: str | os.PathLike) -> SambaConfig:
 
 
 def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> SambaLM:
-    """Load a model written by save_pretrained; `dtype` casts floating-point weights."""
+    """Load a model written by save_pretrained, or a Hugging Face Phi-4-mini-flash directory
+    (`convert.phi4flash`); `dtype` casts floating-point weights."""
+    from .convert.phi4flash import from_phi4flash, is_phi4flash
+
+    if is_phi4flash(path):
+        return from_phi4flash(path, device, dtype)
     config = load_config(path)
     file = Path(path) / WEIGHTS_FILE
     if not file.is_file():

@@ -145,7 +145,8 @@ def _is_path(text: str) -> bool:
 CONVERT_FORMATS = {"official": "the official Samba code's .pth checkpoint (microsoft/Samba, lit_gpt)",
                    "llama": "a transformers LlamaForCausalLM directory (the llama presets)",
                    "mistral": "a transformers MistralForCausalLM directory (the sliding-window-only presets)",
-                   "mamba": "a transformers MambaForCausalLM directory (the mamba presets)"}
+                   "mamba": "a transformers MambaForCausalLM directory (the mamba presets)",
+                   "phi4flash": "a Hugging Face Phi-4-mini-flash-reasoning directory (SambaY; --from only)"}
 
 
 def cmd_convert(args):
@@ -155,7 +156,19 @@ def cmd_convert(args):
     if args.config is not None and fmt != "official":
         raise ValueError(f"--config names an official Samba config; --{'from' if args.from_format else 'to'} "
                          f"{fmt} takes its shape from the model")
-    if args.from_format == "official":
+    if args.to_format == "phi4flash":
+        raise ValueError("--to phi4flash: samba-lm reads Phi-4-mini-flash checkpoints but does not write them")
+    if args.from_format == "phi4flash":
+        from .checkpoint import save_pretrained
+        from .convert.phi4flash import from_phi4flash, is_phi4flash
+
+        if not is_phi4flash(args.source):
+            raise ValueError(f"--from phi4flash: {args.source} has no config.json with model_type 'phi4flash'")
+        check_out_dir(args.out, "--out")
+        save_pretrained(from_phi4flash(args.source), args.out)
+        if (Path(args.source) / "tokenizer.json").is_file():
+            shutil.copyfile(Path(args.source) / "tokenizer.json", Path(args.out) / "tokenizer.json")
+    elif args.from_format == "official":
         from .convert.official import from_official
 
         check_out_dir(args.out, "--out")

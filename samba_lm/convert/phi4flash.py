@@ -36,8 +36,14 @@ MODEL_TYPE = "phi4flash"
 
 
 def is_phi4flash(path: str | os.PathLike) -> bool:
+    """Whether `path/config.json` says model_type "phi4flash" (an unreadable one says no: its reader
+    reports it)."""
     config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    try:
+        values = json.loads(config.read_text()) if config.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(values, dict) and values.get("model_type") == MODEL_TYPE
 
 
 def phi4flash_config(values: dict) -> SambaConfig:

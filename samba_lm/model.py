@@ -58,6 +58,16 @@ def build_mixer(kind: str, cfg: SambaConfig, index: int = 0) -> nn.Module:
     return Attention(*args)
 
 
+POSITION_WISE_KINDS = ("mlp", "gmu", "dcross")  # no state; a position's output needs no other's input
+
+
+def _tail(n: int, h, delta, positions, documents, shared):
+    """The last n positions of what the sub-layers above see (YOCO); the shared keys stay whole."""
+    cut = lambda t: None if t is None else t[:, -n:]  # noqa: E731
+    documents = None if documents is None else type(documents)(*(cut(t) for t in documents))
+    return cut(h), cut(delta), cut(positions), documents, shared._replace(memory=cut(shared.memory))
+
+
 class Shared(NamedTuple):
     """What SambaY's sub-layers hand up the stack within one call: the memory of the latest "mamba_mem"
     layer (for "gmu") and the keys and values of the latest sharing "dattn" (for "dcross")."""
@@ -97,6 +107,11 @@ class SambaLM(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Residual(kind, config, i) for i, kind in enumerate(config.layers))
         self.norm_f = build_norm(config.norm, config.d_model, config.norm_eps)
+        # YOCO (SambaY's prefill): from this sub-layer up no layer keeps a state or mixes positions, but
+        # for cross layers, which read the shared keys and values of every position. So a forward that
+        # keeps only the last logits runs those layers for the kept positions alone, exactly.
+        stateful = [i for i, kind in enumerate(config.layers) if kind not in POSITION_WISE_KINDS]
+        self.position_wise_from = stateful[-1] + 1 if stateful else 0
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Activation checkpointing (a trainer option): in training without a state, keep only each
         # sub-layer's inputs and recompute its activations in the backward.
@@ -176,6 +191,8 @@ class SambaLM(nn.Module):
         h, delta, shared = h.to(torch.promote_types(h.dtype, torch.float32)), None, Shared()
         recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled() and state is None
         for i, layer in enumerate(self.layers):
+            if logits_to_keep and i == self.position_wise_from and logits_to_keep < T:
+                h, delta, positions, documents, shared = _tail(logits_to_keep, h, delta, positions, documents, shared)
             if recompute:
                 h, delta, shared = recomputed(layer, h, delta, positions, None, documents, shared)
             else:
@@ -187,7 +204,7 @@ class SambaLM(nn.Module):
                 state.doc.copy_(document_ids[:, -1])
                 state.doc_start.copy_(documents.start[:, -1])
         if logits_to_keep:
-            h, delta = h[:, -logits_to_keep:], delta[:, -logits_to_keep:]
+            h, delta = h[:, -logits_to_keep:], delta[:, -logits_to_keep:]  # no-ops if _tail cut them already
         _, x = self.norm_f(h, delta)
         weight = (self.lm_head if self.lm_head is not None else self.embedding).weight
         if labels is not None:

@@ -120,3 +120,22 @@ def test_gradients_reach_every_parameter():
 def test_odd_kv_heads_are_refused():
     with pytest.raises(ValueError, match="SambaConfig.n_kv_heads=1: must be even for differential attention"):
         small_model(torch.float64, layers=("dswa", "mlp"), n_kv_heads=1)
+
+
+def test_yoco_runs_the_cross_half_for_the_kept_positions_only():
+    """With logits_to_keep, the sub-layers above the last stateful one (the global layer) see only
+    the kept positions, and the logits and the state are those of the whole forward."""
+    model = random_model(layers=("mamba", "mlp", "mamba_mem", "mlp", "dattn", "mlp", "gmu", "mlp", "dcross", "mlp"))
+    assert model.position_wise_from == 5
+    seen = {}
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda module, args, out, i=i: seen.__setitem__(i, args[0].shape[1]))
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        state = model.init_state(2)
+        kept = model(ids[:, :9], state=state, logits_to_keep=2).logits
+        assert [seen[i] for i in range(10)] == [9] * 5 + [2] * 5
+        rest = torch.cat([model(ids[:, t:t + 1], state=state).logits for t in range(9, 12)], 1)
+    torch.testing.assert_close(kept, full[:, 7:9], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rest, full[:, 9:], rtol=1e-9, atol=1e-9)

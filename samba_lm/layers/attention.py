@@ -99,7 +99,7 @@ class DifferentialAttention(Attention):
         v = torch.cat([v12, v12], 2)
         if not self.share_kv:
             return _differential(self, self._attend(q, k, v, positions, state, documents))
-        shared = SharedKV(k, v, *(state.reserve(q.shape[1]) if state is not None else (None, None, None)))
+        shared = SharedKV(k, v, positions, *(state.reserve(q.shape[1]) if state is not None else (None, None, None)))
         if state is not None:  # the cache before this chunk, for the cross layers
             shared = shared._replace(prefix_pos=shared.prefix_pos.clone())
         return _differential(self, self._attend(q, k, v, positions, state, documents)), shared
@@ -110,6 +110,7 @@ class SharedKV(NamedTuple):
     (padded and duplicated, as the layer's op call takes them), and its cache before the chunk."""
     k: torch.Tensor
     v: torch.Tensor
+    pos: torch.Tensor  # the chunk's positions
     k_prefix: torch.Tensor | None
     v_prefix: torch.Tensor | None
     prefix_pos: torch.Tensor | None
@@ -139,8 +140,14 @@ class CrossDifferentialAttention(nn.Module):
             raise ValueError("a cross layer needs the keys and values of a 'dattn' layer before it")
         q = _padded_query(_project(x, self.q_proj).unflatten(-1, (self.n_heads, self.head_dim)), self.head_dim)
         extra = {} if documents is None else {"q_start": documents.start}
-        prefix = () if kv.k_prefix is None else (kv.k_prefix, kv.v_prefix, kv.prefix_pos)
-        return _differential(self, attention(q, kv.k, kv.v, positions, 0, *prefix, **extra))
+        k, v, k_pos = kv.k, kv.v, kv.pos
+        prefix = [] if kv.k_prefix is None else [kv.k_prefix, kv.v_prefix, kv.prefix_pos]
+        early = k.shape[1] - q.shape[1]  # YOCO: queries for the chunk's last positions only
+        if early:  # the chunk's earlier keys join the prefix
+            head = (k[:, :early], v[:, :early], k_pos[:, :early])
+            prefix = [torch.cat(t, 1) for t in zip(prefix, head)] if prefix else [t.contiguous() for t in head]
+            k, v = k[:, early:], v[:, early:]
+        return _differential(self, attention(q, k, v, positions, 0, *prefix, **extra))
 
 
 def _differential_parameters(layer: nn.Module, head_dim: int, depth: int):

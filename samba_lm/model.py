@@ -1,7 +1,9 @@
 """SambaLM: token embedding -> pre-norm residual sub-layers -> final RMSNorm -> (tied) LM head.
 
-Each sub-layer computes h = h + mixer(RMSNorm(h)) (or LayerNorm, `config.norm`), the mixer being Mamba, sliding-window attention,
-full attention or a SwiGLU MLP, as `config.layers` lists them. The residual stream h is kept in
+Each sub-layer computes h = h + mixer(RMSNorm(h)) (or LayerNorm, `config.norm`), the mixer being
+Mamba, sliding-window attention, full attention or a SwiGLU MLP (or SambaY's kinds, which hand a
+memory or keys and values up the stack in `Shared`), as `config.layers` lists them. The residual
+stream h is kept in
 float32 (float64 in a float64 model) whatever the compute dtype. The add of a sub-layer's output
 and the next norm are one op (`ops.add_rmsnorm`), so each sub-layer hands on its output and the next
 one adds it. Training, chunked prefill and token-by-token decode all run `forward`; they differ only
@@ -63,7 +65,9 @@ POSITION_WISE_KINDS = ("mlp", "gmu", "dcross")  # no state; a position's output 
 
 def _tail(n: int, h, delta, positions, documents, shared):
     """The last n positions of what the sub-layers above see (YOCO); the shared keys stay whole."""
-    cut = lambda t: None if t is None else t[:, -n:]  # noqa: E731
+    def cut(t):
+        return None if t is None else t[:, -n:]
+
     documents = None if documents is None else type(documents)(*(cut(t) for t in documents))
     return cut(h), cut(delta), cut(positions), documents, shared._replace(memory=cut(shared.memory))
 

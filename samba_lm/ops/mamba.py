@@ -42,7 +42,14 @@ def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
 
 
 def mamba_inner_reference(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                          A_log, D, conv_state=None, ssm_state=None, reset=None, gate=True):
+                          A_log, D, conv_state=None, ssm_state=None, reset=None):
+    return _composed(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+                     conv_state, ssm_state, reset, gate=True)
+
+
+def _composed(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+              conv_state, ssm_state, reset, gate: bool):
+    """The mixer from the ops `causal_conv1d` and `selective_scan`; gate=False leaves out y * silu(z)."""
     x, z = xz.chunk(2, dim=-1)
     z = z if gate else None
     real = None if positions is None else (positions >= 0)[..., None].to(x.dtype)
@@ -78,7 +85,7 @@ def mamba_inner_ungated(xz, positions, conv_weight, conv_bias, x_proj_weight, dt
     memory layer hands to its gated memory units. The composed ops (each dispatching on its own)."""
     args = _checked("mamba_inner_ungated", xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                     dt_proj_bias, A_log, D, conv_state, ssm_state, reset)
-    return mamba_inner_reference(*args, gate=False)
+    return _composed(*args, gate=False)
 
 
 def _checked(op, xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,

@@ -93,6 +93,9 @@ def test_cross_layers_keep_no_state_and_share_the_growing_cache():
     state = model.init_state(2)
     assert [r is None for r in state.layers] == [False, True, False, True, True, True, True, True, True, True]
     assert_stream_invariants(model, torch.randint(0, 97, (2, 15)), ([0, 4, 9, 15], range(16)))
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 15)), state=state)
+    assert state.layers[2].length == 15  # the shared cache counts each token once
 
 
 def test_cross_layers_need_a_global_layer_below_and_no_rope():

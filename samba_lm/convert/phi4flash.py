@@ -61,7 +61,7 @@ def phi4flash_config(values: dict) -> SambaConfig:
         raise ValueError(f"num_hidden_layers={blocks}: SambaY's schedule needs a multiple of 4")
     window = values["sliding_window"]
     if isinstance(window, list):  # the config class expands it per layer (None where there is none)
-        window = next(w for w in window if w is not None)
+        window = next((w for w in window if w is not None), None)
     dt_rank = values.get("mamba_dt_rank", "auto")
     return SambaConfig(
         name=values.get("_name_or_path") or MODEL_TYPE, layers=sambay_layers(blocks), d_model=d, n_heads=heads,

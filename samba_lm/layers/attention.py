@@ -43,7 +43,7 @@ class Attention(nn.Module):
     def forward(self, x, positions, state=None, documents=None):
         batch, T, _ = x.shape
         q, k, v = self._heads(x, positions, documents)
-        out = self._attend(q, k, v, positions, state, documents)
+        out = self._attend(q, k, v, positions, documents, state.reserve(T) if state is not None else None)
         return _project(out.reshape(batch, T, self.n_heads * self.head_dim), self.out_proj)
 
     def _heads(self, x, positions, documents):
@@ -54,11 +54,12 @@ class Attention(nn.Module):
         angles = positions if documents is None else positions - documents.start
         return qkv_rope(qkv, angles, self.n_heads, self.n_kv_heads, self.rope_base)
 
-    def _attend(self, q, k, v, positions, state, documents):
+    def _attend(self, q, k, v, positions, documents, cache=None):
+        """Attention over the chunk, or over `cache` (a state's reserved buffers) and the chunk."""
         extra = {} if documents is None else {"q_start": documents.start}  # no key before a document's start
-        if state is None:
+        if cache is None:
             return attention(q, k, v, positions, self.window, **extra)
-        return attention_with_cache(q, k, v, positions, self.window, *state.reserve(q.shape[1]), **extra)
+        return attention_with_cache(q, k, v, positions, self.window, *cache, **extra)
 
 
 class DifferentialAttention(Attention):
@@ -82,12 +83,8 @@ class DifferentialAttention(Attention):
         self.cache_dim, self.eps = 2 * head_dim, eps
         _differential_parameters(self, head_dim, depth)
 
-    @torch.no_grad()
     def reset_parameters(self):
-        """The DIFF Transformer's: lambda vectors N(0, 0.1), subln weight 1."""
-        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
-            nn.init.normal_(p, std=0.1)
-        nn.init.ones_(self.subln_weight)
+        _reset_differential(self)
 
     share_kv = False  # a full layer with cross layers above: forward also returns its SharedKV
 
@@ -97,12 +94,12 @@ class DifferentialAttention(Attention):
         k = F.pad(_halves(k), (0, self.head_dim))
         v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], -1)  # [B, T, Hkv/2, 2 Dh]: [v1 | v2]
         v = torch.cat([v12, v12], 2)
-        if not self.share_kv:
-            return _differential(self, self._attend(q, k, v, positions, state, documents))
-        shared = SharedKV(k, v, positions, *(state.reserve(q.shape[1]) if state is not None else (None, None, None)))
-        if state is not None:  # the cache before this chunk, for the cross layers
-            shared = shared._replace(prefix_pos=shared.prefix_pos.clone())
-        return _differential(self, self._attend(q, k, v, positions, state, documents)), shared
+        cache = state.reserve(q.shape[1]) if state is not None else None
+        if self.share_kv:  # the cross layers read the cache as it is before the op adds this chunk to it
+            k_cache, v_cache, cache_pos = cache if cache is not None else (None, None, None)
+            shared = SharedKV(k, v, positions, k_cache, v_cache, None if cache is None else cache_pos.clone())
+        out = _differential(self, self._attend(q, k, v, positions, documents, cache))
+        return (out, shared) if self.share_kv else out
 
 
 class SharedKV(NamedTuple):
@@ -130,7 +127,8 @@ class CrossDifferentialAttention(nn.Module):
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         _differential_parameters(self, head_dim, depth)
 
-    reset_parameters = DifferentialAttention.reset_parameters
+    def reset_parameters(self):
+        _reset_differential(self)
 
     def init_state(self, batch_size, device=None, dtype=None):
         return None
@@ -156,6 +154,14 @@ def _differential_parameters(layer: nn.Module, head_dim: int, depth: int):
         nn.Parameter(torch.empty(head_dim)) for _ in range(4))
     layer.subln_weight = nn.Parameter(torch.empty(2 * head_dim))
     layer.reset_parameters()
+
+
+@torch.no_grad()
+def _reset_differential(layer: nn.Module):
+    """The DIFF Transformer's: lambda vectors N(0, 0.1), subln weight 1."""
+    for p in (layer.lambda_q1, layer.lambda_k1, layer.lambda_q2, layer.lambda_k2):
+        nn.init.normal_(p, std=0.1)
+    nn.init.ones_(layer.subln_weight)
 
 
 def _padded_query(q, head_dim: int):

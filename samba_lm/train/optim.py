@@ -22,7 +22,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps
                   {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
     else:
         groups = [{"params": [p for _, p in named], "weight_decay": weight_decay}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
+    # fused: one multi-tensor kernel per step, where foreach makes a pass per operation (samba-421m on
+    # an H200: 9.3 ms of a 227 ms step with foreach); FSDP2's DTensor parameters take it too.
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:

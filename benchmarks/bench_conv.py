@@ -3,9 +3,12 @@ built by build_peers.sh) in the same run, at Mamba's training sizes (d_inner 409
 
     python benchmarks/bench_conv.py --out results/
 
-For each (B, L) it times the forward alone and forward+backward (median ms, triton.testing.do_bench)
-for every (BLOCK_T, BLOCK_E, warps) of the forward and of the backward, reports the best of each
-against the shipped tiles (`ConvTuning` in ops/triton_conv.py) and the peer, and writes
+For each (B, L) it times the forward alone and forward+backward (median ms, triton.testing.do_bench),
+the latter with each backward (fused and two-pass) at its shipped tiles (`ConvTuning` in
+ops/triton_conv.py). At the first shape it sweeps each field on its own, the others as shipped: the
+forward's (BLOCK_T, BLOCK_E, warps), the two-pass backward's, the fused backward's (rows loaded ahead,
+BLOCK_E, warps) and then, with the best of those, its steps a program (fused_tiles_per_program x
+rows); it reports the best of each against the shipped tiles and the peer, and writes
 bench_conv.json. Floors: bytes / measured copy bandwidth, with the forward reading x and writing y,
 the backward reading x and dy and writing dx (bf16 each; the float32 dpre of our two-pass backward
 is extra traffic the floor does not grant).
@@ -29,7 +32,11 @@ from samba_lm import ops  # noqa: E402
 from samba_lm.ops import tuning  # noqa: E402
 
 E, K = 4096, 4
-TILES = list(itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8)))  # (BLOCK_T, BLOCK_E, warps)
+TILES = [tile for tile in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8))  # (BLOCK_T, BLOCK_E, warps)
+         if tile[0] * tile[1] <= 128 * 32 * tile[2]]  # over 128 elements a thread: spills
+FUSED_TILES = [(rows, block_e, warps) for rows in (2, 4, 8)
+               for block_e, warps in ((128, 1), (256, 1), (256, 2), (512, 2), (1024, 4))]
+FUSED_STEPS = (128, 256, 512)  # time steps a program of the fused backward
 
 
 def timed(fn, args, backward: bool) -> float:
@@ -38,18 +45,27 @@ def timed(fn, args, backward: bool) -> float:
                          fwd_bwd(fn, {k: v.clone() for k, v in args.items()}, {"x", "weight", "bias"}), rep=50)
 
 
-def sweep(args, field: str, backward: bool) -> dict:
-    """Milliseconds per tile of one field (fwd_tile or bwd_tile), the other left as shipped."""
+def sweep(args, field: str, values, backward: bool, **fixed) -> dict:
+    """Milliseconds per value of one ConvTuning field, the others as shipped or as `fixed`."""
     times = {}
-    for tile in TILES:
-        if tile[0] * tile[1] > 128 * 32 * tile[2]:  # over 128 elements a thread: spills
-            continue
+    for value in values:
         try:
-            with ops.tuned(conv={field: tile}):
-                times[str(tile)] = timed(ops.causal_conv1d, args, backward)
+            with ops.tuned(conv={**fixed, field: value}):
+                times[value] = timed(ops.causal_conv1d, args, backward)
         except Exception as e:  # out of resources
-            print(f"{field} {tile}: failed ({type(e).__name__})", flush=True)
+            print(f"{field} {value}: failed ({type(e).__name__})", flush=True)
     return times
+
+
+def sweeps(args, backward: bool) -> dict:
+    if not backward:
+        return {"fwd_tile": sweep(args, "fwd_tile", TILES, False)}
+    out = {"bwd_tile": sweep(args, "bwd_tile", TILES, True, fused_backward=False),
+           "fused_tile": sweep(args, "fused_tile", FUSED_TILES, True, fused_backward=True)}
+    tile = min(out["fused_tile"], key=out["fused_tile"].get)
+    out["fused_tiles_per_program"] = sweep(args, "fused_tiles_per_program", [s // tile[0] for s in FUSED_STEPS],
+                                           True, fused_backward=True, fused_tile=tile)
+    return out
 
 
 def main():
@@ -71,18 +87,25 @@ def main():
         args = dict(x=x, weight=torch.randn(E, K, device="cuda"), bias=torch.randn(E, device="cuda"))
         for mode in ("fwd", "fwd+bwd"):
             backward = mode == "fwd+bwd"
+            t = tuning.current("conv")
             row = dict(B=batch, L=L, mode=mode, floor_ms=2 * x.numel() * (5 if backward else 2) / bw * 1e3,
                        shipped_ms=timed(ops.causal_conv1d, args, backward),
-                       shipped_tiles=[tuning.current("conv").fwd_tile, tuning.current("conv").bwd_tile])
+                       shipped=dict(fwd_tile=t.fwd_tile, bwd_tile=t.bwd_tile, fused_backward=t.fused_backward,
+                                    fused_tile=t.fused_tile, fused_tiles_per_program=t.fused_tiles_per_program))
+            if backward:
+                for name, fused in (("two_pass_ms", False), ("fused_ms", True)):
+                    with ops.tuned(conv=dict(fused_backward=fused)):
+                        row[name] = timed(ops.causal_conv1d, args, True)
             if peer is not None:
                 pargs = dict(x=x.transpose(1, 2).contiguous(), weight=args["weight"], bias=args["bias"], activation="silu")
                 row["peer_ms"] = median_ms((lambda: peer(**pargs)) if not backward else
                                            fwd_bwd(peer, {k: v.clone() if torch.is_tensor(v) else v
                                                           for k, v in pargs.items()}, {"x", "weight", "bias"}), rep=50)
             if not a.no_sweep and shape == a.shapes.split(",")[0]:  # the sweep at the first shape
-                times = sweep(args, "bwd_tile" if backward else "fwd_tile", backward)
-                row["sweep"] = times
-                row["best_tile"], row["best_ms"] = min(times.items(), key=lambda kv: kv[1])
+                swept = sweeps(args, backward)
+                row["sweep"] = {field: {str(v): ms for v, ms in times.items()} for field, times in swept.items()}
+                best = {field: min(times, key=times.get) for field, times in swept.items() if times}
+                row["best"] = {field: [str(v), swept[field][v]] for field, v in best.items()}
             rows.append(row)
             print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
             torch.cuda.empty_cache()
@@ -90,12 +113,13 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_conv.json").write_text(json.dumps({"rows": rows, "copy_bw": bw,
                                                      "device": torch.cuda.get_device_name()}, indent=1))
-    print("| B | L | pass | shipped ms | best ms (tile) | causal_conv1d ms | floor ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| B | L | pass | shipped ms | two-pass ms | fused ms | best ms (field: value) | causal_conv1d ms | floor ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in rows:
-        print(f"| {r['B']} | {r['L']} | {r['mode']} | {r['shipped_ms']:.3f} | "
-              f"{r.get('best_ms', float('nan')):.3f} {r.get('best_tile', '')} | "
-              f"{r.get('peer_ms', float('nan')):.3f} | {r['floor_ms']:.3f} |")
+        best = "; ".join(f"{ms:.3f} ({field}: {v})" for field, (v, ms) in r.get("best", {}).items())
+        print(f"| {r['B']} | {r['L']} | {r['mode']} | {r['shipped_ms']:.3f} | {r.get('two_pass_ms', nan):.3f} | "
+              f"{r.get('fused_ms', nan):.3f} | {best} | {r.get('peer_ms', nan):.3f} | {r['floor_ms']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,12 @@ def conv_train_and_step():
         ops.causal_conv1d(r(2, 1, 24), w.detach(), b.detach(), r(2, 24, 3))
 
 
+def conv_train():
+    x, w, b = r(2, 5, 8, grad=True), r(8, 4, grad=True), r(8, grad=True)
+    y, s = ops.causal_conv1d(x, w, b, r(2, 8, 3))
+    (y.sum() + s.sum()).backward()
+
+
 def attention_train():
     q, k, v = r(2, 19, 4, 16, grad=True), r(2, 19, 2, 16, grad=True), r(2, 19, 2, 16, grad=True)
     pos = torch.arange(19, device=DEVICE).expand(2, 19)
@@ -160,6 +166,7 @@ SCENARIOS = {
     "scan, time segments, inference": scan_inference_segments,
     "scan, decode step": scan_decode,
     "conv, training and decode step": conv_train_and_step,
+    "conv, two-pass backward, training": conv_train,
     "attention, training": attention_train,
     "attention, decode and prefill over a prefix": attention_decode_over_prefix,
     "rope, training": rope_train,
@@ -179,6 +186,7 @@ TUNING = {
                                                     backward_segment_programs_per_sm=10**6)),
     "scan, time segments, inference": dict(scan=dict(sequential_min_segment=8,
                                                      sequential_segment_programs_per_sm=10**6)),
+    "conv, two-pass backward, training": dict(conv=dict(fused_backward=False)),
     # On a GPU only tabled shapes take the few-rows kernel (the others go to cuBLAS): table this one, split in two.
     "rows matmul": dict(linear=dict(tiles={(16, 40, 64): (32, 64, 4, 1, 2)})),
 }

@@ -1,6 +1,6 @@
 """Document resets in the causal conv1d (issue 19): a row of packed documents convolves each document as
 if it ran alone (outputs, final state and every gradient), in the reference and in the Triton kernels
-(forward, the two-pass backward, the decode step), whole or streamed in chunks.
+(forward, the fused and the two-pass backward, the decode step), whole or streamed in chunks.
 
 The oracle runs each document by itself in float64: the first of a row continues initial_state
 (unless the row resets at t = 0), every later one starts from zeros; the final state is what the last
@@ -17,6 +17,10 @@ from samba_lm import ops
 triton = pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILE = (4, 8, 1)  # with E = 12 and T up to 13: several time and channel tiles, the last ones partial
+# The fused backward's programs: 2 blocks of 2 steps, their edges at the tiles' (T = 9, K = 3: the last
+# program's 3 steps).
+SMALL = dict(fwd_tile=SMALL_TILE, fused_tile=(2, 8, 1), fused_tiles_per_program=2)
+TWO_PASS = dict(bwd_tile=SMALL_TILE, fused_backward=False)  # the forward's small tiles: SMALL's cases
 
 
 def alone(x, weight, bias, initial_state, reset):
@@ -93,10 +97,11 @@ def test_reference_runs_each_document_alone(T, K, starts, with_state):
         assert torch.equal(got["dinitial_state"][reset[:, 0]], torch.zeros_like(got["dinitial_state"][reset[:, 0]]))
 
 
-@pytest.mark.parametrize("tile, dtype", [(None, torch.float32),  # the default tile, and many tiles a row
-                                         (SMALL_TILE, torch.float32), (SMALL_TILE, torch.bfloat16)])
+@pytest.mark.parametrize("conv, dtype", [({}, torch.float32),  # the default tiles, and many tiles a row
+                                         (SMALL, torch.float32), (SMALL, torch.bfloat16), (TWO_PASS, torch.float32)],
+                         ids=["shipped", "small", "small-bf16", "small-two-pass"])
 @pytest.mark.parametrize("T, K, starts", CASES)
-def test_triton_kernels_match_the_reference(T, K, starts, tile, dtype):
+def test_triton_kernels_match_the_reference(T, K, starts, conv, dtype):
     batch, E = 2, 12
     args, gy, gf = conv_args(batch, T, E, K, seed=T + K, with_state=True)
     reset = flags(batch, T, starts)
@@ -104,7 +109,7 @@ def test_triton_kernels_match_the_reference(T, K, starts, tile, dtype):
     exact = run(lambda reset, **a: alone(**a, reset=reset), args, reset, gy, gf)
     with ops.use_kernels("reference"):
         ref = run(ops.causal_conv1d, low, reset.to(DEVICE), gy, gf)
-    with ops.use_kernels("triton"), ops.tuned(conv=dict(fwd_tile=tile, bwd_tile=tile) if tile else {}):
+    with ops.use_kernels("triton"), ops.tuned(conv=conv):
         tri = run(ops.causal_conv1d, low, reset.to(DEVICE), gy, gf)
     slack = 1e-6 if dtype == torch.float32 else 1e-3
     for name in exact:
@@ -113,11 +118,12 @@ def test_triton_kernels_match_the_reference(T, K, starts, tile, dtype):
     assert torch.equal(tri["dinitial_state"][cut], torch.zeros_like(tri["dinitial_state"][cut]))
 
 
-def test_triton_without_any_reset_is_bit_for_bit_the_plain_conv():
+@pytest.mark.parametrize("conv", [SMALL, TWO_PASS], ids=["fused", "two-pass"])
+def test_triton_without_any_reset_is_bit_for_bit_the_plain_conv(conv):
     """reset=None, and all-False flags, run the same arithmetic as before resets existed."""
     args, gy, gf = conv_args(2, 13, 8, 4, seed=3, with_state=True)
     low = {k: v.to(DEVICE, torch.float32) for k, v in args.items()}
-    with ops.use_kernels("triton"), ops.tuned(conv=dict(fwd_tile=SMALL_TILE, bwd_tile=SMALL_TILE)):
+    with ops.use_kernels("triton"), ops.tuned(conv=conv):
         plain = run(lambda reset, **a: ops.causal_conv1d(**a), low, None, gy, gf)
         none = run(ops.causal_conv1d, low, None, gy, gf)
         unset = run(ops.causal_conv1d, low, torch.zeros(2, 13, dtype=torch.bool, device=DEVICE), gy, gf)

@@ -136,10 +136,17 @@ def test_scan_chunked_equals_whole_and_backward_is_deterministic(forward_kernel)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+# The defaults, and small tiles: many time and channel blocks (E = 70: the last partial), the fused
+# backward's programs 3 blocks of 8 steps (T = 77, K = 4: the last program's 8), or the two passes.
+CONV_TUNINGS = {"shipped": {},
+                "small": dict(fwd_tile=(16, 32, 2), fused_tile=(8, 64, 1), fused_tiles_per_program=3),
+                "small, two passes": dict(bwd_tile=(16, 32, 2), fused_backward=False)}
+
+
 @pytest.mark.parametrize("T, K, dtype, with_state", [(1, 4, torch.float32, True), (2, 4, torch.float32, True),
                                                      (77, 4, torch.float32, False), (70, 3, torch.bfloat16, True)])
-@pytest.mark.parametrize("tile", [None, (16, 32, 2)])  # the default, and one of many time and channel blocks
-def test_conv_values_and_gradients(T, K, dtype, with_state, tile):
+@pytest.mark.parametrize("conv", CONV_TUNINGS.values(), ids=CONV_TUNINGS.keys())
+def test_conv_values_and_gradients(T, K, dtype, with_state, conv):
     batch, E = 2, 70
     g = torch.Generator().manual_seed(T + K)
     exact = dict(x=torch.randn(batch, T, E, generator=g, dtype=torch.float64),
@@ -160,7 +167,7 @@ def test_conv_values_and_gradients(T, K, dtype, with_state, tile):
     exact_out = go(ops.causal_conv1d_reference, exact)
     with ops.use_kernels("reference"):
         ref_out = go(ops.causal_conv1d, low)
-    with ops.use_kernels("triton"), ops.tuned(conv=dict(fwd_tile=tile, bwd_tile=tile) if tile else {}):
+    with ops.use_kernels("triton"), ops.tuned(conv=conv):
         tri_out = go(ops.causal_conv1d, low)
     slack = 1e-6 if dtype == torch.float32 else 1e-3
     for i, (tri, ref, ex) in enumerate(zip(tri_out, ref_out, exact_out)):

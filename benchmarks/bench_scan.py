@@ -4,6 +4,7 @@
     python benchmarks/bench_scan.py --out results/          # the issue's table
     python benchmarks/bench_scan.py --sweep                 # shapes of the Triton scan kernels
     python benchmarks/bench_scan.py --sweep-training-segments   # training with few rows: time segments
+    python benchmarks/bench_scan.py --sweep-occupancy       # training: register caps x time segments
 
 Reports median milliseconds (triton.testing.do_bench), the ratio to the peer, and the ratio to a
 floor: the larger of bytes / measured copy bandwidth and exponentials / measured exp rate.
@@ -268,6 +269,50 @@ def sweep_training_segments():
     return results
 
 
+def _target_for(segments: int, programs: int, sms: int) -> int:
+    """The smallest programs-per-SM target for which `_segments` splits time into `segments`."""
+    return next(k for k in range(1, 10**4) if triton.cdiv(k * sms, programs) >= segments)
+
+
+def sweep_occupancy():
+    """Training at the presets' scan shapes: the step-at-a-time kernels' register caps (more programs
+    resident per SM) against their time segments, the forward (its carries saved) and the backward
+    (forward+backward less that forward, in the same configuration) each on their own."""
+    grads = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    for batch, e in [(8, 3072), (8, 4096), (4, 4096), (8, 2048)]:
+        args = scan_inputs(batch, 4096, E=e)
+        programs = batch * triton.cdiv(e, triton_scan.ScanTuning().sequential_forward[0])
+
+        def times(scan):
+            with ops.use_kernels("triton"), ops.tuned(scan=scan):
+                leaves = {k: v.clone().requires_grad_(k in grads) for k, v in args.items()}
+                fwd = median_ms(lambda: ops.selective_scan(**leaves), rep=50)
+                fb = median_ms(fwd_bwd(ops.selective_scan, {k: v.clone() for k, v in args.items()}, grads), rep=50)
+            return fwd, fb
+
+        default = times({})
+        for regs in (0, 168, 128):
+            for segs in (1, 2, 3, 4, 5, 6, 8):
+                target = _target_for(segs, programs, sms)
+                row = dict(B=batch, E=e, programs_per_sm=programs / sms, max_registers=regs, segments=segs,
+                           default_fwd_ms=default[0], default_fwd_bwd_ms=default[1])
+                try:  # the forward in `segs` segments; then the backward in `segs`, after the default forward's
+                    row["fwd_ms"] = times(dict(training_segment_below_programs_per_sm=10**6 if segs > 1 else 0,
+                                               sequential_segment_programs_per_sm=target,
+                                               training_max_registers=(regs, 0)))[0]
+                    fwd, fb = times(dict(training_segment_below_programs_per_sm=10**6,
+                                         backward_segment_programs_per_sm=target, training_max_registers=(0, regs)))
+                    row["bwd_ms"] = fb - fwd
+                except Exception as err:  # out of resources
+                    row["error"] = f"{type(err).__name__}: {err}"[:200]
+                results.append(row)
+                print(row, flush=True)
+        torch.cuda.empty_cache()
+    return results
+
+
 def sweep_paths():
     """Training (forward+backward): the step-at-a-time kernels against the chunked ones as the programs
     per SM grow, to place `sequential_min_programs_per_sm`."""
@@ -331,6 +376,8 @@ def main():
     p.add_argument("--sweep-segments", action="store_true", help="time segments of inference forwards with few rows")
     p.add_argument("--sweep-training-segments", action="store_true",
                    help="training with few rows: time segments against one walk and the chunked kernels")
+    p.add_argument("--sweep-occupancy", action="store_true",
+                   help="training: the step-at-a-time kernels' register caps against their time segments")
     p.add_argument("--sweep-paths", action="store_true",
                    help="training: step-at-a-time against chunked kernels as rows x channels grow")
     args = p.parse_args()
@@ -341,6 +388,9 @@ def main():
         return
     if args.sweep_training_segments:
         (out / "scan_training_segments_sweep.json").write_text(json.dumps(sweep_training_segments()))
+        return
+    if args.sweep_occupancy:
+        (out / "scan_occupancy_sweep.json").write_text(json.dumps(sweep_occupancy()))
         return
     if args.sweep_paths:
         (out / "scan_paths_sweep.json").write_text(json.dumps(sweep_paths()))

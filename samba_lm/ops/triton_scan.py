@@ -723,6 +723,13 @@ class ScanTuning(tuning.Tuning):
     6.17); B2 E4096 3.40 / 3.46 / 3.00 / 2.74 against 6.87; B4 E4096 and B8 E2048 (3.9 programs per
     SM) 5.46 / 5.93 / 5.38 / 5.24 against 7.24; B8 E3072 (5.8) 8.04 / 8.83 / 8.54 / 7.75 against
     8.15; B8 E4096 (7.8, above the threshold) 9.13 / 9.95 / 9.64 / 9.80 against 8.62."""
+    training_max_registers: tuple[int, int] = (0, 0)
+    """Registers per thread the step-at-a-time training kernels may use, (forward, backward); 0: the
+    compiler's choice. Fewer registers would let more one-warp programs share an SM, and these kernels
+    are bound by latency (H200 Nsight Compute, B8 E3072: the backward at 239 registers holds 8 programs
+    per SM, 1.9 warps per scheduler, and issues on 47% of cycles). Measured, no cap pays: bench_scan.py
+    --sweep-occupancy (H200, 2026-12-02) at 168 gives the backward within noise of the compiler's
+    choice at every shape and segment count, and 128 spills (B8 E3072 one walk: 9.54 ms against 6.34)."""
 
 
 def _config(t: ScanTuning, E: int, N: int, which: str = "fwd"):
@@ -771,7 +778,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
         segments = triton.cdiv(T, seg)
         ends = torch.empty(batch, segments, N, E, device=u.device, dtype=torch.float32)
         dts = torch.empty(batch, segments, E, device=u.device, dtype=torch.float32)
-        launch = dict(BLOCK_E=seq_e, CARRY_T=carry_t, STEPS=t.sequential_steps, num_warps=seq_warps)
+        launch = dict(BLOCK_E=seq_e, CARRY_T=carry_t, STEPS=t.sequential_steps, num_warps=seq_warps,
+                      **_max_registers(t.training_max_registers[0] if save_carries else 0))
         tail = (B.stride(2), C.stride(2), 0, seg, segments)
         programs = (batch, triton.cdiv(E, seq_e))
         if segments > 1:  # PASS 1's states start from zero: none of them is a carry
@@ -784,6 +792,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
         _scan_fwd_kernel[(batch, triton.cdiv(E, block_e))](
             *args, *strides, **flags, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=warps)
     return y, final, carries
+
+
+def _max_registers(n: int) -> dict:
+    """The launch option capping a kernel's registers per thread at n (none for 0, or in the interpreter)."""
+    return dict(maxnreg=n) if n and not interpreting() else {}
 
 
 def _forward_outputs(t: ScanTuning, u, A, save_carries: bool):
@@ -893,7 +906,7 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, res
         scratch = torch.empty(batch * segments, n_sb, carry_t, block_n, seq_e, **f32)  # a carry segment's states
         qs = torch.empty(batch, segments, N, E, **f32)  # PASS 1: each segment's state gradient, and sum of dt
         dts = torch.empty(batch, segments, E, **f32)
-        tile = dict(BLOCK_E=seq_e, num_warps=seq_warps)
+        tile = dict(BLOCK_E=seq_e, num_warps=seq_warps, **_max_registers(t.training_max_registers[1]))
         if segments > 1:
             _scan_bwd_seq_q_kernel[(batch, n_sb, segments - 1)](
                 delta, A.contiguous(), C, z if z is not None else dummy,

@@ -14,7 +14,6 @@ from samba_lm.sampling import Sampling
 from samba_lm.serving import GenerationRequest, QueueFull, Scheduler, SchedulerClosed
 from samba_lm.serving.batch import buckets
 from samba_lm.serving.prefill import PrefillBatch, length_buckets
-from samba_lm.serving.request import wake
 
 from conftest import small_model
 
@@ -366,22 +365,3 @@ def test_a_row_without_top_k_or_top_p_has_no_floor():
                              torch.tensor([1.0, 1.0, 0.5]))
     assert floor[0] == float("-inf")
     assert floor[1] == logits[1].sort(descending=True).values[4] and floor[2] > float("-inf")
-
-
-def test_a_steps_wake_ups_cost_one_call_per_event_loop():
-    """The scheduler wakes a step's streams together: each loop gets one call that sets all its events."""
-    calls = []
-
-    class Loop:
-        def call_soon_threadsafe(self, callback, *args):
-            calls.append(self)
-            callback(*args)
-
-    class Closed:
-        def call_soon_threadsafe(self, callback, *args):
-            raise RuntimeError("Event loop is closed")
-
-    a, b = Loop(), Loop()
-    events = [(a, asyncio.Event()), (b, asyncio.Event()), (a, asyncio.Event()), (Closed(), asyncio.Event())]
-    wake(events)
-    assert calls == [a, b] and all(e.is_set() for _, e in events[:3]) and not events[3][1].is_set()

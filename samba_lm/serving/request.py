@@ -151,18 +151,13 @@ class RequestHandle:
                 self._events.remove(waiter)
 
     # ------------------------------------------------------------------ writing (the scheduler thread)
-    def _deliver(self, token: int, wakeups: list | None = None):
-        """Append a token and wake the readers; with `wakeups`, their asyncio events are added to it
-        instead, for the caller to set with all of a step's at once (`wake`)."""
+    def _deliver(self, token: int):
         with self._cond:
             self._out.append(token)
             self.token_times.append(time.perf_counter())
             self._cond.notify_all()
             events = list(self._events)
-        if wakeups is None:
-            wake(events)
-        else:
-            wakeups.extend(events)
+        _set(events)
 
     def _finish(self, reason: str, error: BaseException | None = None) -> bool:
         """End the request (once; False if it had ended)."""
@@ -172,26 +167,16 @@ class RequestHandle:
             self.error, self.finish_reason = error, reason
             self._cond.notify_all()
             events = list(self._events)
-        wake(events)
+        _set(events)
         return True
 
     def __repr__(self) -> str:
         return (f"RequestHandle(id={self.id}, tokens={len(self._out)}, finish_reason={self.finish_reason!r})")
 
 
-def wake(events):
-    """Set asyncio events from another thread: one call_soon_threadsafe per loop, whatever their number
-    (each call writes to the loop's wake-up pipe, and 64 streams would wake a loop 64 times a step)."""
-    by_loop: dict = {}
+def _set(events):
     for loop, event in events:
-        by_loop.setdefault(loop, []).append(event)
-    for loop, loop_events in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_set_all, loop_events)
+            loop.call_soon_threadsafe(event.set)
         except RuntimeError:  # the loop has closed: its reader is gone
             pass
-
-
-def _set_all(events):
-    for event in events:
-        event.set()

@@ -45,7 +45,7 @@ from ..model import SambaLM
 from ..sampling import Sampling, row_seeds
 from .batch import HostRead, SlotBatch, host_list
 from .prefill import PrefillBatch
-from .request import GenerationRequest, RequestHandle, checked, wake
+from .request import GenerationRequest, RequestHandle, checked
 
 __all__ = ["GenerationRequest", "QueueFull", "RequestHandle", "Scheduler", "SchedulerClosed", "SchedulerStats"]
 
@@ -348,20 +348,14 @@ class Scheduler:
             self._steps += 1
 
     def _deliver(self, step: _Step):
-        """A step's tokens to the requests that held its rows (one that ended since gets none), their
-        streams woken together."""
-        wakeups = []
-        try:
-            for running, token in zip(step.rows, step.tokens.values()):
-                if not running.handle.done:
-                    self._emit(running, token, wakeups)
-        finally:
-            wake(wakeups)
+        """A step's tokens to the requests that held its rows; one that ended since gets none."""
+        for running, token in zip(step.rows, step.tokens.values()):
+            if not running.handle.done:
+                self._emit(running, token)
 
-    def _emit(self, running: _Running, token: int, wakeups: list | None = None):
-        """Deliver a token (its readers' wake-ups added to `wakeups` if given); end the request after a
-        stop token or its max_tokens-th token."""
-        running.handle._deliver(token, wakeups)
+    def _emit(self, running: _Running, token: int):
+        """Deliver a token; end the request after a stop token or its max_tokens-th token."""
+        running.handle._deliver(token)
         running.generated += 1
         with self._cond:
             self._tokens += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import load_for_inference, resolve_device
+from .loading import resolve_device
 from .options import DEVICE_HELP, HelpFormatter, ListOption, check_out_dir
 
 
@@ -45,7 +45,8 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
-    from .data import eos_id
+    from .data import eos_id, load_tokenizer
+    from .loading import load_model_and_tokenizer_path, stop_token_ids
     from .engine import check_generation_args
     from .generation import generate_stream
 
@@ -54,13 +55,16 @@ def cmd_generate(args):
     if args.sync_every < 1:
         raise ValueError(f"--sync-every must be a positive int (decode steps between reads), got {args.sync_every}")
     device = resolve_device(args.device)
-    model, tokenizer = load_for_inference(args.model, device)
-    if tokenizer is None:
+    model, tokenizer_path = load_model_and_tokenizer_path(args.model, device)
+    if tokenizer_path is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model} or at the top of its run: "
                                 "cannot encode the prompt")
+    tokenizer = load_tokenizer(tokenizer_path)
     prompt = tokenizer.encode(args.prompt).ids or [eos_id(tokenizer)]
-    stream = generate_stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             args.seed, stop_tokens=[eos_id(tokenizer)], cuda_graph=False if args.no_cuda_graph else None,
+    # A Hugging Face checkpoint's generation_config.json may name more (Phi-4's <|end|>).
+    stops = list(dict.fromkeys([eos_id(tokenizer), *stop_token_ids(tokenizer_path.parent)]))
+    stream = generate_stream(model.eval(), [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             args.seed, stop_tokens=stops, cuda_graph=False if args.no_cuda_graph else None,
                              sync_every=args.sync_every)
     sys.stdout.write(args.prompt)
     new, shown = [], ""
@@ -160,14 +164,16 @@ def cmd_convert(args):
         raise ValueError("--to phi4flash: samba-lm reads Phi-4-mini-flash checkpoints but does not write them")
     if args.from_format == "phi4flash":
         from .checkpoint import save_pretrained
+        from .loading import TOKENIZER_SIDE_FILES
         from .convert.phi4flash import from_phi4flash, is_phi4flash
 
         if not is_phi4flash(args.source):
             raise ValueError(f"--from phi4flash: {args.source} has no config.json with model_type 'phi4flash'")
         check_out_dir(args.out, "--out")
         save_pretrained(from_phi4flash(args.source), args.out)
-        if (Path(args.source) / "tokenizer.json").is_file():
-            shutil.copyfile(Path(args.source) / "tokenizer.json", Path(args.out) / "tokenizer.json")
+        for name in TOKENIZER_SIDE_FILES:  # the tokenizer, its chat template and end-of-turn tokens
+            if (Path(args.source) / name).is_file():
+                shutil.copyfile(Path(args.source) / name, Path(args.out) / name)
     elif args.from_format == "official":
         from .convert.official import from_official
 

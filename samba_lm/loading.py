@@ -13,6 +13,7 @@ CLI, the evaluations and the server load the same way.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from .model import SambaLM
 from .options import first_line
 
 TOKENIZER_FILE = "tokenizer.json"  # at a run's top, and beside an exported model's config.json
+GENERATION_CONFIG_FILE = "generation_config.json"  # a Hugging Face checkpoint's: its end-of-turn tokens
+# What travels with tokenizer.json when a Hugging Face checkpoint is converted: the chat template
+# (tokenizer_config.json, or chat_template.jinja) and the end-of-turn tokens.
+TOKENIZER_SIDE_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja", GENERATION_CONFIG_FILE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -164,3 +169,14 @@ def _check_cuda(name: str, device: torch.device):
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
         raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def stop_token_ids(directory: str | os.PathLike) -> tuple[int, ...]:
+    """The eos_token_id of generation_config.json in `directory` (an int or a list: Phi-4's assistant
+    turns end at <|end|>, its text at <|endoftext|>), or () without one."""
+    path = Path(directory) / GENERATION_CONFIG_FILE
+    ids = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    ids = [ids] if isinstance(ids, int) else ids or []
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {ids!r}")
+    return tuple(ids)

@@ -203,3 +203,36 @@ def test_convert_from_phi4flash(checkpoint, tmp_path):
     with torch.no_grad():
         a, b = samba_lm.load_pretrained(path)(ids).logits, samba_lm.load_pretrained(tmp_path / "ours")(ids).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _with_tokenizer_files(path, eos_ids):
+    """A word-level tokenizer.json within the vocabulary, a chat template and generation_config.json's
+    end-of-turn ids beside the checkpoint, as the release ships them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<|endoftext|>", "<|end|>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids}))
+    return tokenizer
+
+
+def test_generate_on_the_checkpoint_directory_stops_at_its_end_of_turn(checkpoint, tmp_path, capsys):
+    """`samba-lm generate` on the downloaded directory, and on its conversion (which takes the tokenizer
+    files along): greedy text that stops at generation_config.json's end-of-turn token."""
+    source, tensors = checkpoint
+    path = write_checkpoint(tmp_path / "hf", tensors)
+    prompt = [5, 9, 11]
+    new = samba_lm.generate(samba_lm.load_pretrained(path), [prompt], max_new_tokens=12)[0][3:].tolist()
+    stop_at = next(i for i, t in enumerate(new) if t not in new[:i] and i >= 2)  # a first occurrence
+    tokenizer = _with_tokenizer_files(path, [0, new[stop_at]])
+    assert cli.main(["convert", "--from", "phi4flash", str(path), "--out", str(tmp_path / "ours")]) in (0, None)
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir() if "token" in p.name or "generation" in p.name) == [
+        "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    text = tokenizer.decode(prompt)
+    for model in (path, tmp_path / "ours"):
+        cli.main(["generate", "--model", str(model), "--prompt", text, "--max-new-tokens", "12", "--device", "cpu"])
+        assert capsys.readouterr().out == text + tokenizer.decode(new[:stop_at + 1]) + "\n"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,6 +21,8 @@ DEFAULT_MAX_TOKENS = 16
 # OpenAI fields this server does not implement, accepted at their no-op values only.
 NO_OP_FIELDS = {"n": (1,), "best_of": (None, 1), "echo": (False,), "logprobs": (None,), "suffix": (None,),
                 "logit_bias": (None, {}), "frequency_penalty": (0.0,), "presence_penalty": (0.0,)}
+CHAT_NO_OP_FIELDS = {"logprobs": (False,), "top_logprobs": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+                     "response_format": (None, {"type": "text"})}
 
 
 class ApiError(Exception):
@@ -40,13 +42,15 @@ def validation_error(errors: Sequence[dict]) -> ApiError:
     """The 400 for pydantic's (or FastAPI's) list of errors: the first one, naming its field."""
     error = errors[0]
     loc = [part for part in error.get("loc", ()) if part != "body"]
+    if not loc and error.get("type") == "value_error":  # a rule across fields (its message names them)
+        return ApiError(400, str(error.get("msg")).removeprefix("Value error, "), None, "invalid_value")
     if not loc:
         return ApiError(400, f"the request body must be a JSON object ({error.get('msg', 'invalid')})", None,
                         error.get("type"))
     param = str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
     if error.get("type") == "extra_forbidden":
-        return ApiError(400, f"unknown field {param!r} (this server takes OpenAI's completion fields and the "
-                             "extensions top_k, stop_token_ids, ignore_eos)", param, "extra_forbidden")
+        return ApiError(400, f"unknown field {param!r} (this server takes OpenAI's fields for this endpoint and "
+                             "the extensions top_k, stop_token_ids, ignore_eos)", param, "extra_forbidden")
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     if error.get("type") != "missing" and "input" in error:
         got = repr(error["input"])
@@ -59,13 +63,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. `prompt` becomes a str or a list of token ids (a list holding one of either
-    is unwrapped); `stop` becomes a list of strings."""
+class _GenerationRequest(BaseModel):
+    """The fields the completion and chat requests share."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: str | list[int]
     model: str | None = None
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float = Field(1.0, ge=0)  # OpenAI's default; 0 is greedy
@@ -80,10 +82,6 @@ class CompletionRequest(BaseModel):
     user: str | None = None  # accepted and ignored, as an identifier only
     # OpenAI's fields this server does not implement: refused unless at their no-op value.
     n: int = 1
-    best_of: int | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -92,6 +90,41 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and any(s == "" for s in value):
+            raise ValueError("a stop string must not be empty")
+        return value
+
+    no_op_fields: ClassVar[dict] = {}  # each endpoint's fields accepted at their no-op values only
+
+    @field_validator(*NO_OP_FIELDS, *CHAT_NO_OP_FIELDS, check_fields=False)
+    @classmethod
+    def _no_op_only(cls, value, info):
+        allowed = cls.no_op_fields[info.field_name]
+        if value not in allowed:  # the request model is strict: no bool arrives as an int
+            raise ValueError(f"{info.field_name} is not supported by this server (only "
+                             f"{' or '.join(json.dumps(ok) for ok in allowed)})")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions. `prompt` becomes a str or a list of token ids (a list holding one of either
+    is unwrapped); `stop` becomes a list of strings."""
+
+    no_op_fields: ClassVar[dict] = NO_OP_FIELDS
+    prompt: str | list[int]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -109,31 +142,61 @@ class CompletionRequest(BaseModel):
             raise ValueError("the prompt is empty")
         return value
 
-    @field_validator("stop", mode="before")
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A message as the template sees it: its role, its text (a list of text parts is joined with
+    newlines, as vLLM does for templates that take strings) and an optional name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
     @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        value = [value] if isinstance(value, str) else value
-        if isinstance(value, list) and any(s == "" for s in value):
-            raise ValueError("a stop string must not be empty")
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            other = next((p for p in value if not (isinstance(p, dict) and p.get("type") == "text")), None)
+            if other is not None:
+                kind = other.get("type") if isinstance(other, dict) else type(other).__name__
+                raise ValueError(f"only text content parts are supported (got a part of type {kind!r})")
         return value
 
-    @field_validator(*NO_OP_FIELDS)
-    @classmethod
-    def _no_op_only(cls, value, info):
-        allowed = NO_OP_FIELDS[info.field_name]
-        if value not in allowed:  # the request model is strict: no bool arrives as an int
-            raise ValueError(f"{info.field_name} is not supported by this server (only "
-                             f"{' or '.join(json.dumps(ok) for ok in allowed)})")
-        return value
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+    def for_template(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": self.role, "content": content} | ({"name": self.name} if self.name is not None else {})
 
 
-def parse_completion_request(body: bytes) -> CompletionRequest:
-    """The request in `body`, read as JSON whatever the Content-Type says (curl -d sends a form's),
-    or the ApiError (400) that names what is wrong."""
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions. `max_completion_tokens` is OpenAI's newer name for max_tokens."""
+
+    no_op_fields: ClassVar[dict] = {**NO_OP_FIELDS, **CHAT_NO_OP_FIELDS}
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        if self.max_completion_tokens is not None:
+            if "max_tokens" in self.model_fields_set and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens disagree: give one of them")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+def parse_completion_request(body: bytes, kind: type[_GenerationRequest] = None) -> _GenerationRequest:
+    """The request in `body` (a CompletionRequest, or `kind`), read as JSON whatever the Content-Type
+    says (curl -d sends a form's), or the ApiError (400) that names what is wrong."""
     try:
         data = json.loads(body)
     except ValueError as e:  # JSONDecodeError, or bytes that are not text
@@ -141,7 +204,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
         raise ApiError(400, f"the request body is not valid JSON: {reason}{where}", None, "json_invalid") from None
     try:
-        return CompletionRequest.model_validate(data)
+        return (kind or CompletionRequest).model_validate(data)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
 
@@ -165,6 +228,24 @@ def completion(id_: str, model: str, text: str, finish_reason: str | None, creat
     if usage_ is not None:
         reply["usage"] = usage_
     return reply
+
+
+def chat_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def chat_completion(id_: str, model: str, text: str, finish_reason: str | None, created: int,
+                    usage_: dict) -> dict:
+    """A chat completion object: the assistant's message."""
+    return {"id": id_, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}], "usage": usage_}
+
+
+def chat_chunk(id_: str, model: str, delta: dict, finish_reason: str | None, created: int) -> dict:
+    """One stream chunk of a chat completion: `delta` holds the role (first chunk) or content."""
+    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
 
 def model_list(name: str, created: int, max_context: int | None) -> dict:

@@ -1,7 +1,8 @@
 """`samba-lm serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching
 Scheduler.
 
-POST /v1/completions (streaming or not), GET /v1/models, GET /health, GET /metrics (Prometheus).
+POST /v1/completions and, for a tokenizer with a chat template, POST /v1/chat/completions (each
+streaming or not); GET /v1/models, GET /health, GET /metrics (Prometheus).
 Every request is one scheduler handle: the event loop only validates, submits and relays tokens, so
 HTTP work never waits on the model and the model never waits on HTTP. A client that goes away
 cancels its handle, which frees its batch slot at the scheduler's next step.
@@ -36,11 +37,14 @@ except ImportError as e:  # an optional extra
 
 from .arguments import add_arguments
 from .metrics import Metrics
-from .protocol import (ApiError, CompletionRequest, TextStream, completion, completion_id, model_card, model_list,
-                       parse_completion_request, usage, validation_error)
+from .chat import ChatTemplate, ChatTemplateError
+from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, TextStream, chat_chunk, chat_completion,
+                       chat_completion_id, completion, completion_id, model_card, model_list, parse_completion_request,
+                       usage, validation_error)
 from .scheduler import GenerationRequest, QueueFull, SchedulerClosed
 
 EOS_TOKENS = ("<|endoftext|>", "</s>")  # the end-of-text token of this package's tokenizers, and Llama's
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 GENERATION_FAILED = ApiError(500, "generation failed on the server", None, "generation_failed", "server_error")
 
 
@@ -48,22 +52,26 @@ class Service:
     """What the endpoints share: the scheduler, the tokenizer, the limits, the metrics, the shutdown."""
 
     def __init__(self, scheduler, tokenizer, model_name: str, max_context: int | None, vocab_size: int,
-                 grace_s: float, retry_after_s: int):
+                 grace_s: float, retry_after_s: int, chat_template: ChatTemplate | None, eos: tuple[int, ...]):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.max_context, self.vocab_size = max_context, vocab_size
         self.grace_s, self.retry_after_s = grace_s, retry_after_s
-        self.eos = tuple(i for i in map(tokenizer.token_to_id, EOS_TOKENS) if i is not None)
+        self.chat_template = chat_template
+        self.eos = tuple(dict.fromkeys([*(i for i in map(tokenizer.token_to_id, EOS_TOKENS) if i is not None), *eos]))
         self.metrics, self.created = Metrics(), int(time.time())
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drain: threading.Thread | None = None
 
     # -- requests
-    def generation_request(self, body: CompletionRequest) -> GenerationRequest:
+    def generation_request(self, body: CompletionRequest | ChatCompletionRequest) -> GenerationRequest:
         """The scheduler's request for a validated body, or the ApiError that names what is wrong."""
         if body.model is not None and body.model != self.model_name:
             raise self.no_such_model(body.model)
-        ids = self.tokenizer.encode(body.prompt).ids if isinstance(body.prompt, str) else body.prompt
+        if isinstance(body, ChatCompletionRequest):
+            ids = self.tokenizer.encode(self.chat_prompt(body), add_special_tokens=False).ids  # as transformers does
+        else:
+            ids = self.tokenizer.encode(body.prompt).ids if isinstance(body.prompt, str) else body.prompt
         self.check_ids(ids, "prompt")
         self.check_ids(body.stop_token_ids, "stop_token_ids")
         if not ids:  # a prompt of nothing but characters the tokenizer drops
@@ -77,6 +85,17 @@ class Service:
         return GenerationRequest(prompt_ids=tuple(ids), max_tokens=body.max_tokens, temperature=body.temperature,
                                  top_k=body.top_k, top_p=None if body.top_p == 1 else body.top_p, seed=body.seed,
                                  stop_tokens=tuple(stops))
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> str:
+        """The conversation rendered by the tokenizer's chat template, the assistant's turn opened."""
+        if self.chat_template is None:
+            raise ApiError(400, "this model's tokenizer has no chat template (tokenizer_config.json's chat_template "
+                                "or chat_template.jinja beside tokenizer.json): use /v1/completions", "messages",
+                           "no_chat_template")
+        try:
+            return self.chat_template.render([m.for_template() for m in body.messages])
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), "messages", "chat_template_error") from None
 
     def check_ids(self, ids, param: str):
         bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
@@ -124,21 +143,23 @@ class Service:
 
 
 def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = None, *,
-              vocab_size: int | None = None, grace_s: float = 10.0, retry_after_s: int = 1) -> FastAPI:
+              vocab_size: int | None = None, grace_s: float = 10.0, retry_after_s: int = 1,
+              chat_template: ChatTemplate | None = None, eos_token_ids: tuple[int, ...] = ()) -> FastAPI:
     """The app over a started `scheduler`, which it owns: the app's shutdown shuts the scheduler down.
 
     tokenizer: a `tokenizers.Tokenizer` (its <|endoftext|> or </s>, if any, stops generation unless a
     request says ignore_eos). max_context: the most prompt + max_tokens a request may ask for (None:
     the scheduler's max_context, if it has one). vocab_size: the model's, for checking token ids
     (default: the tokenizer's). grace_s: how long shutdown lets requests finish. retry_after_s: the
-    Retry-After of a 429."""
+    Retry-After of a 429. chat_template: serves /v1/chat/completions (None: that endpoint answers 400).
+    eos_token_ids: more tokens that end a generation (generation_config.json's eos_token_id)."""
     if tokenizer is None:
         raise ValueError("the server needs a tokenizer (a tokenizer.json beside the model) to encode prompts "
                          "and decode completions")
     if max_context is None:  # the scheduler may know its own (it sizes full-attention caches by it)
         max_context = getattr(scheduler, "max_context", None)
     service = Service(scheduler, tokenizer, model_name, max_context, vocab_size or tokenizer.get_vocab_size(),
-                      grace_s, retry_after_s)
+                      grace_s, retry_after_s, chat_template, tuple(eos_token_ids))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -152,7 +173,7 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        if request.url.path == "/v1/completions":
+        if request.url.path in GENERATION_PATHS:
             service.metrics.response(error.status)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -192,12 +213,12 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
         return PlainTextResponse(service.metrics.render(scheduler.stats()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = parse_completion_request(await request.body())
+    async def generate(request: Request, kind: type):
+        body = parse_completion_request(await request.body(), kind)
         generation = service.generation_request(body)
         handle = service.submit(generation)
-        reply = Reply(handle, TextStream(tokenizer, body.stop), service.metrics, model_name)
+        reply = Reply(handle, TextStream(tokenizer, body.stop), service.metrics, model_name,
+                      chat=kind is ChatCompletionRequest)
         if body.stream:
             service.metrics.response(200)  # the status goes out now; a failure later is an error event
             return EventStream(reply, body.include_usage)
@@ -209,7 +230,15 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
         if reply.finish_reason == "error":
             raise GENERATION_FAILED
         service.metrics.response(200)
-        return completion(reply.id, model_name, text, reply.finish_reason, reply.created, reply.usage())
+        return reply.whole(text)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, ChatCompletionRequest)
 
     return app
 
@@ -217,10 +246,22 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
 class Reply:
     """One request's handle relayed as text: deltas as they become ready, then its finish reason."""
 
-    def __init__(self, handle, text: TextStream, metrics: Metrics, model_name: str):
-        self.handle, self.text, self.metrics, self.model_name = handle, text, metrics, model_name
-        self.id, self.created = completion_id(), int(time.time())
+    def __init__(self, handle, text: TextStream, metrics: Metrics, model_name: str, chat: bool = False):
+        self.handle, self.text, self.metrics, self.model_name, self.chat = handle, text, metrics, model_name, chat
+        self.id, self.created = chat_completion_id() if chat else completion_id(), int(time.time())
         self.tokens, self.finish_reason = 0, None
+
+    def whole(self, text: str) -> dict:
+        """The reply to a request that does not stream."""
+        made = chat_completion if self.chat else completion
+        return made(self.id, self.model_name, text, self.finish_reason, self.created, self.usage())
+
+    def chunk(self, text: str | None, finish_reason: str | None, extra: dict) -> dict:
+        """A stream chunk of text (None: the chat's first chunk, which names the role)."""
+        if not self.chat:
+            return completion(self.id, self.model_name, text, finish_reason, self.created) | extra
+        delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+        return chat_chunk(self.id, self.model_name, delta, finish_reason, self.created) | extra
 
     def usage(self) -> dict:
         return usage(len(self.handle.request.prompt_ids), self.tokens)
@@ -268,16 +309,18 @@ class Reply:
         """Server-sent events as OpenAI streams them: text deltas, a chunk with the finish reason, a
         usage chunk if asked for, then [DONE]. A failed generation ends with an error event."""
         extra = {"usage": None} if include_usage else {}  # OpenAI: null in every chunk but the usage one
+        if self.chat:
+            yield _sse(self.chunk(None, None, extra))
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
-                yield _sse(completion(self.id, self.model_name, delta, None, self.created) | extra)
+                yield _sse(self.chunk(delta, None, extra))
         if self.finish_reason == "error":
             yield _sse(GENERATION_FAILED.body())
         else:
-            yield _sse(completion(self.id, self.model_name, "", self.finish_reason, self.created) | extra)
+            yield _sse(self.chunk("", self.finish_reason, extra))
             if include_usage:
-                yield _sse({"id": self.id, "object": "text_completion", "created": self.created,
-                            "model": self.model_name, "choices": [], "usage": self.usage()})
+                yield _sse({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                            "created": self.created, "model": self.model_name, "choices": [], "usage": self.usage()})
         yield "data: [DONE]\n\n"
 
 
@@ -351,7 +394,8 @@ def main(args: argparse.Namespace):
     """`samba-lm serve`: load the model, start the scheduler, serve until SIGTERM."""
     import torch
 
-    from ..loading import load_for_inference, resolve_device
+    from ..data.tokenizer import load_tokenizer
+    from ..loading import load_model_and_tokenizer_path, resolve_device, stop_token_ids
     from .scheduler import Scheduler
 
     for flag in ("max_batch", "max_queue", "prefill_chunk", "prefill_rows", "max_context"):
@@ -364,10 +408,14 @@ def main(args: argparse.Namespace):
         raise ValueError(f"--grace must be >= 0 seconds, got {args.grace}")
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer = load_for_inference(args.model, device=device, dtype=dtype)
-    if tokenizer is None:
+    model, tokenizer_path = load_model_and_tokenizer_path(args.model, device=device, dtype=dtype)
+    model.eval()
+    if tokenizer_path is None:
         raise FileNotFoundError(f"no tokenizer.json beside {args.model} or at the top of its run: the server "
                                 "cannot encode prompts")
+    tokenizer = load_tokenizer(tokenizer_path)
+    # A Hugging Face checkpoint's chat template and end-of-turn tokens sit beside its tokenizer.json.
+    chat_template, eos = ChatTemplate.from_directory(tokenizer_path.parent), stop_token_ids(tokenizer_path.parent)
     if model.config.grows and args.max_context is None:
         raise ValueError("--max-context is required for this model: its full-attention layers' caches get that "
                          "many slots up front")
@@ -375,7 +423,7 @@ def main(args: argparse.Namespace):
                           prefill_rows=args.prefill_rows, max_context=args.max_context).start()
     name = args.model_name or Path(args.model).resolve().name
     app = build_app(scheduler, tokenizer, name, args.max_context, vocab_size=model.config.vocab_size,
-                    grace_s=args.grace)
+                    grace_s=args.grace, chat_template=chat_template, eos_token_ids=eos)
     serve(app, args.host, args.port, args.log_level)
 
 

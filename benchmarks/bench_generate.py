@@ -15,12 +15,17 @@ Sections (--sections, comma-separated):
             our Llama-3 (whose cache grows): tokens/s over the whole run, step time at 4K, 16K, 64K.
   ttft      time to first token for a 32K prompt at batch 1.
   memory    samba-1.7b decode peak memory after 4K and after 1M tokens of context, batch 1.
+  sambay    phi4-mini-flash (SambaY at Phi-4-mini-flash-reasoning's released shape): prefill tokens/s
+            at 4K to 128K; decode at the decode batches, with the weights-plus-state bandwidth floor;
+            time to first token of a 32K prompt with YOCO (the cross half runs for the last position
+            only) and without (the same stack over every position); decode peak memory against context.
 Writes bench_generate.json and bench_generate.md under --out; prints the table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -100,19 +105,21 @@ def section_prefill(models, rows):
             torch.cuda.empty_cache()
 
 
-def engine_rate(model, batch, prompt_len, steps, capacity=None):
-    """tokens/s of the engine's generator past its capture, and the peak memory while decoding."""
+def engine_rate(model, batch, prompt_len, steps, capacity=None, bandwidth=None):
+    """tokens/s of the engine's generator past its capture, the peak memory while decoding, and with
+    `bandwidth` the step's floor in seconds (`decode_floor_s`, at the timed steps' start; else None)."""
     engine = DecodeEngine(model, batch, capacity=capacity)
     stream = engine.generate_stream(tokens(batch, prompt_len), max_new_tokens=steps + 64)
     for _ in range(33):  # prefill, the eager first step, the capture, two blocks
         next(stream)
+    floor = decode_floor_s(model, engine.state, bandwidth) if bandwidth else None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         next(stream)
     torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0), torch.cuda.max_memory_allocated() / 2**30
+    return batch * steps / (time.perf_counter() - t0), torch.cuda.max_memory_allocated() / 2**30, floor
 
 
 @torch.inference_mode()
@@ -159,7 +166,7 @@ def section_decode(models, rows, hf_compile, batches, prompt):
         steps = 512
         for name, model, capacity in (("samba-1.7b", models["samba"], None),
                                       ("llama3-1.6b (samba-lm)", models["llama"], prompt + steps + 128)):
-            rate, peak = engine_rate(model, B, prompt, steps, capacity)
+            rate, peak, _ = engine_rate(model, B, prompt, steps, capacity)
             rows.append(dict(section="decode", model=name + ", CUDA graph", batch=B, prompt=prompt, tok_s=rate,
                              step_ms=1e3 * B / rate, peak_gib=peak))
             print(rows[-1], flush=True)
@@ -250,6 +257,77 @@ def section_memory(models, rows):
         del engine, stream
 
 
+# ------------------------------------------------------------------ SambaY
+SAMBAY = "phi4-mini-flash"
+
+
+def without_yoco(model: SambaLM):
+    """The same stack with YOCO's truncation off: every sub-layer runs over every position, and only
+    the logits are cut to the kept ones (the baseline of the TTFT goal)."""
+    model.position_wise_from = len(model.layers)
+    return model
+
+
+def decode_floor_s(model: SambaLM, state, bandwidth: float) -> float:
+    """Seconds a decode step needs at the copy bandwidth to read the weights once (an untied input
+    embedding only gathers its rows) and the state: every fixed-size record whole, a growing cache
+    up to its length."""
+    weights = sum(p.nbytes for p in model.parameters())
+    if model.lm_head is not None:
+        weights -= model.embedding.weight.nbytes
+    state_bytes = 0
+    for record in state.layers:
+        if record is None:
+            continue
+        tensors = [getattr(record, f.name) for f in dataclasses.fields(record)
+                   if isinstance(getattr(record, f.name), torch.Tensor)]
+        share = min(1.0, record.length / record.pos.shape[1]) if getattr(record, "grows", False) else 1.0
+        state_bytes += share * sum(t.nbytes for t in tensors)
+    return (weights + state_bytes) / bandwidth
+
+
+@torch.inference_mode()
+def section_sambay(models, rows, batches, prompt, bandwidth):
+    model = models["sambay"]
+    for L in LENGTHS:
+        B = PREFILL_TOKENS // L
+        ids = tokens(B, L)
+        seconds, peak = timed(lambda: prefill(model, ids, model.init_state(B, capacity=L)))
+        rows.append(dict(section="prefill", model=f"{SAMBAY}, generate's prefill", length=L, batch=B,
+                         tok_s=B * L / seconds, peak_gib=peak))
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    for B in batches:
+        steps = 512
+        rate, peak, floor = engine_rate(model, B, prompt, steps, prompt + steps + 128, bandwidth)
+        rows.append(dict(section="decode", model=f"{SAMBAY}, CUDA graph", batch=B, prompt=prompt, tok_s=rate,
+                         step_ms=1e3 * B / rate, peak_gib=peak, floor_ms=floor * 1e3, over_floor=(B / rate) / floor))
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    L = 32 * K
+    ids = tokens(1, L)
+    for name, stack in ((f"{SAMBAY}, YOCO", model), (f"{SAMBAY}, without YOCO", without_yoco(ours(SAMBAY)))):
+        engine = DecodeEngine(stack, 1, capacity=L + 8)
+        seconds, peak = timed(lambda e=engine: next(e.generate_stream(ids, max_new_tokens=4)), repeat=3)
+        rows.append(dict(section="ttft", model=name, batch=1, prompt=L, ttft_ms=seconds * 1e3, peak_gib=peak))
+        print(rows[-1], flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    for context in (4 * K, 32 * K, 128 * K):
+        torch.cuda.empty_cache()
+        engine = DecodeEngine(model, 1, capacity=context + 256)
+        stream = engine.generate_stream(tokens(1, context), max_new_tokens=200)
+        next(stream)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in stream:
+            pass
+        rows.append(dict(section="memory", model=SAMBAY, batch=1, context=context,
+                         decode_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                         state_gib=engine.state.nbytes() / 2**30))
+        print(rows[-1], flush=True)
+        del engine, stream
+
+
 # ------------------------------------------------------------------ table
 def table(rows, meta) -> str:
     out = [f"# Generation: {meta['device']}, {meta['date']}", "",
@@ -258,10 +336,12 @@ def table(rows, meta) -> str:
     sections = {
         "prefill": ("| model | length | batch | tokens/s | peak GiB |", "|---|---|---|---|---|",
                     lambda r: f"| {r['model']} | {r['length'] // K}K | {r['batch']} | {r['tok_s']:,.0f} | {r['peak_gib']:.1f} |"),
-        "decode": ("| model | prompt | batch | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|",
+        "decode": ("| model | prompt | batch | tokens/s | ms/step | floor ms/step (x) | peak GiB |",
+                   "|---|---|---|---|---|---|---|",
                    lambda r: (f"| {r['model']} | {r['prompt'] // K}K | {r['batch']} | {r['tok_s']:,.0f} | "
-                              f"{r['step_ms']:.2f} | {r['peak_gib']:.1f} |") if "error" not in r else
-                   f"| {r['model']} | {r['prompt'] // K}K | {r['batch']} | {r['error']} | | |"),
+                              f"{r['step_ms']:.2f} | " + (f"{r['floor_ms']:.2f} ({r['over_floor']:.2f}x)" if "floor_ms" in r
+                                                          else "-") + f" | {r['peak_gib']:.1f} |") if "error" not in r else
+                   f"| {r['model']} | {r['prompt'] // K}K | {r['batch']} | {r['error']} | | | |"),
         "protocol": ("| model | batch | new tokens | tokens/s over the run | ms/step at 4K / 16K / 64K | peak GiB |",
                      "|---|---|---|---|---|---|",
                      lambda r: (f"| {r['model']} | {r['batch']} | {r['new_tokens']:,} | {r['tok_s']:,.0f} | "
@@ -269,9 +349,10 @@ def table(rows, meta) -> str:
                                 + f" | {r['peak_gib']:.1f} |")),
         "ttft": ("| model | prompt | time to first token, ms | peak GiB |", "|---|---|---|---|",
                  lambda r: f"| {r['model']} | {r['prompt'] // K}K | {r['ttft_ms']:.0f} | {r['peak_gib']:.1f} |"),
-        "memory": ("| model | context | decode peak GiB | run peak GiB |", "|---|---|---|---|",
+        "memory": ("| model | context | decode peak GiB | run peak GiB | state GiB |", "|---|---|---|---|---|",
                    lambda r: f"| {r['model']} | {r['context'] // K}K | {r['decode_peak_gib']:.2f} | "
-                             f"{r['run_peak_gib']:.2f} |"),
+                             + (f"{r['run_peak_gib']:.2f}" if "run_peak_gib" in r else "-")
+                             + (f" | {r['state_gib']:.2f} |" if "state_gib" in r else " | - |")),
     }
     for name, (head, rule, line) in sections.items():
         chosen = [r for r in rows if r["section"] == name]
@@ -283,7 +364,7 @@ def table(rows, meta) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for the JSON and markdown results")
-    p.add_argument("--sections", default="prefill,decode,protocol,ttft,memory",
+    p.add_argument("--sections", default="prefill,decode,protocol,ttft,memory,sambay",
                    help="comma-separated sections to run (see above)")
     p.add_argument("--protocol-tokens", type=int, default=64 * K, help="tokens generated in the paper's protocol")
     p.add_argument("--decode-batches", default="1,16,64", help="comma-separated batch sizes of the decode section")
@@ -292,7 +373,7 @@ def main():
     p.add_argument("--no-hf", action="store_true", help="leave Hugging Face transformers out")
     args = p.parse_args()
     sections = [s for s in args.sections.split(",") if s]
-    unknown = set(sections) - {"prefill", "decode", "protocol", "ttft", "memory"}
+    unknown = set(sections) - {"prefill", "decode", "protocol", "ttft", "memory", "sambay"}
     if unknown:
         p.error(f"--sections: unknown {sorted(unknown)}")
     out = Path(args.out)
@@ -306,6 +387,8 @@ def main():
                 triton=triton.__version__, transformers=version, copy_tb_s=copy_bandwidth() / 1e12,
                 command=" ".join(sys.argv))
     models = {"samba": ours("samba-1.7b"), "llama": ours("llama3-1.6b")}
+    if "sambay" in sections:
+        models["sambay"] = ours(SAMBAY)
     if not args.no_hf:
         models["hf"] = hf_llama()
     meta["parameters"] = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
@@ -315,7 +398,8 @@ def main():
     run = dict(prefill=lambda: section_prefill(models, rows),
                decode=lambda: section_decode(models, rows, args.hf_compile, batches, args.decode_prompt),
                protocol=lambda: section_protocol(models, rows, args.protocol_tokens),
-               ttft=lambda: section_ttft(models, rows), memory=lambda: section_memory(models, rows))
+               ttft=lambda: section_ttft(models, rows), memory=lambda: section_memory(models, rows),
+               sambay=lambda: section_sambay(models, rows, batches, args.decode_prompt, meta["copy_tb_s"] * 1e12))
     for name in sections:
         run[name]()
         (out / "bench_generate.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import samba_lm
 from samba_lm import DecodeEngine, generate, generate_stream, prefill
+from samba_lm.config import sambay_layers
 
 from conftest import small_config, small_model
 
@@ -147,17 +148,22 @@ def test_the_cli_generates_through_the_engine(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------ CUDA graphs (GPU only)
-def _gpu_model(layers):
+SAMBA_LAYERS = ("mamba", "mlp", "swa", "mlp", "attn", "mlp")
+SAMBAY = dict(layers=sambay_layers(8), norm="layer", attention_bias=True, rope=False)  # every SambaY kind
+
+
+def _gpu_model(layers, **variant):
     torch.manual_seed(0)
-    cfg = small_config(layers=layers, head_dim=16, d_model=64, n_heads=4, n_kv_heads=2, window=16)
+    cfg = small_config(layers=layers, head_dim=16, d_model=64, n_heads=4, n_kv_heads=2, window=16, **variant)
     return samba_lm.SambaLM(cfg).cuda().to(torch.bfloat16).eval()
 
 
 @gpu
+@pytest.mark.parametrize("variant", [dict(layers=SAMBA_LAYERS), SAMBAY], ids=["samba", "sambay"])
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, seed=4), dict(temperature=1.0, top_k=20,
                                                                                    top_p=0.9, seed=[1, 2, 3])])
-def test_the_graph_gives_the_eager_tokens(sampling):
-    model = _gpu_model(("mamba", "mlp", "swa", "mlp", "attn", "mlp"))
+def test_the_graph_gives_the_eager_tokens(sampling, variant):
+    model = _gpu_model(**variant)
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (5, 40, 17)]
     graph = generate(model, prompts, max_new_tokens=50, cuda_graph=True, **sampling)
     eager = generate(model, prompts, max_new_tokens=50, cuda_graph=False, **sampling)
@@ -165,8 +171,9 @@ def test_the_graph_gives_the_eager_tokens(sampling):
 
 
 @gpu
-def test_replays_allocate_nothing_and_never_wait():
-    model = _gpu_model(("mamba", "mlp", "swa", "mlp", "attn", "mlp"))
+@pytest.mark.parametrize("variant", [dict(layers=SAMBA_LAYERS), SAMBAY], ids=["samba", "sambay"])
+def test_replays_allocate_nothing_and_never_wait(variant):
+    model = _gpu_model(**variant)
     engine = DecodeEngine(model, 4, capacity=128)
     stream = engine.generate_stream(torch.randint(0, 97, (4, 10), device="cuda"), max_new_tokens=100, temperature=0.5,
                                     seed=0)

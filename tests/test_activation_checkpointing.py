@@ -103,7 +103,8 @@ def mixer_step(model, recompute: bool):
     hooks = [h for layer in model.layers for h in (
         layer.mixer.register_forward_pre_hook(lambda *_: inside.append(1)),
         layer.mixer.register_forward_hook(lambda *_: inside.clear()))]
-    ids = torch.randint(0, model.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1))
+    # 16 steps: one chunk of the chunked scan, which the interpreter runs slowly
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
     loss.backward()
@@ -128,7 +129,7 @@ def test_recomputing_the_mamba_mixer_gives_the_same_step_and_saves_less(backend)
     for name in grads:
         assert torch.equal(grads_r[name], grads[name]), name
     # Left: in_proj's input [B, T, d], the mixer's input xz [B, T, 2E] and out_proj's input y [B, T, E].
-    cfg, tokens = model.config, 2 * 20 * 2  # rows x steps x Mamba layers
+    cfg, tokens = model.config, 2 * 16 * 2  # rows x steps x Mamba layers
     assert recomputed == (cfg.d_model + 3 * cfg.d_inner) * tokens * torch.finfo(dtype).bits // 8
     assert plain > 1.5 * recomputed, (plain, recomputed)
 

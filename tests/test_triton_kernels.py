@@ -116,11 +116,11 @@ def test_scan_backward_warp_sums(N):
 
 
 def test_scan_chunked_equals_whole_and_backward_is_deterministic(forward_kernel):
-    _, low = scan_args(2, 100, 8, 4, torch.float32, seed=3)
+    _, low = scan_args(2, 72, 8, 4, torch.float32, seed=3)
     with ops.use_kernels("triton"):
         y, final = ops.selective_scan(**low)
         ys, state = [], low["initial_state"]
-        for a, b in [(0, 1), (1, 64), (64, 90), (90, 100)]:
+        for a, b in [(0, 1), (1, 64), (64, 67), (67, 72)]:  # ragged against the chunks and carries
             part = {k: (v[:, a:b] if k in ("u", "delta", "B", "C", "z") else v) for k, v in low.items()}
             yc, state = ops.selective_scan(**{**part, "initial_state": state})
             ys.append(yc)

@@ -1,11 +1,12 @@
-"""The OpenAI completions wire format: requests checked field by field, replies, stream chunks and
-error bodies as OpenAI writes them, and the text of generated tokens released incrementally.
+"""The OpenAI completions and chat completions wire formats: requests checked field by field, replies,
+stream chunks and error bodies as OpenAI writes them, and the text of generated tokens released
+incrementally.
 
 Requests are strict: unknown fields are refused (a misspelt `max_token` must not silently mean 16),
 types are not coerced ("16" is not 16, true is not 1), and a JSON null means "the default". Fields
 that OpenAI defines but this server does not implement (n > 1, echo, logprobs, penalties, logit_bias,
-suffix) are accepted only at their no-op values, with a message that says so. Extensions (as vLLM
-names them): `top_k`, `stop_token_ids`, `ignore_eos`.
+suffix; for chat also tools, tool_choice and response_format) are accepted only at their no-op values,
+with a message that says so. Extensions (as vLLM names them): `top_k`, `stop_token_ids`, `ignore_eos`.
 """
 
 from __future__ import annotations

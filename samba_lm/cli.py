@@ -45,8 +45,8 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
-    from .data import eos_id, load_tokenizer
-    from .loading import load_model_and_tokenizer_path, stop_token_ids
+    from .data import eos_id
+    from .loading import load_for_generation, stop_token_ids
     from .engine import check_generation_args
     from .generation import generate_stream
 
@@ -55,15 +55,11 @@ def cmd_generate(args):
     if args.sync_every < 1:
         raise ValueError(f"--sync-every must be a positive int (decode steps between reads), got {args.sync_every}")
     device = resolve_device(args.device)
-    model, tokenizer_path = load_model_and_tokenizer_path(args.model, device)
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"no tokenizer.json beside {args.model} or at the top of its run: "
-                                "cannot encode the prompt")
-    tokenizer = load_tokenizer(tokenizer_path)
+    model, tokenizer, where = load_for_generation(args.model, device)
     prompt = tokenizer.encode(args.prompt).ids or [eos_id(tokenizer)]
     # A Hugging Face checkpoint's generation_config.json may name more (Phi-4's <|end|>).
-    stops = list(dict.fromkeys([eos_id(tokenizer), *stop_token_ids(tokenizer_path.parent)]))
-    stream = generate_stream(model.eval(), [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+    stops = list(dict.fromkeys([eos_id(tokenizer), *stop_token_ids(where)]))
+    stream = generate_stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                              args.seed, stop_tokens=stops, cuda_graph=False if args.no_cuda_graph else None,
                              sync_every=args.sync_every)
     sys.stdout.write(args.prompt)

@@ -142,6 +142,17 @@ def load_for_inference(path: str | os.PathLike, device=None, dtype=None):
     return model.eval(), load_tokenizer(tokenizer) if tokenizer is not None else None
 
 
+def load_for_generation(path: str | os.PathLike, device=None, dtype=None):
+    """(model in eval mode, tokenizer, the tokenizer's directory) for the commands that encode prompts
+    (`samba-lm generate`, the server): as load_for_inference, but a missing tokenizer.json is an error.
+    The directory is where a Hugging Face checkpoint keeps its chat template and generation_config.json."""
+    model, tokenizer = load_model_and_tokenizer_path(path, device, dtype)
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer.json beside {path} or at the top of its run: the prompts cannot "
+                                "be encoded")
+    return model.eval(), load_tokenizer(tokenizer), tokenizer.parent
+
+
 def resolve_device(name: str | None) -> torch.device:
     """'auto' (or None): CUDA when available, else the CPU; otherwise a device this machine has."""
     if name in (None, "auto"):

@@ -15,6 +15,10 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"
 # transformers' special-token attributes, which a template sees as variables.
@@ -27,11 +31,9 @@ class ChatTemplateError(ValueError):
 
 class ChatTemplate:
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
-        import jinja2
-
         self.source, self.special_tokens = source, dict(special_tokens or {})
         try:
-            self._template = _environment(jinja2).from_string(source)
+            self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"the chat template does not parse: {e.message} (line {e.lineno})") from None
 
@@ -57,8 +59,6 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text of `messages` ([{role, content, ...}]), ending with the assistant's turn opened
         when add_generation_prompt (as apply_chat_template(..., tokenize=False) returns it)."""
-        import jinja2
-
         try:
             return self._template.render(messages=messages, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
@@ -66,11 +66,8 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template refused the messages: {e.message or e}") from None
 
 
-def _environment(jinja2):
+def _environment():
     """The Jinja environment of transformers' apply_chat_template (chat_template_utils in transformers 5)."""
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class Generation(jinja2.ext.Extension):
         """{% generation %}...{% endgeneration %}: transformers marks the assistant's tokens with it;
         rendering passes its body through."""

@@ -394,8 +394,7 @@ def main(args: argparse.Namespace):
     """`samba-lm serve`: load the model, start the scheduler, serve until SIGTERM."""
     import torch
 
-    from ..data.tokenizer import load_tokenizer
-    from ..loading import load_model_and_tokenizer_path, resolve_device, stop_token_ids
+    from ..loading import load_for_generation, resolve_device, stop_token_ids
     from .scheduler import Scheduler
 
     for flag in ("max_batch", "max_queue", "prefill_chunk", "prefill_rows", "max_context"):
@@ -408,14 +407,9 @@ def main(args: argparse.Namespace):
         raise ValueError(f"--grace must be >= 0 seconds, got {args.grace}")
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer_path = load_model_and_tokenizer_path(args.model, device=device, dtype=dtype)
-    model.eval()
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"no tokenizer.json beside {args.model} or at the top of its run: the server "
-                                "cannot encode prompts")
-    tokenizer = load_tokenizer(tokenizer_path)
+    model, tokenizer, where = load_for_generation(args.model, device=device, dtype=dtype)
     # A Hugging Face checkpoint's chat template and end-of-turn tokens sit beside its tokenizer.json.
-    chat_template, eos = ChatTemplate.from_directory(tokenizer_path.parent), stop_token_ids(tokenizer_path.parent)
+    chat_template, eos = ChatTemplate.from_directory(where), stop_token_ids(where)
     if model.config.grows and args.max_context is None:
         raise ValueError("--max-context is required for this model: its full-attention layers' caches get that "
                          "many slots up front")

@@ -60,13 +60,13 @@ def main():
     cfg = model.config
     results = {}
     for B in args.batch:
-        capacity = args.prompt + 4096 if cfg.count("attn") else None
+        capacity = args.prompt + 4096 if cfg.grows else None  # full-attention caches: the whole run up front
         engine = DecodeEngine(model, B, capacity=capacity)
         stream = engine.generate_stream(torch.randint(0, cfg.vocab_size, (B, args.prompt), device="cuda"),
                                         max_new_tokens=4000)
         next(stream)
         engine._advance()  # the eager first step and the capture
-        graph = next(iter(engine._graphs.values()))
+        graph = next(iter(engine._graphs.graphs.values()))
         graph_ms = replay_ms(graph.replay)
         eager_ms = replay_ms(engine._step, n=20)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

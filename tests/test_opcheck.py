@@ -105,6 +105,11 @@ def attention_with_caches():
         ops.attention_with_cache(r(2, 5, 4, 16), r(2, 5, 2, 16), r(2, 5, 2, 16), pos, 8, k_cache, v_cache, cache_pos)
         ops.attention_with_cache(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), pos[:, -1:] + 1, 8,
                                  k_cache, v_cache, cache_pos)
+        # a cross layer's reads of a cache that holds its chunk already: prefill and decode, no append
+        ops.attention_with_cache(r(2, 2, 4, 16), r(2, 2, 2, 16), r(2, 2, 2, 16), pos[:, -2:], 0,
+                                 k_cache, v_cache, cache_pos, append=False)
+        ops.attention_with_cache(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), pos[:, -1:] + 1, 0,
+                                 k_cache, v_cache, cache_pos, append=False)
 
 
 def attention_decode_over_prefix():

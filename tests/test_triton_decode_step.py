@@ -76,6 +76,39 @@ def test_attention_with_cache_matches_the_reference(window, S, filled, T):
     assert rel_err(low[0], exact[0]) < 1e-6 and rel_err(low[1], exact[1]) < 1e-6
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_attention_with_cache_without_append_reads_below_the_chunk(T):
+    """append=False (SambaY's cross layers): a full-attention cache that already holds the chunk (and
+    more: the queries are the chunk's last T of 7) is read only below the queries' first position, and
+    left as it is; equal to `attention` over exactly those keys as a prefix. Rows: a filled cache, an
+    empty one whose stream starts inside the chunk (left padding), one just started."""
+    g = torch.Generator().manual_seed(T)
+    H, Hkv, Dh, S, chunk = 4, 2, 16, 40, 7
+    starts = [9, -2, 0]  # each row's first chunk position
+    batch = len(starts)
+    k_cache, v_cache, cache_pos = positional_cache(batch, S, Hkv, Dh, [s + chunk if s > 0 else 0 for s in starts], g)
+    for b, s in enumerate(starts):  # the chunk stored by its full layer (padding at negative positions, empty)
+        for p in range(max(s, 0), s + chunk):
+            cache_pos[b, p] = p
+    q = torch.randn(batch, T, H, Dh, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, T, Hkv, Dh, generator=g, dtype=torch.float64) for _ in range(2))
+    q_pos = torch.stack([torch.arange(s + chunk - T, s + chunk) for s in starts])
+    below = cache_pos.masked_fill(cache_pos >= q_pos[:, :1], -1)
+    expected = ops.attention_reference(q, k, v, q_pos, 0, k_cache, v_cache, below)
+    exact = [x.clone() for x in (k_cache, v_cache, cache_pos)]
+    out_ref = ops.attention_with_cache_reference(q, k, v, q_pos, 0, *exact, append=False)
+    assert rel_err(out_ref, expected) < 1e-12
+    low = [x.to(DEVICE, torch.float32) if x.is_floating_point() else x.to(DEVICE) for x in (k_cache, v_cache, cache_pos)]
+    kept = [x.clone() for x in low]
+    with torch.no_grad(), ops.use_kernels("triton"):
+        out = ops.attention_with_cache(*(x.to(DEVICE, torch.float32) for x in (q, k, v)), q_pos.to(DEVICE), 0, *low,
+                                       append=False)
+    assert rel_err(out, expected) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(low, kept))  # nothing stored
+    for x, c in zip(exact, (k_cache, v_cache, cache_pos)):
+        assert torch.equal(x, c)
+
+
 @pytest.mark.parametrize("temperature, top", [(0.0, {}), (0.7, {}), (1.3, dict(top_k=7, top_p=0.8))])
 def test_choose_tokens_matches_the_reference(temperature, top):
     from samba_lm.sampling import Sampling, row_seeds

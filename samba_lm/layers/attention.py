@@ -95,22 +95,19 @@ class DifferentialAttention(Attention):
         v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], -1)  # [B, T, Hkv/2, 2 Dh]: [v1 | v2]
         v = torch.cat([v12, v12], 2)
         cache = state.reserve(q.shape[1]) if state is not None else None
-        if self.share_kv:  # the cross layers read the cache as it is before the op adds this chunk to it
-            k_cache, v_cache, cache_pos = cache if cache is not None else (None, None, None)
-            shared = SharedKV(k, v, positions, k_cache, v_cache, None if cache is None else cache_pos.clone())
+        shared = SharedKV(k, v, positions, cache) if self.share_kv else None
         out = _differential(self, self._attend(q, k, v, positions, documents, cache))
         return (out, shared) if self.share_kv else out
 
 
 class SharedKV(NamedTuple):
     """A full differential layer's keys and values as its cross layers read them (SambaY): the chunk's
-    (padded and duplicated, as the layer's op call takes them), and its cache before the chunk."""
+    (padded and duplicated, as the layer's op call takes them), and with a state its cache buffers
+    (k, v, positions), which by the time the cross layers read them hold the chunk too."""
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor  # the chunk's positions
-    k_prefix: torch.Tensor | None
-    v_prefix: torch.Tensor | None
-    prefix_pos: torch.Tensor | None
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 class CrossDifferentialAttention(nn.Module):
@@ -138,14 +135,17 @@ class CrossDifferentialAttention(nn.Module):
             raise ValueError("a cross layer needs the keys and values of a 'dattn' layer before it")
         q = _padded_query(_project(x, self.q_proj).unflatten(-1, (self.n_heads, self.head_dim)), self.head_dim)
         extra = {} if documents is None else {"q_start": documents.start}
-        k, v, k_pos = kv.k, kv.v, kv.pos
-        prefix = [] if kv.k_prefix is None else [kv.k_prefix, kv.v_prefix, kv.prefix_pos]
-        early = k.shape[1] - q.shape[1]  # YOCO: queries for the chunk's last positions only
-        if early:  # the chunk's earlier keys join the prefix
-            head = (k[:, :early], v[:, :early], k_pos[:, :early])
-            prefix = [torch.cat(t, 1) for t in zip(prefix, head)] if prefix else [t.contiguous() for t in head]
-            k, v = k[:, early:], v[:, early:]
-        return _differential(self, attention(q, k, v, positions, 0, *prefix, **extra))
+        early = kv.k.shape[1] - q.shape[1]  # YOCO: queries for the chunk's last positions only
+        k, v = kv.k[:, early:], kv.v[:, early:]
+        if kv.cache is not None:
+            # The full layer's cache holds every earlier position, the chunk's too: read positionally,
+            # below the queries' first position (the chunk's earlier keys included), it costs what is
+            # filled, and the captured decode step reads it as far as each row has come.
+            out = attention_with_cache(q, k, v, positions, 0, *kv.cache, append=False, **extra)
+        else:  # without a state the chunk's earlier keys are the prefix
+            prefix = [t[:, :early].contiguous() for t in (kv.k, kv.v, kv.pos)] if early else []
+            out = attention(q, k, v, positions, 0, *prefix, **extra)
+        return _differential(self, out)
 
 
 def _differential_parameters(layer: nn.Module, head_dim: int, depth: int):

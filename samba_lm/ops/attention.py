@@ -28,7 +28,10 @@ of a chunk longer than S, only its newest S). The cache must be positional, as t
 every slot holds the position it is congruent to mod S, or a negative one (empty, padding). Kernels
 may rely on that: the keys a query at position i can see lie in slots [0, min(i, S)), so a decode
 step over a large preallocated cache reads only what is filled, and a captured step replays at any
-length.
+length. Of the cache, only the keys at positions before the chunk's first (each row's q_pos[:, 0])
+are read; the chunk's own come from k and v. With `append=False` the cache is read so and left as it
+is: SambaY's cross layers read their full layer's cache after that layer has stored the chunk in it
+(a full-attention cache, which never wraps, so the earlier keys are all still there).
 """
 
 from __future__ import annotations
@@ -122,21 +125,31 @@ def cache_append(k, v, q_pos, k_cache, v_cache, cache_pos):
     cache_pos.scatter_(1, index, positions)
 
 
-def attention_with_cache_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
-    out = attention_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
-    cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
+def cache_before(cache_pos, q_pos):
+    """The cache's positions with every slot at or after each row's first chunk position marked empty:
+    what a chunk reads of a positional cache (module docstring)."""
+    return cache_pos.masked_fill(cache_pos >= q_pos[:, :1], -1)
+
+
+def attention_with_cache_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None, append=True):
+    out = attention_reference(q, k, v, q_pos, window, k_cache, v_cache, cache_before(cache_pos, q_pos), q_start)
+    if append:
+        cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
     return out
 
 
-def attention_with_cache(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
-    """`attention` over a state's positional cache and the chunk, then the chunk stored in the cache in
-    place (see module docstring); returns [B, T, H, Dh]. Gradients reach q, k and v, not the cache."""
+def attention_with_cache(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None, append=True):
+    """`attention` over a state's positional cache and the chunk, then (`append`) the chunk stored in
+    the cache in place (see module docstring); returns [B, T, H, Dh]. Gradients reach q, k and v, not
+    the cache."""
     op = "attention_with_cache"
     batch, Hkv, Dh = _check_chunk(op, q, k, v, q_pos, window)
     _check_prefix(op, ("k_cache", "v_cache", "cache_pos"), batch, Hkv, Dh, k_cache, v_cache, cache_pos)
     check_query_starts(op, "q_start", q_start, q_pos)
+    if not isinstance(append, bool):
+        raise ValueError(f"{op}: append must be a bool, got {append!r}")
     fn = dispatch.resolve(op, q.device, q.dtype)
-    return fn(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
+    return fn(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, append)
 
 
 dispatch.register("attention", "reference", attention_reference)

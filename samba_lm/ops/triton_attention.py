@@ -63,7 +63,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch, tuning
-from .attention import attention_reference, cache_append
+from .attention import attention_reference, cache_append, cache_before
 from .triton_attention_decode import attention_decode, attention_decode_append
 from .triton_common import interpreting
 
@@ -242,8 +242,10 @@ def _attn_fwd_kernel(
             live = P
             if POSITIONAL:  # a state's cache, slot = position mod P: what the chunk sees lies below its start
                 live = tl.minimum(tl.maximum(tl.load(qpos_ptr + b * T), 0), P)
+            # slots from `live` on read as empty: a cache that holds the chunk already (a cross layer's)
             acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kp_desc, vp_desc, b, hk, pp_ptr + b * P, 0, live, rows,
-                                        q_pos, prefix_first, P, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM, PRECISION)
+                                        q_pos, prefix_first, live, W, qk_scale, PREFIX_MASK, BLOCK_N, HEAD_DIM,
+                                        PRECISION)
     start, a, c, end = _chunk_ranges(i0, first_lo, first_hi, T, W, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_desc, v_desc, b, hk, qpos_ptr, start, a, rows, q_pos, first, T, W,
                                 qk_scale, CHUNK_MASK, BLOCK_N, HEAD_DIM, PRECISION)
@@ -627,12 +629,12 @@ torch.library.register_autograd("samba_lm::attention_fwd", _backward, setup_cont
 @torch.library.custom_op("samba_lm::attention_decode", mutates_args=())
 def _attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
                          k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None, prefix_pos: torch.Tensor | None,
-                         q_start: torch.Tensor | None = None) -> torch.Tensor:
-    return attention_decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
+                         q_start: torch.Tensor | None = None, positional: bool = False) -> torch.Tensor:
+    return attention_decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, positional)
 
 
 @_attention_decode_op.register_fake
-def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
+def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None, positional=False):
     return torch.empty_like(q)
 
 
@@ -660,19 +662,23 @@ def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
     return torch.empty_like(q)
 
 
-def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
+def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None, append=True):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if needs_grad or not supported(q.shape[-1], q.dtype) or k_cache.shape[1] == 0:
         # Training through a state (or an unsupported shape): the general op over a snapshot of the
-        # cache, which autograd may keep while the cache is overwritten below.
-        out = attention_triton(q, k, v, q_pos, window, k_cache.clone(), v_cache.clone(), cache_pos.clone(), q_start)
+        # cache (the part before the chunk), which autograd may keep while the cache is overwritten below.
+        out = attention_triton(q, k, v, q_pos, window, k_cache.clone(), v_cache.clone(), cache_before(cache_pos, q_pos),
+                               q_start)
     elif q.shape[1] == 1 and k_cache.dtype == q.dtype and all(
             t.stride(-1) == 1 for t in (k_cache, v_cache, cache_pos)):
+        if not append:
+            return _attention_decode_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, positional=True)
         return _attention_decode_append_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
     else:
         out = _attention_prefill_cached_op(q, k, v, q_pos, window, k_cache.to(k.dtype), v_cache.to(v.dtype), cache_pos,
                                            q_start)
-    cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
+    if append:
+        cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
     return out
 
 

@@ -352,6 +352,7 @@ def test_on_delivered_has_seen_every_token_when_the_loop_waits_and_when_it_dies(
 
     handles[:] = [scheduler.submit(GenerationRequest(prompt(4), max_tokens=100_000))]
     next(handles[0].tokens(timeout=60))
+
     def launch():
         raise Fatal("injected: what no turn survives")
 

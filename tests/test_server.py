@@ -48,6 +48,7 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split(
 DOCS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60)) for i in range(20)] + ["héllo wörld, café"]
 UNSEEN = "Ωμέγα ∑ 𝄞 🎉 日本"  # 2- to 4-byte characters without merges: split across tokens
 WHERE = ["thread", "engine-process"]  # where the scheduler runs
+PROC = Path("/proc/self/stat").exists()  # where engine_pid() finds an engine process
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +403,7 @@ def test_sigterm_drains_and_exits_0(tokenizer, tmp_path, flag):
     """A real `samba-lm serve` process: SIGTERM during a stream ends the stream (finished or cancelled
     within --grace) and the process exits 0, its engine process (if any) gone before it."""
     with serve_process(tokenizer, tmp_path, flag) as (process, url):
-        engine = engine_pid(process.pid) if flag == "--engine-process" else None
+        engine = engine_pid(process.pid) if flag == "--engine-process" and PROC else None
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-model"  # the directory's name
         body = {"prompt": "alpha", "max_tokens": LONG, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
@@ -416,8 +417,9 @@ def test_sigterm_drains_and_exits_0(tokenizer, tmp_path, flag):
         assert engine is None or not alive(engine)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the engine process through /proc")
+@pytest.mark.skipif(not PROC, reason="finds the engine process through /proc")
 def test_the_engine_process_exits_with_a_killed_server(tokenizer, tmp_path):
+    """A server killed with SIGKILL (no shutdown, no atexit) leaves no engine process behind."""
     with serve_process(tokenizer, tmp_path, "--engine-process") as (process, url):
         engine = engine_pid(process.pid)
         process.kill()

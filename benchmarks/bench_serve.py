@@ -4,9 +4,12 @@
     python benchmarks/bench_serve.py --model runs/x/model --concurrency 1,16,64
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000                  # a server already running
 
-Without --url the server runs in a child process (the model, the scheduler, uvicorn), so that the
-clients, asyncio + httpx in this process (or spread over --client-processes processes that start
-together at a barrier), do not share its interpreter lock. For each concurrency C
+Without --url the server runs in a child process (uvicorn, and the model and scheduler in it or, with
+--engine-process, the default on CUDA as for `samba-lm serve`, in an engine process of its own), so
+that the clients, asyncio + httpx in this process (or spread over --client-processes processes that
+start together at a barrier), do not share its interpreter lock. Run it once with --engine-process
+and once with --no-engine-process (each with its own --out) to compare the two; the JSON's meta
+records which ran. For each concurrency C
 in --concurrency: a warm-up round (C requests of 16 tokens: it captures the decode graphs), then C
 clients each sending --requests-per-client streaming requests one after another, every one
 --prompt-tokens random token ids and exactly --max-tokens generated tokens (greedy, ignore_eos).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import multiprocessing
 import os
@@ -81,15 +85,35 @@ def load_model(args):
     return model.to(dtype).eval(), synthetic_tokenizer(model.config.vocab_size)
 
 
+def engine_model(args) -> SambaLM:
+    """load_model's model, in the engine process."""
+    return load_model(args)[0]
+
+
+def load_tokenizer(args):
+    """load_model's tokenizer, without the weights (the engine process loads those)."""
+    if args.model:
+        from samba_lm.loading import load_tokenizer_for_generation
+
+        return load_tokenizer_for_generation(args.model)[0]
+    return synthetic_tokenizer(SambaConfig.from_preset(args.preset).vocab_size)
+
+
 def run_server(args, port: int):
-    """The child process: load, start the scheduler, serve until SIGTERM."""
+    """The child process: load, start the scheduler (in a thread or an engine process), serve until SIGTERM."""
+    from samba_lm.serving.engine_process import EngineProcess
     from samba_lm.serving.scheduler import Scheduler
     from samba_lm.serving.server import build_app, serve
 
-    model, tokenizer = load_model(args)
-    scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                          prefill_rows=args.prefill_rows, max_context=args.max_context).start()
-    app = build_app(scheduler, tokenizer, "bench", args.max_context, vocab_size=model.config.vocab_size, grace_s=5)
+    options = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                   prefill_rows=args.prefill_rows, max_context=args.max_context)
+    if args.engine_process:
+        scheduler = EngineProcess(functools.partial(engine_model, args), **options).start()
+        tokenizer, vocab_size = load_tokenizer(args), scheduler.vocab_size
+    else:
+        model, tokenizer = load_model(args)
+        scheduler, vocab_size = Scheduler(model, **options).start(), model.config.vocab_size
+    app = build_app(scheduler, tokenizer, "bench", args.max_context, vocab_size=vocab_size, grace_s=5)
     serve(app, "127.0.0.1", port, log_level="warning")
 
 
@@ -97,7 +121,8 @@ def start_server(args) -> tuple[multiprocessing.Process, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = multiprocessing.get_context("spawn").Process(target=run_server, args=(args, port), daemon=True)
+    # Not a daemon: it may start an engine process of its own. main() stops it however the run ends.
+    process = multiprocessing.get_context("spawn").Process(target=run_server, args=(args, port))
     process.start()
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -223,7 +248,9 @@ def time_generate(model, prompt: list[int], max_tokens: int, sync_every: int, re
 # ----------------------------------------------------------------------------- report
 def table(rows: list[dict], baseline: list[dict], meta: dict) -> str:
     f = lambda x, spec=".1f": "-" if x is None else format(x, spec)  # noqa: E731
-    lines = [f"bench_serve: {meta['model']} on {meta['device']}, {meta['dtype']}, prompt {meta['prompt_tokens']} "
+    where = {True: ", the model in an engine process", False: ", the model in the server's process"}
+    lines = [f"bench_serve: {meta['model']}{where.get(meta['engine_process'], '')} on {meta['device']}, "
+             f"{meta['dtype']}, prompt {meta['prompt_tokens']} "
              f"tokens, {meta['max_tokens']} generated per request, clients in up to {meta['client_processes']} "
              f"processes ({meta['date']})", "",
              "| clients | requests | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
@@ -268,6 +295,9 @@ def parse_args(argv=None):
     p.add_argument("--max-context", type=int, help="the server's max context (needed for full-attention layers)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="the scheduler's prefill chunk")
     p.add_argument("--prefill-rows", type=int, default=8, help="the scheduler's short prompts prefilled together")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the server's model in an engine process of its own, as `samba-lm serve "
+                        "--engine-process` does (default: as serve's, on for a CUDA device)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype (auto: bf16 for a preset on CUDA, else as saved / float32)")
@@ -291,6 +321,12 @@ def parse_args(argv=None):
     if not args.levels or min(args.levels) < 1:
         p.error("--concurrency must list positive ints")
     args.max_batch = args.max_batch or max(args.levels)
+    if args.url and args.engine_process is not None:
+        p.error("--engine-process and --no-engine-process are for the server this starts, not with --url")
+    if not args.url and args.engine_process is None:
+        from samba_lm.loading import resolve_device
+
+        args.engine_process = resolve_device(args.device).type == "cuda"
     return args
 
 
@@ -309,6 +345,7 @@ def main(argv=None):
             "dtype": args.dtype, "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
             "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
             "max_batch": args.max_batch, "client_processes": args.client_processes,
+            "engine_process": args.engine_process,
             "command": " ".join(sys.argv)}
 
     process, url = (None, args.url) if args.url else start_server(args)

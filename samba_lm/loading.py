@@ -148,9 +148,23 @@ def load_for_generation(path: str | os.PathLike, device=None, dtype=None):
     The directory is where a Hugging Face checkpoint keeps its chat template and generation_config.json."""
     model, tokenizer = load_model_and_tokenizer_path(path, device, dtype)
     if tokenizer is None:
-        raise FileNotFoundError(f"no tokenizer.json beside {path} or at the top of its run: the prompts cannot "
-                                "be encoded")
+        raise _no_tokenizer(path)
     return model.eval(), load_tokenizer(tokenizer), tokenizer.parent
+
+
+def load_tokenizer_for_generation(path: str | os.PathLike):
+    """(tokenizer, its directory) of the model at `path`, without reading the weights: what the
+    server's HTTP process needs when the model runs in an engine process. FileNotFoundError as
+    load_for_generation's for a missing model or tokenizer.json."""
+    where, _ = resolve_model_dir(path)
+    tokenizer = find_tokenizer(where)
+    if tokenizer is None:
+        raise _no_tokenizer(path)
+    return load_tokenizer(tokenizer), tokenizer.parent
+
+
+def _no_tokenizer(path) -> FileNotFoundError:
+    return FileNotFoundError(f"no tokenizer.json beside {path} or at the top of its run: the prompts cannot be encoded")
 
 
 def resolve_device(name: str | None) -> torch.device:

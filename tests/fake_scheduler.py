@@ -70,6 +70,7 @@ class FakeScheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.handles: list[FakeHandle] = []
         self.closed = False
+        self.failed = None  # the Scheduler's: what killed its loop
         self._ids = itertools.count()
 
     def start(self):

@@ -15,7 +15,7 @@ from samba_lm.loading import stop_token_ids  # noqa: E402
 from samba_lm.serving.chat import ChatTemplate, ChatTemplateError  # noqa: E402
 from samba_lm.serving.scheduler import Scheduler  # noqa: E402
 from samba_lm.serving.server import build_app  # noqa: E402
-from test_server import MAX_CONTEXT, model, reference, server, serving, sse, tokenizer  # noqa: E402, F401
+from test_server import MAX_CONTEXT, model, reference, serving, sse, tokenizer  # noqa: E402, F401
 
 # Phi-4-mini-flash-reasoning's template (its tokenizer_config.json), and one that uses what
 # transformers adds to Jinja: loop controls, namespace, tojson, {% generation %}, raise_exception.
@@ -78,12 +78,22 @@ def test_templates_and_stops_come_from_the_tokenizer_files(tmp_path):
 CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 
 
-@pytest.fixture(scope="module")
-def chat_server(model, tokenizer):
+def start_server(model, tokenizer, chat_template: ChatTemplate | None):
     scheduler = Scheduler(model, max_batch=4, max_queue=64, max_context=MAX_CONTEXT).start()
     app = build_app(scheduler, tokenizer, "tiny", MAX_CONTEXT, vocab_size=model.config.vocab_size,
-                    chat_template=ChatTemplate(CHAT))
-    with serving(app) as url:
+                    chat_template=chat_template)
+    return serving(app)
+
+
+@pytest.fixture(scope="module")
+def chat_server(model, tokenizer):
+    with start_server(model, tokenizer, ChatTemplate(CHAT)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def plain_server(model, tokenizer):
+    with start_server(model, tokenizer, None) as url:
         yield url
 
 
@@ -107,8 +117,8 @@ def test_chat_completions_equal_completions_of_the_rendered_prompt(chat_server, 
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
 
 
-def test_chat_errors_name_the_field(chat_server, server):
-    url, _ = server  # test_server's, built without a template
+def test_chat_errors_name_the_field(chat_server, plain_server):
+    url = plain_server  # built without a template
     ask = dict(messages=[{"role": "user", "content": "alpha"}])
     reply = httpx.post(f"{url}/v1/chat/completions", json=ask)
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "no_chat_template"

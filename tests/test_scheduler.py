@@ -5,6 +5,8 @@ asyncio streams. On the CPU the decode step runs eagerly, over the same buckets 
 import asyncio
 import dataclasses
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -323,6 +325,44 @@ def test_a_failure_outside_the_model_resets_the_slots_and_the_scheduler_serves_o
         output = list(after.tokens(timeout=60))
     assert short.finish_reason == "length" and long.finish_reason == "error"
     assert output == alone(model, request) and scheduler.stats().running == 0
+
+
+def test_on_delivered_has_seen_every_token_when_the_loop_waits_and_when_it_dies(monkeypatch):
+    """The hook (an engine process's one message a step) runs on the scheduler thread after tokens reach
+    their handles: once the loop is idle its last call has seen every token and finish, and when the
+    loop dies it runs once more, after every request has ended and `failed` says why."""
+    class Fatal(BaseException):
+        pass
+
+    model = small_model(torch.float64, layers=RECURRENT)
+    handles, seen = [], []
+
+    def hook():
+        seen.append((threading.get_ident(), [(len(h.output), h.finish_reason) for h in handles]))
+
+    scheduler = Scheduler(model, max_batch=2, on_delivered=hook).start()
+    handles += [scheduler.submit(GenerationRequest(prompt(n), max_tokens=5)) for n in (3, 6, 4)]
+    for handle in handles:
+        list(handle.tokens(timeout=60))
+    deadline = time.monotonic() + 30
+    while seen[-1][1] != [(5, "length")] * 3:  # the idle turn's call, once the last token is in
+        assert time.monotonic() < deadline, seen[-1]
+        time.sleep(0.01)
+    assert {thread for thread, _ in seen} == {scheduler._thread.ident}
+
+    handles[:] = [scheduler.submit(GenerationRequest(prompt(4), max_tokens=100_000))]
+    next(handles[0].tokens(timeout=60))
+
+    def launch():
+        raise Fatal("injected: what no turn survives")
+
+    monkeypatch.setattr(scheduler, "_launch", launch)
+    list(handles[0].tokens(timeout=60))
+    scheduler._thread.join(60)
+    assert isinstance(scheduler.failed, Fatal) and handles[0].finish_reason == "error"
+    assert seen[-1][1] == [(len(handles[0].output), "error")]
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit(GenerationRequest((1,), max_tokens=1))
 
 
 def test_stream_from_asyncio():

@@ -4,12 +4,15 @@ bad input, overload, disconnects, metrics, and SIGTERM on a real process.
 Servers run in-process (uvicorn in a thread, on a port the OS picks) over the real continuous-batching
 scheduler and a tiny float64 model, in which the scheduler generates exactly what generate() does
 for each prompt alone; a scripted scheduler (fake_scheduler.py) covers what needs exact control.
+The real scheduler runs both ways `samba-lm serve` runs it: in a thread of the server's process, and
+in an engine process of its own (the same model, saved and loaded there), which is also killed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -23,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -32,8 +36,9 @@ import samba_lm  # noqa: E402
 from conftest import save_small_model, small_model  # noqa: E402
 from fake_scheduler import FakeScheduler  # noqa: E402
 from samba_lm.data.tokenizer import EOS, train_tokenizer  # noqa: E402
+from samba_lm.serving.engine_process import EngineProcess, load_model  # noqa: E402
 from samba_lm.serving.protocol import TextStream  # noqa: E402
-from samba_lm.serving.scheduler import Scheduler  # noqa: E402
+from samba_lm.serving.scheduler import GenerationRequest, Scheduler  # noqa: E402
 from samba_lm.serving.server import add_arguments, build_app, main, make_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +47,8 @@ LONG = 1000  # tokens: a request that runs until it is cancelled
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
 DOCS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60)) for i in range(20)] + ["héllo wörld, café"]
 UNSEEN = "Ωμέγα ∑ 𝄞 🎉 日本"  # 2- to 4-byte characters without merges: split across tokens
+WHERE = ["thread", "engine-process"]  # where the scheduler runs
+PROC = Path("/proc/self/stat").exists()  # where engine_pid() finds an engine process
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +59,24 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return small_model(vocab_size=tokenizer.get_vocab_size())  # float64: batched == alone, exactly
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tokenizer, tmp_path_factory):
+    """The model saved with its tokenizer, for an engine process to load."""
+    path = tmp_path_factory.mktemp("tiny")
+    samba_lm.save_pretrained(model, path)
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+def start_scheduler(where: str, model, model_dir, **options):
+    """A started Scheduler in a thread, or one in an engine process that loads `model_dir` (float64, as
+    saved) on the CPU."""
+    if where == "thread":
+        return Scheduler(model, **options).start()
+    load = functools.partial(load_model, model_dir, torch.device("cpu"), None, options.get("max_context"))
+    return EngineProcess(load, **options).start()
 
 
 @contextlib.contextmanager
@@ -74,10 +99,10 @@ def serving(app):
         sock.close()
 
 
-@pytest.fixture(scope="module")
-def server(model, tokenizer):
-    """(base URL, scheduler) of a server with 4 batch slots."""
-    scheduler = Scheduler(model, max_batch=4, max_queue=64, max_context=MAX_CONTEXT).start()
+@pytest.fixture(scope="module", params=WHERE)
+def server(request, model, tokenizer, model_dir):
+    """(base URL, scheduler) of a server with 4 batch slots, its scheduler in a thread or a process."""
+    scheduler = start_scheduler(request.param, model, model_dir, max_batch=4, max_queue=64, max_context=MAX_CONTEXT)
     app = build_app(scheduler, tokenizer, "tiny", MAX_CONTEXT, vocab_size=model.config.vocab_size)
     with serving(app) as url:
         yield url, scheduler
@@ -291,9 +316,10 @@ def test_metrics_format(server):
 
 
 # ----------------------------------------------------------------------------- overload and shutdown
-def test_overload_answers_429_and_recovers(model, tokenizer):
+@pytest.mark.parametrize("where", WHERE)
+def test_overload_answers_429_and_recovers(where, model, tokenizer, model_dir):
     """One slot and a queue of one: with both held, every further request gets 429 + Retry-After."""
-    scheduler = Scheduler(model, max_batch=1, max_queue=1, max_context=MAX_CONTEXT).start()
+    scheduler = start_scheduler(where, model, model_dir, max_batch=1, max_queue=1, max_context=MAX_CONTEXT)
     app = build_app(scheduler, tokenizer, "tiny", MAX_CONTEXT, vocab_size=model.config.vocab_size)
     long = {"prompt": "alpha", "max_tokens": LONG, "ignore_eos": True, "stream": True}
     with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
@@ -327,25 +353,57 @@ def test_shutting_down_answers_503(tokenizer):
     assert scheduler.closed
 
 
-def test_sigterm_drains_and_exits_0(tokenizer, tmp_path):
-    """A real `samba-lm serve` process: SIGTERM during a stream ends the stream (finished or cancelled
-    within --grace) and the process exits 0."""
+@contextlib.contextmanager
+def serve_process(tokenizer, tmp_path, *flags):
+    """A real `samba-lm serve` process on a free port, up and answering; yields (process, url)."""
     model_dir = save_small_model(tokenizer, tmp_path / "tiny-model")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "-m", "samba_lm.serving.server", "--model", str(model_dir), "--port",
                                 str(port), "--max-context", str(MAX_CONTEXT), "--device", "cpu", "--grace", "1",
-                                "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                "--log-level", "warning", *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                env=os.environ | {"PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     try:
         def up():
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
+            assert process.poll() is None, log_path.read_text()
             with contextlib.suppress(httpx.TransportError):
                 return httpx.get(f"{url}/health").status_code == 200
         wait_for(up, "the server to start", timeout=60)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+
+
+def engine_pid(parent: int) -> int:
+    """The engine process that `parent` spawned (its other child is multiprocessing's resource tracker)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                return int(stat.parent.name)
+    raise AssertionError(f"process {parent} has no engine process")
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie has exited: an orphan's new parent may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("flag", ["--no-engine-process", "--engine-process"])
+def test_sigterm_drains_and_exits_0(tokenizer, tmp_path, flag):
+    """A real `samba-lm serve` process: SIGTERM during a stream ends the stream (finished or cancelled
+    within --grace) and the process exits 0, its engine process (if any) gone before it."""
+    with serve_process(tokenizer, tmp_path, flag) as (process, url):
+        engine = engine_pid(process.pid) if flag == "--engine-process" and PROC else None
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-model"  # the directory's name
         body = {"prompt": "alpha", "max_tokens": LONG, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
@@ -356,10 +414,52 @@ def test_sigterm_drains_and_exits_0(tokenizer, tmp_path):
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("length", "cancelled")
         assert process.wait(timeout=30) == 0, (tmp_path / "server.log").read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
+        assert engine is None or not alive(engine)
+
+
+@pytest.mark.skipif(not PROC, reason="finds the engine process through /proc")
+def test_the_engine_process_exits_with_a_killed_server(tokenizer, tmp_path):
+    """A server killed with SIGKILL (no shutdown, no atexit) leaves no engine process behind."""
+    with serve_process(tokenizer, tmp_path, "--engine-process") as (process, url):
+        engine = engine_pid(process.pid)
+        process.kill()
+        process.wait(30)
+        wait_for(lambda: not alive(engine), "the engine process to exit")
+
+
+def test_a_dead_engine_fails_its_requests_and_the_server_answers_503(model, tokenizer, model_dir):
+    """SIGKILL the engine process under a stream and a non-streaming request: both end with an error,
+    /health and every new request get 503, and the server still shuts down."""
+    scheduler = start_scheduler("engine-process", model, model_dir, max_batch=2, max_context=MAX_CONTEXT)
+    with pytest.raises(ValueError, match="top_p"):  # checked here, before anything is sent
+        scheduler.submit(GenerationRequest((1, 2), max_tokens=2, top_p=1.5))
+    app = build_app(scheduler, tokenizer, "tiny", MAX_CONTEXT, vocab_size=model.config.vocab_size)
+    long = {"prompt": "alpha", "max_tokens": LONG, "ignore_eos": True}
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(client.post, "/v1/completions", json=long)
+        with client.stream("POST", "/v1/completions", json=long | {"stream": True}) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            wait_for(lambda: scheduler.stats().running == 2, "both requests to hold a slot")
+            os.kill(scheduler.pid, signal.SIGKILL)
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["code"] == "generation_failed" and events[-1] == "[DONE]"
+        assert whole.result().status_code == 500
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        refused = client.post("/v1/completions", json={"prompt": "alpha", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_failed"
+        assert metric(url, "samba_lm_requests_finished_total", '{finish_reason="error"}') == 2
+        assert metric(url, "samba_lm_running_requests") == 0
+
+
+def test_an_engine_load_error_is_raised_before_serving(tokenizer, tmp_path):
+    """What stops the engine process from loading comes back as `samba-lm serve`'s error, in its words."""
+    model_dir = save_small_model(tokenizer, tmp_path / "tiny-model")  # full attention: needs --max-context
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="--max-context is required"):
+        main(parser.parse_args(["--model", str(model_dir), "--device", "cpu", "--engine-process"]))
 
 
 # ----------------------------------------------------------------------------- scripted scheduler

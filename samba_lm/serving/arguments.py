@@ -33,5 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser):
                                                              "directory's name)")
     parser.add_argument("--grace", type=float, default=10.0, metavar="S",
                         help="seconds that in-flight requests get to finish on SIGTERM before they are cancelled")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the model (the scheduler, its CUDA graphs) in a process of its own, which sends "
+                             "the HTTP process each step's tokens in one message, so that the model's Python work "
+                             "and the HTTP streaming do not share one interpreter lock; a request is then refused "
+                             "(429) once --max-batch + --max-queue are unfinished (default: on for a CUDA device, "
+                             "where the host's Python work a step can outlast the decode step; off on the CPU, "
+                             "where the model's own work bounds a step and the process would cost a second torch "
+                             "import and a copy of every token)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")

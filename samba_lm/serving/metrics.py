@@ -4,6 +4,8 @@ Counters and histograms are updated by the server as requests end (on its event 
 the gauges are read from the scheduler's stats when /metrics is scraped. Latencies come from the
 scheduler's clock: a handle's submitted_at and the perf_counter time of each of its tokens, so they
 measure queueing + prefill (time to first token) and decode steps (inter-token latency), not HTTP.
+An engine process stamps its tokens with its own perf_counter, which on Linux is the same clock
+(CLOCK_MONOTONIC) in every process; its stats reach /metrics with its last message.
 """
 
 from __future__ import annotations

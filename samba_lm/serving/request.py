@@ -1,9 +1,12 @@
 """A request and its handle: what a client asks for, and the tokens it gets back from any thread or loop.
 
-The scheduler thread is the only writer of a handle: it appends each token and finally sets the
-finish reason. Readers wait on a condition (`tokens()`, for threads) or on an asyncio.Event that the
-scheduler sets through the waiting loop's `call_soon_threadsafe` (`stream()`), so an event loop is
-never blocked. Every token stays in the handle, so a reader that starts late still sees them all.
+One thread is the writer of a handle: it appends each token and finally sets the finish reason
+(the scheduler thread; in the HTTP process of an engine process, the event loop's thread, a
+message's tokens at a time). Readers wait on a condition (`tokens()`, for threads) or on an
+asyncio.Event (`stream()`) that a writer on another thread sets through the waiting loop's
+`call_soon_threadsafe`, and a writer on the loop's own thread sets directly (no wake-up of the loop
+per token), so an event loop is never blocked. Every token stays in the handle, so a reader that
+starts late still sees them all.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class RequestHandle:
         self.error: BaseException | None = None
         self._out: list[int] = []
         self._cond = threading.Condition()
-        self._events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]] = []  # and the loop's thread
         self._wake = wake  # tells the scheduler thread to look at its handles
         self._cancel_reason: str | None = None  # asked for; the scheduler thread ends the request
 
@@ -130,7 +133,7 @@ class RequestHandle:
     async def stream(self) -> AsyncIterator[int]:
         """Yield every token of the request in an asyncio task; awaiting never blocks the loop."""
         event = asyncio.Event()
-        waiter = (asyncio.get_running_loop(), event)
+        waiter = (asyncio.get_running_loop(), event, threading.get_ident())
         with self._cond:
             self._events.append(waiter)
         try:
@@ -159,6 +162,21 @@ class RequestHandle:
             events = list(self._events)
         _set(events)
 
+    def _extend(self, tokens: list[int], times: list[float]):
+        """Deliver several tokens at once, generated at `times` (perf_counter, which on Linux is one
+        clock for every process): an engine process's tokens arriving in the HTTP process."""
+        with self._cond:
+            self._out += tokens
+            self.token_times += times
+            self._cond.notify_all()
+            events = list(self._events)
+        _set(events)
+
+    def _since(self, start: int) -> tuple[list[int], list[float], str | None, BaseException | None]:
+        """(tokens, their times) from the start-th on, the finish reason and the error, read together."""
+        with self._cond:
+            return self._out[start:], self.token_times[start:], self.finish_reason, self.error
+
     def _finish(self, reason: str, error: BaseException | None = None) -> bool:
         """End the request (once; False if it had ended)."""
         with self._cond:
@@ -175,7 +193,10 @@ class RequestHandle:
 
 
 def _set(events):
-    for loop, event in events:
+    for loop, event, thread in events:
+        if thread == threading.get_ident():  # the writer runs on the reader's loop
+            event.set()
+            continue
         try:
             loop.call_soon_threadsafe(event.set)
         except RuntimeError:  # the loop has closed: its reader is gone

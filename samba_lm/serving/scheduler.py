@@ -28,6 +28,11 @@ precision on a GPU, matrix products at a different batch size may round differen
 
 Models with full-attention layers need `max_context`: their caches get that many slots up front,
 since a captured step cannot grow them.
+
+`on_delivered`, if given, is called on the scheduler thread whenever tokens may have been delivered
+or requests ended: after each step's tokens, after a turn's prefills, before the loop waits for
+work and when it exits. The engine process (engine_process.py) passes on everything since the last
+call in one message, so the HTTP process hears from it once a step rather than once a token.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -99,7 +105,8 @@ class Scheduler:
     """Serve GenerationRequests from any thread with one model: see the module docstring."""
 
     def __init__(self, model: SambaLM, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
-                 max_context: int | None = None, cuda_graph: bool | None = None, prefill_rows: int = 8):
+                 max_context: int | None = None, cuda_graph: bool | None = None, prefill_rows: int = 8,
+                 on_delivered: Callable[[], None] | None = None):
         if not isinstance(model, SambaLM):
             raise ValueError(f"model must be a SambaLM, got {type(model).__name__}")
         for name, value, least in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
@@ -117,6 +124,7 @@ class Scheduler:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.prefill_chunk, self.max_context = prefill_chunk, max_context
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self._on_delivered = on_delivered or (lambda: None)
         capacity = max_context if model.config.grows else None
         self._batch = SlotBatch(model, max_batch, capacity, self.cuda_graph)
         self._prefill_state = model.init_state(1, capacity=capacity)
@@ -140,6 +148,7 @@ class Scheduler:
         self._finished = self._tokens = self._steps = 0
         self._closing, self._deadline = False, float("inf")
         self._thread: threading.Thread | None = None
+        self._failed: BaseException | None = None
 
     # ------------------------------------------------------------------ the client side (any thread)
     def start(self) -> Scheduler:
@@ -180,6 +189,12 @@ class Scheduler:
             return SchedulerStats(len(self._waiting), len(self._running) + (self._prefill is not None),
                                   self.max_batch, self._finished, self._tokens, self._steps)
 
+    @property
+    def failed(self) -> BaseException | None:
+        """What killed the loop (every request then ended with "error" and submit raises
+        SchedulerClosed), or None while it runs or after a plain shutdown."""
+        return self._failed
+
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop accepting requests; let the running and queued ones finish for up to grace_s seconds,
         then cancel the rest ("cancelled"); join the thread."""
@@ -218,21 +233,27 @@ class Scheduler:
         except BaseException as error:  # the loop cannot go on: fail everyone rather than hang them
             logger.exception("scheduler: the loop died; failing every request")
             with self._cond:
-                self._closing = True
+                self._closing, self._failed = True, error
                 for handle in self._holders() + list(self._waiting):
                     self._end(handle, "error", error)
                 self._waiting.clear()
+        finally:
+            self._on_delivered()
 
     def _turn(self) -> bool:
         """One turn of the loop (module docstring); False once shut down with nothing left."""
         with self._cond:
             self._end_cancelled()
             self._retire()
-            if not (self._running or self._prefill or self._waiting or self._launched):
-                if self._closing:
-                    return False
-                self._cond.wait()
-                return True
+            idle = not self._busy()
+            if idle and self._closing:
+                return False
+        if idle:
+            self._on_delivered()  # the ends above, before the wait
+            with self._cond:
+                if not (self._busy() or self._closing):  # nothing came in meanwhile
+                    self._cond.wait()
+            return True
         before, self._launched = self._launched, None
         if self._running:
             self._guarded("decode step", self._launch, [r.handle for r in self._running])
@@ -240,6 +261,7 @@ class Scheduler:
             self._guarded("decode step", lambda: self._deliver(before), [r.handle for r in before.rows])
             with self._cond:
                 self._retire()  # rows the delivered tokens ended are free for this turn's prefills
+            self._on_delivered()  # the step's tokens go out before the prefills' work
         budget = self.prefill_chunk  # prompt tokens per turn, over as many waiting requests as it takes
         while budget > 0:
             group = self._take_short(budget)
@@ -257,7 +279,11 @@ class Scheduler:
             if p.offset == done_before:  # it failed: leave the rest for the next turn
                 break
             budget -= p.offset - done_before
+        self._on_delivered()  # the prefills' first tokens (a no-op for the engine when nothing changed)
         return True
+
+    def _busy(self) -> bool:
+        return bool(self._running or self._prefill or self._waiting or self._launched)
 
     def _guarded(self, what: str, work, handles: list[RequestHandle]):
         """Run `work`; if it raises, log it and fail the requests it served, so none hangs."""

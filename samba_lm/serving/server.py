@@ -7,6 +7,13 @@ Every request is one scheduler handle: the event loop only validates, submits an
 HTTP work never waits on the model and the model never waits on HTTP. A client that goes away
 cancels its handle, which frees its batch slot at the scheduler's next step.
 
+Where the scheduler runs (--engine-process, on by default on CUDA): in a process of its own
+(engine_process.py: the model, its CUDA graphs, prefill, sampling, stop tokens), which sends this
+process every token of a step in one message, or in a thread of this process. The first keeps the
+scheduler's and the event loop's Python work from sharing one interpreter lock; `build_app` serves
+either, through the same interface. If the engine process dies, its requests end with "error",
+/health answers 503 and so does every new request.
+
 Shutdown (SIGTERM or Ctrl-C): uvicorn stops accepting connections, the app answers 503 to whatever
 still arrives, and the scheduler drains at once: in-flight requests finish within --grace seconds or
 are cancelled (their streams end with finish_reason "cancelled"); then the process exits 0.
@@ -38,6 +45,7 @@ except ImportError as e:  # an optional extra
 from .arguments import add_arguments
 from .metrics import Metrics
 from .chat import ChatTemplate, ChatTemplateError
+from .engine_process import EngineProcess
 from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, TextStream, chat_chunk, chat_completion,
                        chat_completion_id, completion, completion_id, model_card, model_list, parse_completion_request,
                        usage, validation_error)
@@ -112,7 +120,7 @@ class Service:
             raise ApiError(429, f"the server is at capacity ({e or 'its request queue is full'}): retry later",
                            None, "queue_full", "rate_limit_error", {"Retry-After": str(self.retry_after_s)}) from None
         except SchedulerClosed:
-            raise self.unavailable() from None
+            raise self.unavailable() if self.scheduler.failed is None else self.engine_failed() from None
         except ValueError as e:  # what the scheduler refuses that this side did not check
             raise ApiError(400, str(e), None, "invalid_value") from None
 
@@ -123,6 +131,10 @@ class Service:
     def unavailable(self) -> ApiError:
         return ApiError(503, "the server is shutting down: retry on another server or later", None,
                         "shutting_down", "service_unavailable", {"Retry-After": str(math.ceil(self.grace_s) + 1)})
+
+    def engine_failed(self) -> ApiError:
+        return ApiError(503, f"the server's model engine has failed ({self.scheduler.failed}): retry on another "
+                             "server", None, "engine_failed", "service_unavailable")
 
     # -- shutdown
     def begin_shutdown(self):
@@ -164,6 +176,8 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.loop = asyncio.get_running_loop()
+        if isinstance(scheduler, EngineProcess):  # its messages are handed out on this loop's thread
+            scheduler.attach(service.loop)
         yield
         service.begin_shutdown()  # on this thread, as on_signal's is
         await asyncio.to_thread(service.wait_drained)
@@ -195,6 +209,8 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
     async def health():
         if service.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
+        if scheduler.failed is not None:  # nothing is served: a process manager should replace this server
+            return JSONResponse({"status": "failed", "error": str(scheduler.failed)}, status_code=503)
         stats = scheduler.stats()
         return {"status": "ok", "model": model_name, "queued": stats.queued, "running": stats.running}
 
@@ -391,10 +407,14 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
 
 
 def main(args: argparse.Namespace):
-    """`samba-lm serve`: load the model, start the scheduler, serve until SIGTERM."""
+    """`samba-lm serve`: load the model, start the scheduler (in an engine process or a thread), serve
+    until SIGTERM."""
+    import functools
+
     import torch
 
-    from ..loading import load_for_generation, resolve_device, stop_token_ids
+    from ..loading import load_tokenizer_for_generation, resolve_device, stop_token_ids
+    from .engine_process import load_model
     from .scheduler import Scheduler
 
     for flag in ("max_batch", "max_queue", "prefill_chunk", "prefill_rows", "max_context"):
@@ -407,16 +427,22 @@ def main(args: argparse.Namespace):
         raise ValueError(f"--grace must be >= 0 seconds, got {args.grace}")
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer, where = load_for_generation(args.model, device=device, dtype=dtype)
+    # The tokenizer first: a missing one fails before the weights are read.
+    tokenizer, where = load_tokenizer_for_generation(args.model)
     # A Hugging Face checkpoint's chat template and end-of-turn tokens sit beside its tokenizer.json.
     chat_template, eos = ChatTemplate.from_directory(where), stop_token_ids(where)
-    if model.config.grows and args.max_context is None:
-        raise ValueError("--max-context is required for this model: its full-attention layers' caches get that "
-                         "many slots up front")
-    scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                          prefill_rows=args.prefill_rows, max_context=args.max_context).start()
+    load = functools.partial(load_model, args.model, device, dtype, args.max_context)
+    options = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                   prefill_rows=args.prefill_rows, max_context=args.max_context)
+    in_a_process = device.type == "cuda" if args.engine_process is None else args.engine_process
+    if in_a_process:
+        scheduler = EngineProcess(load, **options).start()  # its load error is raised here
+        vocab_size = scheduler.vocab_size
+    else:
+        model = load()
+        scheduler, vocab_size = Scheduler(model, **options).start(), model.config.vocab_size
     name = args.model_name or Path(args.model).resolve().name
-    app = build_app(scheduler, tokenizer, name, args.max_context, vocab_size=model.config.vocab_size,
+    app = build_app(scheduler, tokenizer, name, args.max_context, vocab_size=vocab_size,
                     grace_s=args.grace, chat_template=chat_template, eos_token_ids=eos)
     serve(app, args.host, args.port, args.log_level)
 

@@ -216,15 +216,11 @@ def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype):
         raise ValueError(f"attention_decode: {name} must be {dtype} of shape {tuple(shape)}, got {got}")
 
 
-def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None,
-                     positional: bool = False):
+def attention_decode(q, k, v, q_pos, window, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
     """One query token per row against its own key and the cache (see the module docstring):
-    [B, 1, H, Dh] in q's dtype. `positional`: the prefix is a positional cache, read only in slots
-    [0, min(i, P)) and left as it is (SambaY's cross layers, after their full layer stored the token)."""
+    [B, 1, H, Dh] in q's dtype."""
     _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
-    if positional and k_prefix is None:
-        raise ValueError("attention_decode: positional=True reads a cache: k_prefix, v_prefix and prefix_pos")
-    return _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cached=positional, append=False)
+    return _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cached=False)
 
 
 def attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
@@ -234,7 +230,7 @@ def attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos,
     if k_cache is None or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or cache_pos.stride(-1) != 1:
         raise ValueError("attention_decode_append: the cache (k_cache, v_cache, cache_pos) must be given, "
                          "with its last dims contiguous")
-    return _decode(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, cached=True, append=True)
+    return _decode(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, cached=True)
 
 
 def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
@@ -274,7 +270,7 @@ def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=N
             raise ValueError(f"attention_decode: {name} is on {t.device}, q on {q.device}")
 
 
-def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cached: bool, append: bool):
+def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cached: bool):
     batch, _, H, Dh = q.shape
     Hkv = k.shape[2]
     P = k_prefix.shape[1] if k_prefix is not None else 0
@@ -291,7 +287,7 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cac
     acc = torch.empty(batch, H, n_splits, Dh, **f32)
     qs = q_pos if q_start is None else q_start  # without documents q_pos stands in (unread)
     if n_splits:
-        if not append:  # a cache that is appended to must be the caller's own buffers, never a copy
+        if not cached:  # a cache that is appended to must be the caller's own buffers, never a copy
             k_prefix, v_prefix, prefix_pos = (row_stride(x) for x in (k_prefix, v_prefix, prefix_pos))
         _decode_split_kernel[(batch, Hkv, n_splits)](
             q, k_prefix, v_prefix, prefix_pos, q_pos, qs, m, l, acc, P, keys_per_split, reach, qk_scale,
@@ -303,7 +299,7 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cac
     out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
     block_s = triton.next_power_of_2(max(n_splits, 1))
     warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread
-    append = append and P > 0
+    append = cached and P > 0
     kc, vc, pc = (k_prefix, v_prefix, prefix_pos) if append else (out, out, q_pos)
     _decode_merge_kernel[(batch, H)](
         q, k, v, q_pos, qs, m, l, acc, out, kc, vc, pc, n_splits, qk_scale,

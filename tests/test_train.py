@@ -78,6 +78,8 @@ def test_resume_after_a_crash_gives_the_same_losses(corpus, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train(small_run(corpus, tmp_path / "crashed", micro_batch_size=2))
     assert len(losses(tmp_path / "crashed")) == 4  # step 4 was logged, then the process died
+    with open(tmp_path / "crashed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # and it died writing the next row
     monkeypatch.setattr(trainer_module, "train_step", real_step)
     train(small_run(corpus, tmp_path / "crashed", micro_batch_size=2))
     assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")  # bit-exact, step for step
@@ -154,6 +156,57 @@ def test_two_processes_match_one(corpus, tmp_path, parallel):
     # the sharded checkpoint exports to the same single model
     exported = model_from_training_checkpoint(list_checkpoints(tmp_path / parallel / "checkpoints")[-1])
     assert all(torch.equal(exported.state_dict()[n], two[n]) for n in two)
+
+
+def torchrun(corpus, out, processes: int, steps: int, fault: dict | None = None, restarts: int = 0):
+    """`samba-lm train` (tests/train_with_fault.py with a fault) on `processes` gloo processes; the
+    completed process."""
+    script = ["-m", "samba_lm.cli"] if fault is None else [str(Path(__file__).with_name("train_with_fault.py"))]
+    # --standalone: a c10d rendezvous on a free port, whose restarts start from a fresh store (a static
+    # one keeps the dead workers' addresses: the restarted group then cannot connect)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "--max-restarts", str(restarts), *script, "train", "--model-args", json.dumps(SMALL_MODEL),
+            "--data", str(corpus), "--seq-len", "32", "--batch-size", "4", "--steps", str(steps), "--lr", "3e-3",
+            "--eval-every", "3", "--eval-batches", "2", "--save-every", "2", "--out-dir", str(out),
+            "--no-tensorboard", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), **(fault or {})}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one")
+    train(small_run(corpus, out, steps=4, save_every=2))
+    return out
+
+
+@pytest.mark.parametrize("before, after", [(2, 4), (4, 2)])
+def test_resume_on_another_number_of_processes(corpus, tmp_path, one_process_run, before, after):
+    """A run checkpointed at step 2 on `before` processes resumes on `after`: the same global batch and
+    data order, so one process's losses and weights up to the reduction order."""
+    stopped = torchrun(corpus, tmp_path, before, 4, fault={"FAULT": "stop", "FAULT_AT_STEP": "2"})
+    assert stopped.returncode != 0, "the injected stop did not happen"
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002"]
+    resumed = torchrun(corpus, tmp_path, after, 4)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(one_process_run)),
+                               rtol=1e-5, atol=1e-5)
+    one = samba_lm.load_pretrained(one_process_run / "model").state_dict()
+    for name, tensor in samba_lm.load_pretrained(tmp_path / "model").state_dict().items():
+        torch.testing.assert_close(tensor, one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_rank_restarts_from_the_last_checkpoint(corpus, tmp_path, one_process_run):
+    """Rank 1 is SIGKILLed after the step-2 checkpoint; torchrun (--max-restarts 1) restarts the group,
+    which resumes there and ends as an uninterrupted run: every step logged once, the same losses."""
+    proc = torchrun(corpus, tmp_path, 2, 4, fault={"FAULT": "kill", "FAULT_AT_STEP": "2"}, restarts=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming" in proc.stdout  # the second attempt's
+    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(r)] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(one_process_run)),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -45,8 +45,19 @@ def setup(device: str = "auto") -> DistEnv:
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=_store(rank, world), rank=rank,
+                                world_size=world, device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank, world, local, dev)
+
+
+def _store(rank: int, world: int) -> dist.Store:
+    """The launcher's key-value store (torchrun's agent hosts it; else rank 0), its keys under this
+    attempt's prefix: after an elastic restart (torchrun --max-restarts) the new group must not read
+    the addresses that the dead attempt's workers published, which gloo then fails to connect to."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          world, is_master=rank == 0 and not agent, multi_tenant=not agent)
+    return dist.PrefixStore(f"samba-lm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown():

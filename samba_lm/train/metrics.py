@@ -16,8 +16,9 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            # Rows logged after the checkpoint we resume from belong to a run that died: drop them.
-            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            # Rows logged after the checkpoint we resume from belong to a run that died: drop them, and
+            # a last row that its death cut short.
+            rows = [r for r in self.path.read_text().splitlines() if _step(r) is not None and _step(r) <= resume_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         elif resume_step is None:
             self.path.write_text("")
@@ -89,3 +90,11 @@ def _ema(values, beta):
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+def _step(row: str) -> int | None:
+    """A metrics.jsonl row's step, or None for a row that is not whole JSON (a write cut short)."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None

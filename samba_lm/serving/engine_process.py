@@ -203,7 +203,7 @@ class EngineClient:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request (checked here: ValueError naming the field); QueueFull, SchedulerClosed."""
         if self.vocab_size is None:
-            raise RuntimeError("start() the engine process before submitting requests")
+            raise RuntimeError("start() the engine process (or connect() a client) before submitting requests")
         request = checked(request, self.vocab_size, self.max_context)
         with self._lock:
             if self._failed is not None:

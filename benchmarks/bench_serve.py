@@ -9,7 +9,8 @@ Without --url the server runs in a child process (uvicorn, and the model and sch
 that the clients, asyncio + httpx in this process (or spread over --client-processes processes that
 start together at a barrier), do not share its interpreter lock. Run it once with --engine-process
 and once with --no-engine-process (each with its own --out) to compare the two; the JSON's meta
-records which ran. For each concurrency C
+records which ran. --api-processes N puts N HTTP processes in front of the engine process, as `samba-lm
+serve --api-processes N` does (recorded too). For each concurrency C
 in --concurrency: a warm-up round (C requests of 16 tokens: it captures the decode graphs), then C
 clients each sending --requests-per-client streaming requests one after another, every one
 --prompt-tokens random token ids and exactly --max-tokens generated tokens (greedy, ignore_eos).
@@ -100,13 +101,16 @@ def load_tokenizer(args):
 
 
 def run_server(args, port: int):
-    """The child process: load, start the scheduler (in a thread or an engine process), serve until SIGTERM."""
+    """The child process: load, start the scheduler (in a thread or an engine process), serve until SIGTERM;
+    with --api-processes N, `samba-lm serve --api-processes N`'s processes over the same model."""
     from samba_lm.serving.engine_process import EngineProcess
     from samba_lm.serving.scheduler import Scheduler
     from samba_lm.serving.server import build_app, serve
 
     options = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                    prefill_rows=args.prefill_rows, max_context=args.max_context)
+    if args.api_processes > 1:
+        return serve_api_processes(args, port)
     if args.engine_process:
         scheduler = EngineProcess(functools.partial(engine_model, args), **options).start()
         tokenizer, vocab_size = load_tokenizer(args), scheduler.vocab_size
@@ -115,6 +119,29 @@ def run_server(args, port: int):
         scheduler, vocab_size = Scheduler(model, **options).start(), model.config.vocab_size
     app = build_app(scheduler, tokenizer, "bench", args.max_context, vocab_size=vocab_size, grace_s=5)
     serve(app, "127.0.0.1", port, log_level="warning")
+
+
+def serve_api_processes(args, port: int):
+    """`samba-lm serve --api-processes N`'s parent over the same model. Its HTTP processes read the
+    tokenizer from a model directory: a preset's synthetic one is written to a temporary one, with the
+    preset's config.json beside it (no weights: the engine process makes them, as engine_model does)."""
+    import tempfile
+
+    from samba_lm.checkpoint import CONFIG_FILE, FORMAT
+    from samba_lm.serving import api_processes
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as model_dir:
+        if args.model:
+            model_dir = args.model
+        else:
+            config = SambaConfig.from_preset(args.preset)
+            (Path(model_dir) / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **config.to_dict()}))
+            load_tokenizer(args).save(str(Path(model_dir) / "tokenizer.json"))
+        serve_args = argparse.Namespace(model=model_dir, host="127.0.0.1", port=port, max_batch=args.max_batch,
+                                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                                        prefill_rows=args.prefill_rows, max_context=args.max_context, grace=5.0,
+                                        model_name="bench", log_level="warning", api_processes=args.api_processes)
+        api_processes.serve_api_processes(serve_args, functools.partial(engine_model, args))
 
 
 def start_server(args) -> tuple[multiprocessing.Process, str]:
@@ -249,7 +276,8 @@ def time_generate(model, prompt: list[int], max_tokens: int, sync_every: int, re
 def table(rows: list[dict], baseline: list[dict], meta: dict) -> str:
     f = lambda x, spec=".1f": "-" if x is None else format(x, spec)  # noqa: E731
     where = {True: ", the model in an engine process", False: ", the model in the server's process"}
-    lines = [f"bench_serve: {meta['model']}{where.get(meta['engine_process'], '')} on {meta['device']}, "
+    http = f", {meta['api_processes']} HTTP processes" if meta.get("api_processes", 1) > 1 else ""
+    lines = [f"bench_serve: {meta['model']}{where.get(meta['engine_process'], '')}{http} on {meta['device']}, "
              f"{meta['dtype']}, prompt {meta['prompt_tokens']} "
              f"tokens, {meta['max_tokens']} generated per request, clients in up to {meta['client_processes']} "
              f"processes ({meta['date']})", "",
@@ -298,6 +326,9 @@ def parse_args(argv=None):
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the server's model in an engine process of its own, as `samba-lm serve "
                         "--engine-process` does (default: as serve's, on for a CUDA device)")
+    p.add_argument("--api-processes", type=int, default=1,
+                   help="HTTP processes in front of the engine process, as `samba-lm serve --api-processes N` "
+                        "(N > 1 needs --engine-process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype (auto: bf16 for a preset on CUDA, else as saved / float32)")
@@ -315,7 +346,7 @@ def parse_args(argv=None):
         args.levels = [int(c) for c in args.concurrency.split(",") if c]
     except ValueError:
         p.error(f"--concurrency must be comma-separated ints, got {args.concurrency!r}")
-    for name in ("requests_per_client", "prompt_tokens", "max_tokens", "client_processes"):
+    for name in ("requests_per_client", "prompt_tokens", "max_tokens", "client_processes", "api_processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.levels or min(args.levels) < 1:
@@ -327,6 +358,8 @@ def parse_args(argv=None):
         from samba_lm.loading import resolve_device
 
         args.engine_process = resolve_device(args.device).type == "cuda"
+    if args.api_processes > 1 and (args.url or not args.engine_process):
+        p.error("--api-processes N > 1 is for the server this starts, with --engine-process")
     return args
 
 
@@ -345,7 +378,7 @@ def main(argv=None):
             "dtype": args.dtype, "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
             "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
             "max_batch": args.max_batch, "client_processes": args.client_processes,
-            "engine_process": args.engine_process,
+            "engine_process": args.engine_process, "api_processes": args.api_processes,
             "command": " ".join(sys.argv)}
 
     process, url = (None, args.url) if args.url else start_server(args)

@@ -354,9 +354,10 @@ def test_shutting_down_answers_503(tokenizer):
 
 
 @contextlib.contextmanager
-def serve_process(tokenizer, tmp_path, *flags):
-    """A real `samba-lm serve` process on a free port, up and answering; yields (process, url)."""
-    model_dir = save_small_model(tokenizer, tmp_path / "tiny-model")
+def serve_process(tokenizer, tmp_path, *flags, model_dir=None):
+    """A real `samba-lm serve` process on a free port, up and answering, of `model_dir` (default: a
+    tiny model saved under tmp_path); yields (process, url)."""
+    model_dir = model_dir or save_small_model(tokenizer, tmp_path / "tiny-model")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -380,14 +381,22 @@ def serve_process(tokenizer, tmp_path, *flags):
         log.close()
 
 
-def engine_pid(parent: int) -> int:
-    """The engine process that `parent` spawned (its other child is multiprocessing's resource tracker)."""
+def spawned(parent: int) -> list[int]:
+    """The processes that `parent` spawned with multiprocessing (not its resource tracker)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             if ppid == parent and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
-                return int(stat.parent.name)
-    raise AssertionError(f"process {parent} has no engine process")
+                found.append(int(stat.parent.name))
+    return found
+
+
+def engine_pid(parent: int) -> int:
+    """The engine process that `parent` spawned (its other child is multiprocessing's resource tracker)."""
+    found = spawned(parent)
+    assert len(found) == 1, f"process {parent} has {len(found)} spawned processes, not one engine process"
+    return found[0]
 
 
 def alive(pid: int) -> bool:
@@ -415,6 +424,56 @@ def test_sigterm_drains_and_exits_0(tokenizer, tmp_path, flag):
         assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("length", "cancelled")
         assert process.wait(timeout=30) == 0, (tmp_path / "server.log").read_text()
         assert engine is None or not alive(engine)
+
+
+def test_api_processes_share_one_engine(model, tokenizer, model_dir, tmp_path):
+    """`--api-processes 2`: 16 concurrent requests (streaming and not) over new connections each get
+    what generate() gives them alone; both HTTP processes answered some, each counting its own while
+    the engine's totals are the same from either; SIGTERM drains them all and exits 0, leaving no child."""
+    flags = "--engine-process", "--api-processes", "2", "--max-batch", "4", "--model-name", "tiny"
+    with serve_process(tokenizer, tmp_path, *flags, model_dir=model_dir) as (process, url):  # float64, as `model`
+        children = spawned(process.pid) if PROC else []
+        assert not PROC or len(children) == 3  # the engine and two HTTP processes
+
+        def ask(i):  # a client each: a connection each, for the kernel to spread
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            prompt = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + i % 4))
+            kwargs = dict(model="tiny", prompt=prompt, max_tokens=4 + i % 5, temperature=1.0, seed=i)
+            if i % 2:
+                reply = client.completions.create(**kwargs)
+                return prompt, kwargs, reply.choices[0].text, reply.choices[0].finish_reason
+            chunks = list(client.completions.create(**kwargs, stream=True))
+            return prompt, kwargs, "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(16)))
+        for prompt, kwargs, text, reason in answers:
+            expected = reference(model, tokenizer, tokenizer.encode(prompt).ids, kwargs["max_tokens"], temperature=1.0,
+                                 seed=kwargs["seed"])
+            assert (text, reason) == (expected[0], expected[2]), kwargs
+        answered, engine_totals, health = {}, set(), set()
+        for _ in range(200):  # a new connection each: either process may answer
+            health.add(httpx.get(f"{url}/health").json()["api_process"])
+            text = httpx.get(f"{url}/metrics").text
+            k = re.search(r'api_process="(\d+)"', text).group(1)
+            ok = re.search(rf'^samba_lm_requests_total{{api_process="{k}",status="200"}} (\S+)$', text, re.M)
+            answered[k] = float(ok.group(1)) if ok else 0.0
+            engine_totals.add(re.search(r"^samba_lm_engine_requests_finished_total (\S+)$", text, re.M).group(1))
+            if len(answered) == 2 and len(health) == 2:
+                break
+        assert set(answered) == {"0", "1"} and health == {0, 1}
+        assert sum(answered.values()) == 16 and min(answered.values()) > 0, answered  # each counts its own
+        assert engine_totals == {"16"}  # the engine's count, whichever process is asked
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
+        wait_for(lambda: not any(alive(pid) for pid in children), "every child to exit")
+
+
+def test_api_processes_need_the_engine_process():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="--api-processes 2 needs --engine-process"):
+        main(parser.parse_args(["--model", "m", "--device", "cpu", "--no-engine-process", "--api-processes", "2"]))
 
 
 @pytest.mark.skipif(not PROC, reason="finds the engine process through /proc")

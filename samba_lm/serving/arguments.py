@@ -41,5 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser):
                              "where the host's Python work a step can outlast the decode step; off on the CPU, "
                              "where the model's own work bounds a step and the process would cost a second torch "
                              "import and a copy of every token)")
+    parser.add_argument("--api-processes", type=int, default=1, metavar="N",
+                        help="HTTP processes (FastAPI + uvicorn) serving --host:--port in front of the one engine "
+                             "process, for when a single one's Python work (detokenizing, JSON, server-sent "
+                             "events) cannot keep up with the engine's steps; the kernel spreads connections over "
+                             "them, and each admits its share of --max-batch + --max-queue. N > 1 needs "
+                             "--engine-process")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")

@@ -29,11 +29,12 @@ class Counter:
     def inc(self, label_value: str = "", amount: float = 1.0):
         self.values[label_value] += amount
 
-    def lines(self) -> list[str]:
+    def lines(self, const: str = "") -> list[str]:
+        """const: labels every sample carries (`api_process="0"`), or nothing."""
         out = _header(self.name, self.help, "counter")
         if self.label is None:
-            return out + [f"{self.name} {_number(self.values.get('', 0.0))}"]
-        return out + [f'{self.name}{{{self.label}="{_escape(v)}"}} {_number(n)}'
+            return out + [f"{self.name}{_labels(const)} {_number(self.values.get('', 0.0))}"]
+        return out + [f"{self.name}{_labels(const, _pair(self.label, _escape(v)))} {_number(n)}"
                       for v, n in sorted(self.values.items())]
 
 
@@ -51,20 +52,25 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def lines(self) -> list[str]:
+    def lines(self, const: str = "") -> list[str]:
         out, total = _header(self.name, self.help, "histogram"), 0
         for bound, n in zip(self.buckets, self.counts):
             total += n
-            out.append(f'{self.name}_bucket{{le="{_number(bound)}"}} {total}')
-        out += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {_number(self.sum)}",
-                f"{self.name}_count {self.count}"]
+            out.append(f"{self.name}_bucket{_labels(const, _pair('le', _number(bound)))} {total}")
+        out += [f"{self.name}_bucket{_labels(const, _pair('le', '+Inf'))} {self.count}",
+                f"{self.name}_sum{_labels(const)} {_number(self.sum)}", f"{self.name}_count{_labels(const)} {self.count}"]
         return out
 
 
 class Metrics:
-    """Everything /metrics shows. `request_done` records one generation when its reply has ended."""
+    """Everything /metrics shows. `request_done` records one generation when its reply has ended.
 
-    def __init__(self):
+    api_process: this HTTP process's index when several serve one engine (--api-processes N). Each
+    knows only the requests it answered, so its counters and histograms carry `api_process="k"`; the
+    gauges, the steps and the engine's totals come from the engine's stats, the same in every one."""
+
+    def __init__(self, api_process: int | None = None):
+        self.const = "" if api_process is None else _pair("api_process", str(api_process))
         self._lock = threading.Lock()  # a scrape may run while a request is recorded
         m = PREFIX
         self.requests = Counter(f"{m}_requests_total", "completion requests answered, by HTTP status", "status")
@@ -109,15 +115,31 @@ class Metrics:
             lines += _header(name, help_, "gauge") + [f"{name} {_number(value)}"]
         lines += _header(f"{m}_scheduler_steps_total", "batched model steps the scheduler has run", "counter")
         lines.append(f"{m}_scheduler_steps_total {stats.steps}")
+        if self.const:  # the engine's own totals: what every process's labelled counters add up to
+            for name, help_, value in ((f"{m}_engine_generation_tokens_total", "tokens the engine generated",
+                                        stats.tokens_generated),
+                                       (f"{m}_engine_requests_finished_total", "requests the engine ended",
+                                        stats.requests_finished)):
+                lines += _header(name, help_, "counter") + [f"{name} {value}"]
         with self._lock:
             for metric in (self.requests, self.finished, self.generated, self.prompt, self.ttft, self.itl,
                            self.latency):
-                lines += metric.lines()
+                lines += metric.lines(self.const)
         return "\n".join(lines) + "\n"
 
 
 def _header(name: str, help_: str, kind: str) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+
+
+def _labels(*pairs: str) -> str:
+    """`{a="1",b="2"}` of the non-empty pairs, or nothing."""
+    pairs = [p for p in pairs if p]
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def _pair(name: str, value: str) -> str:
+    return f'{name}="{value}"'
 
 
 def _escape(value: str) -> str:

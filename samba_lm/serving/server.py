@@ -12,7 +12,9 @@ Where the scheduler runs (--engine-process, on by default on CUDA): in a process
 process every token of a step in one message, or in a thread of this process. The first keeps the
 scheduler's and the event loop's Python work from sharing one interpreter lock; `build_app` serves
 either, through the same interface. If the engine process dies, its requests end with "error",
-/health answers 503 and so does every new request.
+/health answers 503 and so does every new request. With --api-processes N (api_processes.py), N
+processes like this one serve the port in front of one engine process, each labelling its own
+request metrics api_process="k".
 
 Shutdown (SIGTERM or Ctrl-C): uvicorn stops accepting connections, the app answers 503 to whatever
 still arrives, and the scheduler drains at once: in-flight requests finish within --grace seconds or
@@ -27,6 +29,7 @@ import contextlib
 import json
 import math
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -45,7 +48,7 @@ except ImportError as e:  # an optional extra
 from .arguments import add_arguments
 from .metrics import Metrics
 from .chat import ChatTemplate, ChatTemplateError
-from .engine_process import EngineProcess
+from .engine_process import EngineClient
 from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, TextStream, chat_chunk, chat_completion,
                        chat_completion_id, completion, completion_id, model_card, model_list, parse_completion_request,
                        usage, validation_error)
@@ -60,13 +63,14 @@ class Service:
     """What the endpoints share: the scheduler, the tokenizer, the limits, the metrics, the shutdown."""
 
     def __init__(self, scheduler, tokenizer, model_name: str, max_context: int | None, vocab_size: int,
-                 grace_s: float, retry_after_s: int, chat_template: ChatTemplate | None, eos: tuple[int, ...]):
+                 grace_s: float, retry_after_s: int, chat_template: ChatTemplate | None, eos: tuple[int, ...],
+                 api_process: int | None = None):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.max_context, self.vocab_size = max_context, vocab_size
         self.grace_s, self.retry_after_s = grace_s, retry_after_s
         self.chat_template = chat_template
         self.eos = tuple(dict.fromkeys([*(i for i in map(tokenizer.token_to_id, EOS_TOKENS) if i is not None), *eos]))
-        self.metrics, self.created = Metrics(), int(time.time())
+        self.metrics, self.created = Metrics(api_process), int(time.time())
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drain: threading.Thread | None = None
@@ -156,7 +160,8 @@ class Service:
 
 def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = None, *,
               vocab_size: int | None = None, grace_s: float = 10.0, retry_after_s: int = 1,
-              chat_template: ChatTemplate | None = None, eos_token_ids: tuple[int, ...] = ()) -> FastAPI:
+              chat_template: ChatTemplate | None = None, eos_token_ids: tuple[int, ...] = (),
+              api_process: int | None = None) -> FastAPI:
     """The app over a started `scheduler`, which it owns: the app's shutdown shuts the scheduler down.
 
     tokenizer: a `tokenizers.Tokenizer` (its <|endoftext|> or </s>, if any, stops generation unless a
@@ -164,19 +169,20 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
     the scheduler's max_context, if it has one). vocab_size: the model's, for checking token ids
     (default: the tokenizer's). grace_s: how long shutdown lets requests finish. retry_after_s: the
     Retry-After of a 429. chat_template: serves /v1/chat/completions (None: that endpoint answers 400).
-    eos_token_ids: more tokens that end a generation (generation_config.json's eos_token_id)."""
+    eos_token_ids: more tokens that end a generation (generation_config.json's eos_token_id).
+    api_process: this process's index among several serving one engine (labels its own metrics)."""
     if tokenizer is None:
         raise ValueError("the server needs a tokenizer (a tokenizer.json beside the model) to encode prompts "
                          "and decode completions")
     if max_context is None:  # the scheduler may know its own (it sizes full-attention caches by it)
         max_context = getattr(scheduler, "max_context", None)
     service = Service(scheduler, tokenizer, model_name, max_context, vocab_size or tokenizer.get_vocab_size(),
-                      grace_s, retry_after_s, chat_template, tuple(eos_token_ids))
+                      grace_s, retry_after_s, chat_template, tuple(eos_token_ids), api_process)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.loop = asyncio.get_running_loop()
-        if isinstance(scheduler, EngineProcess):  # its messages are handed out on this loop's thread
+        if isinstance(scheduler, EngineClient):  # its messages are handed out on this loop's thread
             scheduler.attach(service.loop)
         yield
         service.begin_shutdown()  # on this thread, as on_signal's is
@@ -212,7 +218,8 @@ def build_app(scheduler, tokenizer, model_name: str, max_context: int | None = N
         if scheduler.failed is not None:  # nothing is served: a process manager should replace this server
             return JSONResponse({"status": "failed", "error": str(scheduler.failed)}, status_code=503)
         stats = scheduler.stats()
-        return {"status": "ok", "model": model_name, "queued": stats.queued, "running": stats.running}
+        ok = {"status": "ok", "model": model_name, "queued": stats.queued, "running": stats.running}
+        return ok if api_process is None else ok | {"api_process": api_process}  # which HTTP process answered
 
     @app.get("/v1/models")
     async def models():
@@ -374,50 +381,57 @@ class _Server(uvicorn.Server):
     """uvicorn's server, which also starts draining the scheduler as soon as a signal comes: uvicorn
     itself would first wait for every connection to close, which open streams would hold off."""
 
-    def __init__(self, config: uvicorn.Config, on_signal):
+    def __init__(self, config: uvicorn.Config, on_signal, ignore_sigint: bool = False):
         super().__init__(config)
-        self.on_signal = on_signal
+        self.on_signal, self.ignore_sigint = on_signal, ignore_sigint
 
     def handle_exit(self, sig, frame):
+        if sig == signal.SIGINT and self.ignore_sigint:  # one of several HTTP processes: the parent turns
+            return  # Ctrl-C, which reaches the whole group, into a SIGTERM to each
         self.on_signal()
         super().handle_exit(sig, frame)
 
 
-def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> uvicorn.Server:
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                ignore_sigint: bool = False) -> uvicorn.Server:
     """A uvicorn server for `app` (run it with .run(), or .run(sockets=[...]) in a thread, as tests do)."""
     service = app.state.service
     # A backstop: the drain ends every stream within grace_s, so uvicorn's own wait should not need this.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(service.grace_s) + 5)
-    return _Server(config, service.on_signal)
+    return _Server(config, service.on_signal, ignore_sigint)
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
-    """Serve `app` until SIGTERM or Ctrl-C, then drain; a SIGTERM ends the process normally (status 0)."""
-    server = make_server(app, host, port, log_level)
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          sock: socket.socket | None = None):
+    """Serve `app` until SIGTERM or Ctrl-C, then drain; a SIGTERM ends the process normally (status 0).
+    sock: a listening socket to serve instead of host:port, which then ignores Ctrl-C (an HTTP process
+    of --api-processes N, whose parent bound it and signals it)."""
+    server = make_server(app, host, port, log_level, ignore_sigint=sock is not None)
+    sockets = None if sock is None else [sock]
     if threading.current_thread() is not threading.main_thread():
-        return server.run()
+        return server.run(sockets)
     # uvicorn re-raises the signal it caught once it has shut down, under the handler found before it
     # started; land SIGTERM in a no-op here so that a graceful stop exits 0 rather than 143.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def main(args: argparse.Namespace):
     """`samba-lm serve`: load the model, start the scheduler (in an engine process or a thread), serve
-    until SIGTERM."""
+    until SIGTERM; with --api-processes N, in N HTTP processes over one engine process."""
     import functools
 
     import torch
 
-    from ..loading import load_tokenizer_for_generation, resolve_device, stop_token_ids
-    from .engine_process import load_model
+    from ..loading import resolve_device
+    from .engine_process import EngineProcess, load_model
     from .scheduler import Scheduler
 
-    for flag in ("max_batch", "max_queue", "prefill_chunk", "prefill_rows", "max_context"):
+    for flag in ("max_batch", "max_queue", "prefill_chunk", "prefill_rows", "max_context", "api_processes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive int, got {value}")
@@ -427,24 +441,42 @@ def main(args: argparse.Namespace):
         raise ValueError(f"--grace must be >= 0 seconds, got {args.grace}")
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    # The tokenizer first: a missing one fails before the weights are read.
-    tokenizer, where = load_tokenizer_for_generation(args.model)
-    # A Hugging Face checkpoint's chat template and end-of-turn tokens sit beside its tokenizer.json.
-    chat_template, eos = ChatTemplate.from_directory(where), stop_token_ids(where)
+    in_a_process = device.type == "cuda" if args.engine_process is None else args.engine_process
+    if args.api_processes > 1 and not in_a_process:
+        raise ValueError(f"--api-processes {args.api_processes} needs --engine-process: the HTTP processes share "
+                         f"one engine process (off by default on the {device.type.upper()})")
+    front = front_end(args)  # the tokenizer first: a missing one fails before the weights are read
     load = functools.partial(load_model, args.model, device, dtype, args.max_context)
     options = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                    prefill_rows=args.prefill_rows, max_context=args.max_context)
-    in_a_process = device.type == "cuda" if args.engine_process is None else args.engine_process
+    if args.api_processes > 1:
+        from .api_processes import serve_api_processes
+
+        return serve_api_processes(args, load)
     if in_a_process:
         scheduler = EngineProcess(load, **options).start()  # its load error is raised here
         vocab_size = scheduler.vocab_size
     else:
         model = load()
         scheduler, vocab_size = Scheduler(model, **options).start(), model.config.vocab_size
+    serve(app_for(args, scheduler, vocab_size, front), args.host, args.port, args.log_level)
+
+
+def front_end(args: argparse.Namespace) -> tuple:
+    """What the HTTP side of `samba-lm serve` reads beside the model: (tokenizer, chat template, stop ids)."""
+    from ..loading import load_tokenizer_for_generation, stop_token_ids
+
+    tokenizer, where = load_tokenizer_for_generation(args.model)
+    # A Hugging Face checkpoint's chat template and end-of-turn tokens sit beside its tokenizer.json.
+    return tokenizer, ChatTemplate.from_directory(where), stop_token_ids(where)
+
+
+def app_for(args: argparse.Namespace, scheduler, vocab_size: int, front: tuple, api_process: int | None = None):
+    """The app of `samba-lm serve` over a started scheduler, as the flags say."""
+    tokenizer, chat_template, eos = front
     name = args.model_name or Path(args.model).resolve().name
-    app = build_app(scheduler, tokenizer, name, args.max_context, vocab_size=vocab_size,
-                    grace_s=args.grace, chat_template=chat_template, eos_token_ids=eos)
-    serve(app, args.host, args.port, args.log_level)
+    return build_app(scheduler, tokenizer, name, args.max_context, vocab_size=vocab_size, grace_s=args.grace,
+                     chat_template=chat_template, eos_token_ids=eos, api_process=api_process)
 
 
 if __name__ == "__main__":  # python -m samba_lm.serving.server: samba-lm serve without the CLI

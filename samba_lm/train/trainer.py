@@ -87,6 +87,8 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
         step += 1
         dt = time.perf_counter() - t0
         last = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * tokens_per_step, tok_per_s=tokens_per_step / dt)
+        if env.device.type == "cuda":  # this process's, since the run began
+            last["peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
         log.log(step, **last)
         if val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             last["val_loss"] = evaluate(model, val_stream, cfg, micro, autocast, env, eos)

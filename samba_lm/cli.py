@@ -205,7 +205,7 @@ def cmd_convert(args):
 
 
 def cmd_serve(args):
-    from .serving.server import main as serve
+    from .serving.command import main as serve
 
     serve(args)
 

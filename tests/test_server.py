@@ -39,7 +39,9 @@ from samba_lm.data.tokenizer import EOS, train_tokenizer  # noqa: E402
 from samba_lm.serving.engine_process import EngineProcess, load_model  # noqa: E402
 from samba_lm.serving.protocol import TextStream  # noqa: E402
 from samba_lm.serving.scheduler import GenerationRequest, Scheduler  # noqa: E402
-from samba_lm.serving.server import add_arguments, build_app, main, make_server  # noqa: E402
+from samba_lm.serving.arguments import add_arguments  # noqa: E402
+from samba_lm.serving.command import main  # noqa: E402
+from samba_lm.serving.server import build_app, make_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CONTEXT = 1024
@@ -363,7 +365,7 @@ def serve_process(tokenizer, tmp_path, *flags, model_dir=None):
         port = sock.getsockname()[1]
     log_path = tmp_path / "server.log"
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "samba_lm.serving.server", "--model", str(model_dir), "--port",
+    process = subprocess.Popen([sys.executable, "-m", "samba_lm.serving.command", "--model", str(model_dir), "--port",
                                 str(port), "--max-context", str(MAX_CONTEXT), "--device", "cpu", "--grace", "1",
                                 "--log-level", "warning", *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                env=os.environ | {"PYTHONPATH": str(ROOT)})

@@ -38,6 +38,7 @@ from typing import Callable
 
 from ..model import SambaLM
 from .engine_process import EXIT_MARGIN_S, EngineClient, exit_with_parent, scheduler_options, spawn_engine
+from .server import app_for, front_end, serve
 
 __all__ = ["serve_api_processes"]
 
@@ -135,8 +136,6 @@ def _supervise(workers: list) -> int | None:
 
 def _api_main(args: argparse.Namespace, index: int, conn, ready: dict, sock: socket.socket):
     """HTTP process `index`: serve `sock` over a client of the engine at the end of `conn`."""
-    from .server import app_for, front_end, serve
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent sends SIGTERM
     threading.Thread(target=exit_with_parent, name="samba-lm-parent-watch", daemon=True).start()
     client = EngineClient(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from samba_lm import ops  # noqa: E402
 from samba_lm.config import PRESETS, SambaConfig  # noqa: E402
 from samba_lm.flops import flops_per_token  # noqa: E402
 from samba_lm.options import first_line, json_object  # noqa: E402
@@ -227,7 +228,7 @@ def profile_step(step, device: torch.device, path: Path):
         step()
         sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90) + "\n")
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=90) + "\n")
     print(f"  profile: {path}", flush=True)
 
 
@@ -316,6 +317,9 @@ def main():
     p.add_argument("--model-args", type=json_object, default={}, metavar="JSON",
                    help="SambaConfig fields over every preset, and over hf-llama's shape (llama2-438m's), e.g. "
                         """'{"d_model": 256}' for a small smoke run""")
+    p.add_argument("--tuning", type=json_object, default={}, metavar="JSON",
+                   help="kernel tuning over the defaults for every entry, as samba_lm.ops.tuned(**JSON) takes it, "
+                        """e.g. '{"scan": {"backward_segment_programs_per_sm": 20}}' (default: none)""")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first; compiling happens here (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the tokens (default: 0)")
@@ -352,7 +356,7 @@ def main():
     meta = dict(device=device, date=datetime.date.today().isoformat(),
                 torch=torch.__version__, **found, matmul=matmul, seq_len=args.seq_len, batch_size=args.batch_size,
                 warmup=args.warmup, steps=args.steps, activation_checkpointing=args.activation_checkpointing,
-                recompute_mamba=args.recompute_mamba, pack=args.pack,
+                recompute_mamba=args.recompute_mamba, pack=args.pack, tuning=args.tuning,
                 doc_length=args.doc_length if args.pack == "documents" else None, loss_diff_steps=args.warmup + args.steps, command=" ".join(sys.argv))
     print(json.dumps(meta), flush=True)
 
@@ -363,7 +367,8 @@ def main():
                 rows.append(dict(model=name, mode=mode, error="skipped: transformers is not installed"))
                 continue
             try:
-                row = run_entry(name, mode, args, env, matmul)
+                with ops.tuned(**args.tuning):  # autograd's thread reads the forward's tuning (ctx.tuning)
+                    row = run_entry(name, mode, args, env, matmul)
             except Exception as e:  # recorded, not fatal: the other entries still count
                 row = dict(model=name, mode=mode, error=f"{type(e).__name__}: {first_line(e)[:200]}")
             free_memory(env.device)  # after the except: its traceback held the entry's tensors

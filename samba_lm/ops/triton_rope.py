@@ -75,6 +75,12 @@ class RopeTuning(tuning.Tuning):
     heads_per_program: int = 8
     """Heads per program over more than one step; a decode step: one, spreading its heads over as
     many programs. The float64 angles are made once per program, so more heads make fewer of them."""
+    warps: int = 8
+    """Warps per program over more than one step (a decode step: one). H200, B8 T4096, forward /
+    backward kernel ms over 18 settings (block_t 16/32/64, heads 2/4/8, warps 4/8): samba-421m's
+    36 heads of 128, 0.226 / 0.226 with 8 warps against 0.326 / 0.325 with 4 (a copy of qkv: 0.144);
+    samba-1.7b's 40 of 64, 0.134 / 0.132 against 0.139 / 0.137 (copy 0.084). Smaller blocks of steps
+    and more heads a program did best at both."""
 
 
 def _launch(qkv, q, k, v, positions, inv_freq, backward: bool):
@@ -86,7 +92,7 @@ def _launch(qkv, q, k, v, positions, inv_freq, backward: bool):
     _qkv_rope_kernel[(triton.cdiv(T, block_t), batch, triton.cdiv(H + 2 * Hkv, heads))](
         qkv, q, k, v, positions, inv_freq, T, H, Hkv, qkv.stride(0), qkv.stride(1), HALF=Dh // 2,
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(Dh // 2), HEADS=heads, BACKWARD=backward,
-        num_warps=1 if T == 1 else 4)
+        num_warps=1 if T == 1 else tile.warps)
 
 
 def _head_dim(width: int, n_heads: int, n_kv_heads: int) -> int:

@@ -81,8 +81,16 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
                          f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     if dtype is not None:
         tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
-    model.load_state_dict(tensors, assign=True)
+    model.load_state_dict(aligned_tensors(tensors), assign=True)
     return model
+
+
+def aligned_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, each CPU one whose data is not 64-byte aligned copied into storage of its own.
+    safetensors' load_file returns CPU tensors that view the file's mapping at the header's offsets,
+    and CPU kernels take other code paths (another order of the same sums) for unaligned operands:
+    assigned as they come, the same weights loaded from two files could give other float64 logits."""
+    return {n: t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t for n, t in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------

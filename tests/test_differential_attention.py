@@ -142,3 +142,83 @@ def test_yoco_runs_the_cross_half_for_the_kept_positions_only():
         rest = torch.cat([model(ids[:, t:t + 1], state=state).logits for t in range(9, 12)], 1)
     torch.testing.assert_close(kept, full[:, 7:9], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(rest, full[:, 9:], rtol=1e-9, atol=1e-9)
+
+
+def naive_mix(out, lq1, lk1, lq2, lk2, lambda_init, weight, eps):
+    """SAMBAY.md's mix of the two halves, in float64: lambda, the difference, RMSNorm, the scale."""
+    out, lq1, lk1, lq2, lk2, weight = (t.double() for t in (out, lq1, lk1, lq2, lk2, weight))
+    lam = torch.exp((lq1 * lk1).sum()) - torch.exp((lq2 * lk2).sum()) + lambda_init
+    a1, a2 = out.chunk(2, dim=2)
+    diff = a1 - lam * a2
+    return diff / torch.sqrt((diff * diff).mean(-1, keepdim=True) + eps) * weight * (1 - lambda_init)
+
+
+def mix_inputs(dtype, strided, H=6, Dh=16):
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 5, H + 2 if strided else H, 2 * Dh, generator=g)
+    out = (out[:, :, 1:H + 1] if strided else out).to(DEVICE, dtype)  # strided: heads of a wider tensor
+    lambdas = [(torch.randn(Dh, generator=g) * 0.1).to(DEVICE, dtype) for _ in range(4)]
+    weight = (1 + 0.1 * torch.randn(2 * Dh, generator=g)).to(DEVICE, dtype)
+    return out, lambdas, weight
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_the_mix_reference_is_the_equations():
+    from samba_lm import ops
+
+    out, lambdas, weight = mix_inputs(torch.float64, strided=False)
+    got = ops.differential_mix_reference(out, *lambdas, 0.35, weight, 1e-5)
+    torch.testing.assert_close(got.cpu(), naive_mix(out, *lambdas, 0.35, weight, 1e-5).cpu(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_the_mix_kernel_against_float64(dtype, strided):
+    """The Triton kernel (no gradients) against float64: no further from it than the reference run in
+    the kernel's dtype, times a small factor (flash-attention's rule; 3, as tests/test_fused_ops.py, since
+    Triton's CPU interpreter truncates where a GPU rounds)."""
+    pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
+    from samba_lm import ops
+
+    out, lambdas, weight = mix_inputs(dtype, strided)
+    exact = naive_mix(out, *lambdas, 0.35, weight, 1e-5).cpu()
+    with torch.no_grad(), ops.use_kernels("triton"):
+        got = ops.differential_mix(out, *lambdas, 0.35, weight, 1e-5)
+    ref = ops.differential_mix_reference(out, *lambdas, 0.35, weight, 1e-5)
+    assert got.dtype == dtype and got.shape == (2, 5, 3, 32) and got.is_contiguous()
+    err = lambda t: ((t.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(got) <= 3 * err(ref) + 1e-6, (err(got), err(ref))
+
+
+def test_the_mix_kernel_runs_without_gradients_and_the_composition_with_them():
+    pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
+    from samba_lm import ops
+
+    out, lambdas, weight = mix_inputs(torch.float32, strided=False)
+    leaves = [t.clone().requires_grad_(True) for t in (out, *lambdas, weight)]
+    with ops.use_kernels("triton"):
+        y = ops.differential_mix(*leaves[:5], 0.35, leaves[5], 1e-5)
+    (y * torch.arange(y.numel(), device=DEVICE).reshape(y.shape)).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
+    with torch.no_grad(), ops.use_kernels("triton"):
+        fast = ops.differential_mix(*leaves[:5], 0.35, leaves[5], 1e-5)
+    torch.testing.assert_close(fast, y.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(out=torch.zeros(2, 5, 3, 32)), "even H"),
+    (dict(out=torch.zeros(2, 5, 32)), "out must have layout"),
+    (dict(weight=torch.ones(16)), "weight"),
+    (dict(lambda_q2=torch.ones(8)), "lambda_q2"),
+    (dict(eps=0.0), "eps must be positive"),
+    (dict(lambda_init=float("nan")), "lambda_init"),
+])
+def test_mix_errors_name_the_argument(change, match):
+    from samba_lm import ops
+
+    args = dict(out=torch.zeros(2, 5, 4, 32), lambda_q1=torch.ones(16), lambda_k1=torch.ones(16),
+                lambda_q2=torch.ones(16), lambda_k2=torch.ones(16), lambda_init=0.2, weight=torch.ones(32), eps=1e-5)
+    with pytest.raises(ValueError, match=match):
+        ops.differential_mix(**{**args, **change})

@@ -164,6 +164,11 @@ def cross_entropy_train_and_eval():
         ops.linear_cross_entropy(x, w, t, reduction="none")
 
 
+def differential_mix_inference():
+    with torch.no_grad():
+        ops.differential_mix(r(2, 3, 4, 32), *(r(16) * 0.1 for _ in range(4)), 0.2, r(32), 1e-5)
+
+
 SCENARIOS = {
     "scan, chunked, training": scan_train,
     "scan, step at a time, training": scan_step_at_a_time_train,
@@ -181,6 +186,7 @@ SCENARIOS = {
     "rows matmul": rows_matmul,
     "choose tokens": choose,
     "linear cross-entropy, training and evaluation": cross_entropy_train_and_eval,
+    "differential attention's mix, inference": differential_mix_inference,
 }
 # The tuning that takes a scenario's path at interpreter sizes; its opchecks run under it too, as the
 # launchers read it again.

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..checkpoint import aligned_tensors
 from ..config import SambaConfig, sambay_layers
 from ..model import SambaLM
 
@@ -149,5 +150,5 @@ def from_phi4flash(path: str | os.PathLike, device=None, dtype: torch.dtype | No
         raise ValueError(f"{path}: lm_head.weight differs from model.embed_tokens.weight in a tied model")
     if dtype is not None:
         ours = {n: t.to(dtype) if t.is_floating_point() else t for n, t in ours.items()}
-    model.load_state_dict({n: t.to(device or "cpu") for n, t in ours.items()}, assign=True)
+    model.load_state_dict(aligned_tensors({n: t.to(device or "cpu") for n, t in ours.items()}), assign=True)
     return model

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import add_rmsnorm, attention, attention_with_cache, linear, qkv_rope
-from ..ops._checks import compute_dtype
+from ..ops import attention, attention_with_cache, differential_mix, linear, qkv_rope
 from ..state import KVCache
 
 GROWING_INITIAL_CAPACITY = 256
@@ -172,13 +171,8 @@ def _padded_query(q, head_dim: int):
 def _differential(layer, out):
     """The attention op's [B, T, H, 2 Dh] (both halves over [v1 | v2]) to the layer's output."""
     batch, T = out.shape[:2]
-    a1, a2 = out.chunk(2, dim=2)  # [B, T, H/2, 2 Dh] each
-    cdt = compute_dtype(out.dtype)
-    lam = (torch.exp((layer.lambda_q1 * layer.lambda_k1).to(cdt).sum())
-           - torch.exp((layer.lambda_q2 * layer.lambda_k2).to(cdt).sum()) + layer.lambda_init)
-    diff = (a1.to(cdt) - lam * a2.to(cdt)).to(out.dtype)
-    _, normed = add_rmsnorm(diff, None, layer.subln_weight, layer.eps)
-    normed = normed * (1 - layer.lambda_init)
+    normed = differential_mix(out, layer.lambda_q1, layer.lambda_k1, layer.lambda_q2, layer.lambda_k2,
+                              layer.lambda_init, layer.subln_weight, layer.eps)
     return _project(normed.reshape(batch, T, layer.n_heads * layer.head_dim), layer.out_proj)
 
 

@@ -12,6 +12,7 @@ import torch.utils.checkpoint
 from . import dispatch, tuning
 from .attention import attention, attention_reference, attention_with_cache, attention_with_cache_reference
 from .conv import causal_conv1d, causal_conv1d_reference
+from .differential import differential_mix, differential_mix_reference
 from .dispatch import use_kernels
 from .linear import linear, linear_reference
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -26,6 +27,7 @@ from .tuning import tuned
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
+           "differential_mix", "differential_mix_reference",
            "choose_tokens_reference", "linear", "linear_reference", "linear_cross_entropy",
            "linear_cross_entropy_reference", "mamba_inner", "mamba_inner_reference", "mamba_inner_ungated",
            "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
@@ -60,6 +62,7 @@ except ImportError:  # CPU-only installs: the references serve every op
 else:
     from .triton_attention import attention_triton, attention_with_cache_triton
     from .triton_conv import causal_conv1d_triton
+    from .triton_differential import differential_mix_triton
     from .triton_cross_entropy import linear_cross_entropy_triton
     from .triton_linear import linear_triton
     from .triton_mamba import mamba_inner_triton
@@ -81,3 +84,4 @@ else:
     dispatch.register("add_rmsnorm", "triton", add_rmsnorm_triton, _triton_supports)
     dispatch.register("swiglu", "triton", swiglu_triton, _triton_supports)
     dispatch.register("linear_cross_entropy", "triton", linear_cross_entropy_triton, _triton_supports)
+    dispatch.register("differential_mix", "triton", differential_mix_triton, _triton_supports)

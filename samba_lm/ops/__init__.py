@@ -27,10 +27,9 @@ from .tuning import tuned
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
-           "differential_mix", "differential_mix_reference",
-           "choose_tokens_reference", "linear", "linear_reference", "linear_cross_entropy",
-           "linear_cross_entropy_reference", "mamba_inner", "mamba_inner_reference", "mamba_inner_ungated",
-           "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
+           "choose_tokens_reference", "differential_mix", "differential_mix_reference", "linear", "linear_reference",
+           "linear_cross_entropy", "linear_cross_entropy_reference", "mamba_inner", "mamba_inner_reference",
+           "mamba_inner_ungated", "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",
            "recomputed", "swiglu", "swiglu_reference", "tuned", "use_kernels"]
 
 
@@ -62,8 +61,8 @@ except ImportError:  # CPU-only installs: the references serve every op
 else:
     from .triton_attention import attention_triton, attention_with_cache_triton
     from .triton_conv import causal_conv1d_triton
-    from .triton_differential import differential_mix_triton
     from .triton_cross_entropy import linear_cross_entropy_triton
+    from .triton_differential import differential_mix_triton
     from .triton_linear import linear_triton
     from .triton_mamba import mamba_inner_triton
     from .triton_norm import add_rmsnorm_triton

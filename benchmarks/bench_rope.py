@@ -50,9 +50,9 @@ def sweep(preset: str, args) -> dict:
     positions = torch.arange(args.seq, device="cuda").expand(args.batch, -1).contiguous()
     inv_freq = rope_inv_freq(Dh, cfg.rope_base, qkv.device)
     copy = torch.empty_like(qkv)
+    shipped = triton_rope.RopeTuning()
     row = dict(preset=preset, heads=H, kv_heads=Hkv, head_dim=Dh, copy_ms=median_ms(lambda: copy.copy_(qkv)),
-               shipped=list(map(str, (triton_rope.RopeTuning().block_t, triton_rope.RopeTuning().heads_per_program,
-                                      triton_rope.RopeTuning().warps))), tiles={})
+               shipped=[str(v) for v in (shipped.block_t, shipped.heads_per_program, shipped.warps)], tiles={})
     q, k, v = triton_rope.rope_forward(qkv, positions, inv_freq, H, Hkv)
     for block_t, heads, warps in itertools.product(args.block_t, args.heads, args.warps):
         with ops.tuned(rope=dict(block_t=block_t, heads_per_program=heads, warps=warps)):

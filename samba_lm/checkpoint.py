@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import SambaConfig
 from .model import SambaLM
 from .options import first_line
+from .weights import read_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -67,7 +68,7 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}")
     try:
-        tensors = load_file(str(file), device=str(device or "cpu"))
+        tensors = read_safetensors(file, device)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file} is corrupt or truncated: {e}") from e
     with torch.device("meta"):
@@ -81,16 +82,8 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
                          f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     if dtype is not None:
         tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
-    model.load_state_dict(aligned_tensors(tensors), assign=True)
+    model.load_state_dict(tensors, assign=True)
     return model
-
-
-def aligned_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors, each CPU one whose data is not 64-byte aligned copied into storage of its own.
-    safetensors' load_file returns CPU tensors that view the file's mapping at the header's offsets,
-    and CPU kernels take other code paths (another order of the same sums) for unaligned operands:
-    assigned as they come, the same weights loaded from two files could give other float64 logits."""
-    return {n: t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t for n, t in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------

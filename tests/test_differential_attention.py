@@ -144,6 +144,9 @@ def test_yoco_runs_the_cross_half_for_the_kept_positions_only():
     torch.testing.assert_close(rest, full[:, 9:], rtol=1e-9, atol=1e-9)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def naive_mix(out, lq1, lk1, lq2, lk2, lambda_init, weight, eps):
     """SAMBAY.md's mix of the two halves, in float64: lambda, the difference, RMSNorm, the scale."""
     out, lq1, lk1, lq2, lk2, weight = (t.double() for t in (out, lq1, lk1, lq2, lk2, weight))
@@ -160,9 +163,6 @@ def mix_inputs(dtype, strided, H=6, Dh=16):
     lambdas = [(torch.randn(Dh, generator=g) * 0.1).to(DEVICE, dtype) for _ in range(4)]
     weight = (1 + 0.1 * torch.randn(2 * Dh, generator=g)).to(DEVICE, dtype)
     return out, lambdas, weight
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_the_mix_reference_is_the_equations():

@@ -27,11 +27,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from ..checkpoint import aligned_tensors
 from ..config import SambaConfig, sambay_layers
 from ..model import SambaLM
+from ..weights import read_safetensors
 
 MODEL_TYPE = "phi4flash"
 
@@ -115,7 +114,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path} has neither model.safetensors.index.json nor model.safetensors")
     tensors = {}
     for file in files:
-        tensors.update(load_file(str(path / file)))
+        tensors.update(read_safetensors(path / file))
     return tensors
 
 
@@ -150,5 +149,5 @@ def from_phi4flash(path: str | os.PathLike, device=None, dtype: torch.dtype | No
         raise ValueError(f"{path}: lm_head.weight differs from model.embed_tokens.weight in a tied model")
     if dtype is not None:
         ours = {n: t.to(dtype) if t.is_floating_point() else t for n, t in ours.items()}
-    model.load_state_dict(aligned_tensors({n: t.to(device or "cpu") for n, t in ours.items()}), assign=True)
+    model.load_state_dict({n: t.to(device or "cpu") for n, t in ours.items()}, assign=True)
     return model

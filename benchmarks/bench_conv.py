@@ -6,10 +6,11 @@ built by build_peers.sh) in the same run, at Mamba's training sizes (d_inner 409
 For each (B, L) it times the forward alone and forward+backward (median ms, triton.testing.do_bench),
 the latter with each backward (fused and two-pass) at its shipped tiles (`ConvTuning` in
 ops/triton_conv.py). At the first shape it sweeps each field on its own, the others as shipped: the
-forward's (BLOCK_T, BLOCK_E, warps), the two-pass backward's, the fused backward's (rows loaded ahead,
-BLOCK_E, warps) and then, with the best of those, its steps a program (fused_tiles_per_program x
-rows); it reports the best of each against the shipped tiles and the peer, and writes
-bench_conv.json. Floors: bytes / measured copy bandwidth, with the forward reading x and writing y,
+forward's (rows loaded ahead, BLOCK_E, warps) and then, with the best of those, its steps a program
+(fwd_tiles_per_program x rows); the two-pass backward's (BLOCK_T, BLOCK_E, warps); the fused
+backward's tile and steps a program as the forward's; it reports the best of each against the shipped tiles and the peer, and writes
+bench_conv.json, with the host time of one forward+backward at a tiny shape (ours and the peer's).
+Floors: bytes / measured copy bandwidth, with the forward reading x and writing y,
 the backward reading x and dy and writing dx (bf16 each; the float32 dpre of our two-pass backward
 is extra traffic the floor does not grant).
 """
@@ -17,10 +18,12 @@ is extra traffic the floor does not grant).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,11 +35,14 @@ from samba_lm import ops  # noqa: E402
 from samba_lm.ops import tuning  # noqa: E402
 
 E, K = 4096, 4
-TILES = [tile for tile in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8))  # (BLOCK_T, BLOCK_E, warps)
-         if tile[0] * tile[1] <= 128 * 32 * tile[2]]  # over 128 elements a thread: spills
+# (rows loaded ahead, BLOCK_E, warps): 2 to 8 channels a thread.
+FWD_TILES = [(rows, block_e, warps) for rows in (4, 8, 16)
+             for block_e, warps in ((64, 1), (128, 1), (256, 1), (256, 2), (512, 2), (512, 4))]
+BWD_TILES = [tile for tile in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8))  # (BLOCK_T, BLOCK_E, warps)
+             if tile[0] * tile[1] <= 128 * 32 * tile[2]]  # over 128 elements a thread: spills
 FUSED_TILES = [(rows, block_e, warps) for rows in (2, 4, 8)
-               for block_e, warps in ((128, 1), (256, 1), (256, 2), (512, 2), (1024, 4))]
-FUSED_STEPS = (128, 256, 512)  # time steps a program of the fused backward
+               for block_e, warps in ((64, 1), (128, 1), (256, 1), (256, 2), (512, 2), (1024, 4))]
+STEPS = (128, 256, 512)  # time steps a program of the forward or the fused backward
 
 
 def timed(fn, args, backward: bool) -> float:
@@ -58,13 +64,47 @@ def sweep(args, field: str, values, backward: bool, **fixed) -> dict:
 
 
 def sweeps(args, backward: bool) -> dict:
+    """Each tile field on its own, then its program length with the best tile."""
     if not backward:
-        return {"fwd_tile": sweep(args, "fwd_tile", TILES, False)}
-    out = {"bwd_tile": sweep(args, "bwd_tile", TILES, True, fused_backward=False),
+        out = {"fwd_tile": sweep(args, "fwd_tile", FWD_TILES, False)}
+        tile = min(out["fwd_tile"], key=out["fwd_tile"].get)
+        out["fwd_tiles_per_program"] = sweep(args, "fwd_tiles_per_program", [s // tile[0] for s in STEPS], False,
+                                             fwd_tile=tile)
+        return out
+    out = {"bwd_tile": sweep(args, "bwd_tile", BWD_TILES, True, fused_backward=False),
            "fused_tile": sweep(args, "fused_tile", FUSED_TILES, True, fused_backward=True)}
     tile = min(out["fused_tile"], key=out["fused_tile"].get)
-    out["fused_tiles_per_program"] = sweep(args, "fused_tiles_per_program", [s // tile[0] for s in FUSED_STEPS],
+    out["fused_tiles_per_program"] = sweep(args, "fused_tiles_per_program", [s // tile[0] for s in STEPS],
                                            True, fused_backward=True, fused_tile=tile)
+    return out
+
+
+def host_us(fn, x, weight, bias, dy, repeats=1000) -> float:
+    """Host microseconds of one forward+backward at a shape too small to keep the GPU busy."""
+    def step():
+        fn(x, weight, bias).backward(dy)
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def host_times(peer) -> dict:
+    """Ours (eager, through autograd) and the peer's, at B1 L16 E256."""
+    x = torch.randn(1, 16, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(256, K, device="cuda", requires_grad=True)
+    bias = torch.randn(256, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    with ops.use_kernels("triton"):
+        out = {"ours_us": host_us(lambda *a: ops.causal_conv1d(*a)[0], x, weight, bias, dy)}
+    if peer is not None:
+        xp = x.detach().transpose(1, 2).contiguous().requires_grad_(True)
+        out["peer_us"] = host_us(lambda x, w, b: peer(x, w, b, activation="silu"), xp, weight, bias,
+                                 dy.transpose(1, 2).contiguous())
     return out
 
 
@@ -90,8 +130,7 @@ def main():
             t = tuning.current("conv")
             row = dict(B=batch, L=L, mode=mode, floor_ms=2 * x.numel() * (5 if backward else 2) / bw * 1e3,
                        shipped_ms=timed(ops.causal_conv1d, args, backward),
-                       shipped=dict(fwd_tile=t.fwd_tile, bwd_tile=t.bwd_tile, fused_backward=t.fused_backward,
-                                    fused_tile=t.fused_tile, fused_tiles_per_program=t.fused_tiles_per_program))
+                       shipped=dataclasses.asdict(t))
             if backward:
                 for name, fused in (("two_pass_ms", False), ("fused_ms", True)):
                     with ops.tuned(conv=dict(fused_backward=fused)):
@@ -109,9 +148,11 @@ def main():
             rows.append(row)
             print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
             torch.cuda.empty_cache()
+    host = host_times(peer)
+    print("host time of one forward+backward at B1 L16 E256:", host, flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_conv.json").write_text(json.dumps({"rows": rows, "copy_bw": bw,
+    (out / "bench_conv.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "host": host,
                                                      "device": torch.cuda.get_device_name()}, indent=1))
     print("| B | L | pass | shipped ms | two-pass ms | fused ms | best ms (field: value) | causal_conv1d ms | floor ms |")
     print("|---|---|---|---|---|---|---|---|---|")

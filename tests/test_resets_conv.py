@@ -17,10 +17,10 @@ from samba_lm import ops
 triton = pytest.importorskip("triton", reason="Triton kernels need the `triton` package (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILE = (4, 8, 1)  # with E = 12 and T up to 13: several time and channel tiles, the last ones partial
-# The fused backward's programs: 2 blocks of 2 steps, their edges at the tiles' (T = 9, K = 3: the last
-# program's 3 steps).
-SMALL = dict(fwd_tile=SMALL_TILE, fused_tile=(2, 8, 1), fused_tiles_per_program=2)
-TWO_PASS = dict(bwd_tile=SMALL_TILE, fused_backward=False)  # the forward's small tiles: SMALL's cases
+# The forward's and the fused backward's programs: 2 blocks of 2 steps, so resets fall on both sides of
+# their edges (T = 9, K = 3: the last backward program's 3 steps).
+SMALL = dict(fwd_tile=(2, 8, 1), fwd_tiles_per_program=2, fused_tile=(2, 8, 1), fused_tiles_per_program=2)
+TWO_PASS = dict(bwd_tile=SMALL_TILE, fused_backward=False)
 
 
 def alone(x, weight, bias, initial_state, reset):

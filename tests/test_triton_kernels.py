@@ -136,10 +136,13 @@ def test_scan_chunked_equals_whole_and_backward_is_deterministic(forward_kernel)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-# The defaults, and small tiles: many time and channel blocks (E = 70: the last partial), the fused
-# backward's programs 3 blocks of 8 steps (T = 77, K = 4: the last program's 8), or the two passes.
+# The defaults, and small tiles: many time and channel blocks (E = 70: the last partial), programs of
+# 3 blocks of 8 steps (T = 77, K = 4: the last backward program's 8) or 5 of 4, or the two passes.
 CONV_TUNINGS = {"shipped": {},
-                "small": dict(fwd_tile=(16, 32, 2), fused_tile=(8, 64, 1), fused_tiles_per_program=3),
+                "small": dict(fwd_tile=(8, 64, 1), fwd_tiles_per_program=3, fused_tile=(8, 64, 1),
+                              fused_tiles_per_program=3),
+                "smaller": dict(fwd_tile=(4, 32, 1), fwd_tiles_per_program=5, fused_tile=(4, 64, 1),
+                                fused_tiles_per_program=5),
                 "small, two passes": dict(bwd_tile=(16, 32, 2), fused_backward=False)}
 
 

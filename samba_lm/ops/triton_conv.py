@@ -1,18 +1,23 @@
 """Causal depthwise conv1d + bias + SiLU in Triton, forward and backward, with the carried state.
 
 Layout (as `conv.py`): x [B, T, E] with channels contiguous, weight [E, K], bias [E], initial_state
-[B, E, K-1] (the K-1 inputs before x). One program per (batch row, BLOCK_T steps, BLOCK_E channels):
-tiles are [BLOCK_T, BLOCK_E] with coalesced channel reads; the K taps are unrolled.
+[B, E, K-1] (the K-1 inputs before x).
+
+Forward, a step at a time: a program takes BLOCK_E channels of one row over a range of time steps, a
+thread a few contiguous channels (coalesced rows). It keeps the last K-1 inputs in registers, so each
+input is loaded once, and loads the next BLOCK_T rows while it computes these. Its window starts from
+the K-1 inputs before its range (the state's slots before 0); the last program along time writes the
+final state the same way, as the window a step T would read.
 
 Backward, one kernel (`ConvTuning.fused_backward`): a program walks a range of time steps of one row
 and BLOCK_E channels a step at a time, BLOCK_T rows loaded ahead. It keeps a window of the last K-1
 inputs and of their gradients so far in registers: step t recomputes the pre-activation (K FMAs) and
 dpre_t, adds w_k dpre_t to the gradient of input t-K+1+k (the transposed conv, scattered), and the
-oldest input, now complete, leaves the window as dx (or d initial_state, for the state's slots). The
-walk starts 2(K-1) steps before its first output (the outputs before it that read its first inputs,
-and their inputs): no dpre goes to memory and no thread reads another's. d weight and d bias
-accumulate elementwise in float32 registers, one partial per (row, program along time), added up
-afterwards in a fixed order (deterministic).
+oldest input, now complete, leaves the window as dx (or d initial_state, for the state's slots). Before
+its range it computes the K-1 outputs that read its first inputs (from the window of inputs those read),
+for their share of those inputs' gradients: no dpre goes to memory and no thread reads another's. d
+weight and d bias accumulate elementwise in float32 registers, one partial per (row, program along
+time), added up afterwards in a fixed order (deterministic).
 
 Backward, two passes (`fused_backward=False`): per output tile, the pre-activation again (K cached
 loads) and its gradient dpre, kept in float32 [B, T, E] (a transient 4 bytes per element), with partial
@@ -21,13 +26,13 @@ slots, to T-1), dx_s = sum_j w_j dpre_{s+K-1-j} (or d initial_state for s < 0).
 
 What the reference covers that this does not: float64, CPUs.
 
-Document resets (reset [B, T] bool, HAS_RESET): a tap of output t reads input s only from s >= the
-first input t may see (`_first_seen`: its document's start within the window), and dx of input s takes
-outputs only up to the last one that sees it (`_last_seen`: the one before the next document start);
-both look at the K-1 flags beside each time step. The fused backward needs one flag a step instead: a
-document start zeroes the window's inputs and stops its gradients taking more. The final state's slots
-before the last reset are zeroed by the launcher, and so is their gradient. Without resets the kernels
-are today's: no flag loads.
+Document resets (reset [B, T] bool, HAS_RESET): the walking kernels need one flag a step: a document
+start zeroes the window's inputs and stops their gradients taking more (a window built before a range
+looks at the K-1 flags before it). So the final state holds zeros in the slots before the last reset;
+the launcher zeroes their gradient. The two passes' tiles instead read, for a tap of output t, input s
+only from s >= the first input t may see (`_first_seen`: its document's start within the window), and
+take for dx of input s outputs only up to the last one that sees it (`_last_seen`). Without resets the
+kernels load no flags.
 """
 
 from __future__ import annotations
@@ -101,18 +106,99 @@ def _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, first, e, tm, em, T, E,
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, y_ptr, T, E, s_xb, s_xt,
+def _flag_rows(r_row, base, bound, BLOCK_T: tl.constexpr):
+    """Whether a document starts at each of steps base .. base+BLOCK_T-1 (a tuple of scalars; False
+    outside [0, bound))."""
+    starts = ()
+    for r in tl.static_range(BLOCK_T):
+        t = base + r
+        starts = starts + (tl.load(r_row + t, mask=(t >= 0) & (t < bound), other=0) != 0,)
+    return starts
+
+
+@triton.jit
+def _x_rows(x_row, base, bound, zi, em, s_xt, BLOCK_T: tl.constexpr):
+    """Steps base .. base+BLOCK_T-1 of one row (x or dy) as loaded, not converted: a block loaded ahead
+    stays in flight while the one before it is computed. Zeros outside [0, bound)."""
+    xs = ()
+    for r in tl.static_range(BLOCK_T):
+        tv = base + r + zi  # the interpreter rejects scalar & vector masks
+        xs = xs + (tl.load(x_row + (base + r) * s_xt, mask=em & (tv >= 0) & (tv < bound), other=0.0),)
+    return xs
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _window(x_row, s_row, r_row, t, zi, em, s_xt, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Step t's window: inputs t-K+1 .. t-1 in float32 (before 0, the state's slots: s_row points at
+    the row's slot for input 0) and, per input, 1.0 if step t sees it, or 0.0 (its value zeroed) when a
+    document starts after it and before t. A start at t itself is the step's own to apply."""
+    xwin, seen = (), ()
+    for k in tl.static_range(K - 1):
+        s = t - (K - 1) + k
+        x = tl.load(x_row + s * s_xt, mask=em & (s + zi >= 0), other=0.0).to(tl.float32)
+        if HAS_STATE:
+            x += tl.load(s_row + s, mask=em & (s + zi < 0) & (s + zi >= -(K - 1)), other=0.0).to(tl.float32)
+        keep = tl.full((), 1.0, tl.float32)
+        if HAS_RESET:
+            for j in tl.static_range(k + 1, K - 1):
+                r = t - (K - 1) + j
+                keep = tl.where(tl.load(r_row + r, mask=r >= 0, other=0) != 0, 0.0, keep)
+            x = tl.where(keep > 0.0, x, 0.0)
+        xwin, seen = xwin + (x,), seen + (keep,)
+    return xwin, seen
+
+
+@triton.jit
+def _sigmoid(pre):
+    return 1.0 / (1.0 + tl.exp2(-(pre * LOG2E)))  # exp2: without tl.exp's range checks
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, y_ptr, f_ptr, T, E, s_xb, s_xt,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    b = tl.program_id(2)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, TILES: tl.constexpr):
+    """Outputs t0 .. t1-1 (TILES blocks of BLOCK_T steps) of one row and BLOCK_E channels, a step at a
+    time: each input is loaded once, the last K-1 stay in registers, and the next block's inputs are in
+    flight while this one is computed. The last program along time writes the final state."""
+    b, pid_t = tl.program_id(2), tl.program_id(1)
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    tm, em = t < T, e < E
-    first = _first_seen(r_ptr, b, t, T, K, HAS_RESET)
-    pre = _pre_activation(x_ptr, s_ptr, w_ptr, bias_ptr, b, t, first, e, tm, em, T, E, s_xb, s_xt,
-                          K, HAS_BIAS, HAS_STATE, HAS_RESET)
-    y = pre * tl.sigmoid(pre)
-    tl.store(y_ptr + (b * T + t[:, None]) * E + e[None, :], y.to(y_ptr.dtype.element_ty), mask=tm[:, None] & em[None, :])
+    em, zi = e < E, tl.zeros_like(e)
+    t0 = pid_t * (TILES * BLOCK_T)
+    t1 = tl.minimum(t0 + TILES * BLOCK_T, T)
+    x_row, y_row, r_row = x_ptr + b * s_xb + e, y_ptr + b * T * E + e, r_ptr + b * T
+    s_row = s_ptr + (b * E + e) * (K - 1) + K - 1
+    bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros([BLOCK_E], tl.float32)
+    w = ()
+    for k in tl.static_range(K):
+        w = w + (tl.load(w_ptr + e * K + k, mask=em, other=0.0).to(tl.float32),)
+    xwin, _ = _window(x_row, s_row, r_row, t0, zi, em, s_xt, K, HAS_STATE, HAS_RESET)
+    next_x = _x_rows(x_row, t0, t1, zi, em, s_xt, BLOCK_T)
+    for base in range(t0, t1, BLOCK_T):
+        xs = next_x
+        next_x = _x_rows(x_row, base + BLOCK_T, t1, zi, em, s_xt, BLOCK_T)
+        if HAS_RESET:
+            starts = _flag_rows(r_row, base, t1, BLOCK_T)
+        for r in tl.static_range(BLOCK_T):
+            x = xs[r].to(tl.float32)
+            if HAS_RESET:  # a document starting here sees none of the inputs before it
+                kept = ()
+                for k in tl.static_range(K - 1):
+                    kept = kept + (tl.where(starts[r], 0.0, xwin[k]),)
+                xwin = kept
+            pre = bias  # the taps in the order of the backward's recomputation: the same dpre
+            for k in tl.static_range(K - 1):
+                pre += w[k] * xwin[k]
+            pre += w[K - 1] * x
+            y = pre * _sigmoid(pre)
+            tl.store(y_row + (base + r) * E, y.to(y_ptr.dtype.element_ty), mask=em & (base + r + zi < t1))
+            xwin = xwin[1:] + (x,)
+    if pid_t == tl.num_programs(1) - 1:  # the final state: the last K-1 inputs, as a step T would see them
+        final, _ = _window(x_row, s_row, r_row, T, zi, em, s_xt, K, HAS_STATE, HAS_RESET)
+        for k in tl.static_range(K - 1):
+            tl.store(f_ptr + (b * E + e) * (K - 1) + k, final[k].to(f_ptr.dtype.element_ty), mask=em)
 
 
 @triton.jit
@@ -179,24 +265,27 @@ def _conv_bwd_dx_kernel(w_ptr, r_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E
 
 
 @triton.jit
-def _rows(x_row, s_row, r_row, dy_row, base, zi, em, T, s_xt, s_yt, K: tl.constexpr, HAS_STATE: tl.constexpr,
-          HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Steps base .. base+BLOCK_T-1 of one row (the pointers at its step 0), tuples of [BLOCK_E] float32:
-    the inputs (from the state before 0, zeros outside [-(K-1), T)), dy (zeros outside [0, T)) and,
-    with resets, 0 where a document starts (else 1). One call a block: the interpreter's are slow."""
-    xs, dys, keeps = (), (), ()
-    for r in tl.static_range(BLOCK_T):
-        t = base + r
-        tv = t + zi  # the interpreter rejects scalar & vector masks
-        inside = em & (tv >= 0) & (tv < T)
-        x = tl.load(x_row + t * s_xt, mask=inside, other=0.0).to(tl.float32)
-        if HAS_STATE:
-            x += tl.load(s_row + t, mask=em & (tv < 0) & (tv >= -(K - 1)), other=0.0).to(tl.float32)
-        xs = xs + (x,)
-        dys = dys + (tl.load(dy_row + t * s_yt, mask=inside, other=0.0).to(tl.float32),)
-        if HAS_RESET:
-            keeps = keeps + (1.0 - (tl.load(r_row + t, mask=(t >= 0) & (t < T), other=0) != 0).to(tl.float32),)
-    return xs, dys, keeps
+def _bwd_step(x, dy, start, xwin, gwin, seen, w, bias, K: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Output t, given input t (x), dy_t and the window before it (inputs t-K+1 .. t-1, their gradients
+    so far, whether t sees them): dpre_t, the inputs it read (zeroed before a document starting at t),
+    the finished gradient of input t-K+1, and the next step's window."""
+    if HAS_RESET:  # a document starting at t sees none of the inputs before it
+        keep = 1.0 - start.to(tl.float32)
+        x_kept, seen_kept = (), ()
+        for k in tl.static_range(K - 1):
+            x_kept, seen_kept = x_kept + (xwin[k] * keep,), seen_kept + (seen[k] * keep,)
+        xwin, seen = x_kept, seen_kept
+    pre = bias  # in the forward's order: the same dpre as the two passes
+    for k in tl.static_range(K - 1):
+        pre += w[k] * xwin[k]
+    pre += w[K - 1] * x
+    sig = _sigmoid(pre)
+    dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # 0 outside [0, T), as dy
+    grads = ()
+    for k in tl.static_range(K - 1):  # input t-K+1+k takes w_k dpre_t
+        grads = grads + (gwin[k] + (w[k] * seen[k] if HAS_RESET else w[k]) * dpre,)
+    one = tl.full((), 1.0, tl.float32)
+    return dpre, xwin, grads[0], xwin[1:] + (x,), grads[1:] + (w[K - 1] * dpre,), seen[1:] + (one,)
 
 
 @triton.jit
@@ -206,64 +295,64 @@ def _conv_bwd_fused_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, dy_ptr, dfinal_
                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, TILES: tl.constexpr):
     """Outputs t0 .. t1-1 (TILES blocks of BLOCK_T steps; the last program's reach T+K-2, where dpre is 0,
     to complete the last inputs) of one row and channel block, a step at a time, and the gradients of
-    inputs t0-(K-1) .. t1-K. The walk starts 2(K-1) steps early: the outputs before t0 that read this
-    program's first inputs, and the inputs those outputs read."""
+    inputs t0-(K-1) .. t1-K. Before them, the K-1 outputs that read this program's first inputs (their
+    dpre, not their d weight: other programs'), from the window of inputs they read."""
     b, pid_t = tl.program_id(2), tl.program_id(1)
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     em, zi = e < E, tl.zeros_like(e)
     t0 = pid_t * (TILES * BLOCK_T)
     t1 = tl.minimum(t0 + TILES * BLOCK_T, T + K - 1)
-    lo, hi = t0 - (K - 1), t1 - (K - 1)  # this program's inputs
+    lo = t0 - (K - 1)  # this program's first input
     # The row's pointers at step 0 (the state's and the final state's at their slots for input 0).
-    x_row, dy_row, dx_row = x_ptr + b * s_xb + e, dy_ptr + b * s_yb + e, dx_ptr + b * T * E + e
+    x_row, dy_row, dx_row, r_row = x_ptr + b * s_xb + e, dy_ptr + b * s_yb + e, dx_ptr + b * T * E + e, r_ptr + b * T
     s_row = s_ptr + (b * E + e) * (K - 1) + K - 1
     ds_row, df_row = ds_ptr + (b * E + e) * (K - 1) + K - 1, dfinal_ptr + (b * E + e) * (K - 1) - (T - (K - 1))
     zero = tl.zeros([BLOCK_E], dtype=tl.float32)
-    one = tl.full((), 1.0, tl.float32)
     bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else zero
-    w, dw = (), ()
+    w, dw, gwin = (), (), ()
     for k in tl.static_range(K):
         w, dw = w + (tl.load(w_ptr + e * K + k, mask=em, other=0.0).to(tl.float32),), dw + (zero,)
-    db = zero
-    # The window before step t: inputs t-K+1 .. t-1, their gradients so far, and (with resets) whether
-    # output t still sees them (0 once a document starts after them; their values are zeroed then).
-    xwin, gwin, seen = (), (), ()
     for k in tl.static_range(K - 1):
-        xwin, gwin, seen = xwin + (zero,), gwin + (zero,), seen + (one,)
-    for base in range(t0 - 2 * (K - 1), t1, BLOCK_T):
-        # The block's loads first: BLOCK_T rows in flight.
-        xs, dys, keeps = _rows(x_row, s_row, r_ptr + b * T, dy_row, base, zi, em, T, s_xt, s_yt,
-                               K, HAS_STATE, HAS_RESET, BLOCK_T)
+        gwin = gwin + (zero,)
+    xwin, seen = _window(x_row, s_row, r_row, lo, zi, em, s_xt, K, HAS_STATE, HAS_RESET)
+    # (Names of their own: a tuple the loop below carries must keep its length.)
+    head_x = _x_rows(x_row, lo, T, zi, em, s_xt, K - 1)
+    head_dy = _x_rows(dy_row, lo, T, zi, em, s_yt, K - 1)
+    if HAS_RESET:
+        head_starts = _flag_rows(r_row, lo, T, K - 1)
+    for r in tl.static_range(K - 1):  # outputs lo .. t0-1: their gradients of inputs lo .. t0-1
+        x_head = head_x[r].to(tl.float32)
+        if HAS_STATE:
+            x_head += tl.load(s_row + lo + r, mask=em & (lo + r + zi < 0), other=0.0).to(tl.float32)
+        _, _, _, xwin, gwin, seen = _bwd_step(x_head, head_dy[r].to(tl.float32), head_starts[r] if HAS_RESET else 0,
+                                              xwin, gwin, seen, w, bias, K, HAS_RESET)
+    bound = tl.minimum(t1, T)  # no input or dy at or after t1 is needed
+    db = zero
+    for base in range(t0, t1, BLOCK_T):  # past t1 only in the last program: dy 0 there, nothing stored
+        # The block's loads first, BLOCK_T rows in flight. (Loading the next block's before computing
+        # this one's raised the registers, 168 to 248 at (8, 128, 1), and gave no time back.)
+        xs = _x_rows(x_row, base, bound, zi, em, s_xt, BLOCK_T)
+        dys = _x_rows(dy_row, base, bound, zi, em, s_yt, BLOCK_T)
+        if HAS_RESET:
+            starts = _flag_rows(r_row, base, T, BLOCK_T)
         for r in tl.static_range(BLOCK_T):
             t = base + r
-            if HAS_RESET:  # a document starting at t sees none of the inputs before it
-                x_kept, seen_kept = (), ()
-                for k in tl.static_range(K - 1):
-                    x_kept, seen_kept = x_kept + (xwin[k] * keeps[r],), seen_kept + (seen[k] * keeps[r],)
-                xwin, seen = x_kept, seen_kept
-            pre = bias  # in the forward's order: the same dpre as the two passes
+            x = xs[r].to(tl.float32)  # t >= 0: the state's slots are the warm-up's inputs
+            dpre, read, g, xwin, gwin, seen = _bwd_step(x, dys[r].to(tl.float32), starts[r] if HAS_RESET else 0,
+                                                        xwin, gwin, seen, w, bias, K, HAS_RESET)
+            db += dpre
+            taps = ()
             for k in tl.static_range(K - 1):
-                pre += w[k] * xwin[k]
-            pre += w[K - 1] * xs[r]
-            sig = 1.0 / (1.0 + tl.exp(-pre))  # tl.sigmoid, without the interpreter's slow call
-            dpre = dys[r] * sig * (1.0 + pre * (1.0 - sig))  # 0 outside [0, T), as dy
-            own = dpre * ((t >= t0) & (t < t1)).to(tl.float32)  # outputs outside [t0, t1): other programs'
-            db += own
-            taps, grads = (), ()
-            for k in tl.static_range(K - 1):  # input t-K+1+k takes w_k dpre_t
-                taps = taps + (dw[k] + own * xwin[k],)
-                grads = grads + (gwin[k] + (w[k] * seen[k] if HAS_RESET else w[k]) * dpre,)
-            dw = taps + (dw[K - 1] + own * xs[r],)
-            # Input s = t-K+1 is complete: it leaves the window (from -(K-1): the state's slots).
-            g, s = grads[0], t - (K - 1)
+                taps = taps + (dw[k] + dpre * read[k],)
+            dw = taps + (dw[K - 1] + dpre * x,)
+            # Input s = t-K+1 is complete (from -(K-1): the state's slots).
+            s = t - (K - 1)
             sv = s + zi
-            mine = em & (sv >= lo) & (sv < hi)
             if HAS_DFINAL:  # the final state is the last K-1 inputs: its gradient lands on them directly
-                g += tl.load(df_row + s, mask=mine & (sv >= T - (K - 1)) & (sv < T), other=0.0).to(tl.float32)
-            tl.store(dx_row + s * E, g.to(dx_ptr.dtype.element_ty), mask=mine & (sv >= 0) & (sv < T))
+                g += tl.load(df_row + s, mask=em & (sv >= T - (K - 1)) & (sv < T), other=0.0).to(tl.float32)
+            tl.store(dx_row + s * E, g.to(dx_ptr.dtype.element_ty), mask=em & (sv >= 0) & (sv < T))
             if HAS_STATE:
-                tl.store(ds_row + s, g, mask=mine & (sv < 0))
-            xwin, gwin, seen = xwin[1:] + (xs[r],), grads[1:] + (w[K - 1] * dpre,), seen[1:] + (one,)
+                tl.store(ds_row + s, g, mask=em & (sv < 0))
     part = (b * tl.num_programs(1) + pid_t) * E + e
     if HAS_BIAS:
         tl.store(db_ptr + part, db, mask=em)
@@ -299,27 +388,30 @@ def _conv_step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, y_ptr, E, s_xb,
 @tuning.register("conv")
 @dataclass(frozen=True)
 class ConvTuning(tuning.Tuning):
-    """The training kernels' tiles (`tuning.tuned(conv=...)`), (BLOCK_T, BLOCK_E, warps). H200,
-    benchmarks/bench_conv.py at B8 L4096 E4096 bf16. 2026-12-01, 24 tiles each: forward 0.200 ms
-    (0.269 with the two-pass backward's tile; floor 0.126), forward+backward with the two-pass
-    backward 1.76 ms with its tile the best of them (the next, (64, 128, 4), 1.83). 2026-12-02, the fused
-    backward, 45 settings (rows 2/4/8, 128 to 1024 channels, 1 to 4 warps, 128/256/512 steps a
-    program): forward+backward 0.74 to 0.80 ms for the best few (two passes 1.70), but repeat runs of
-    the shipped ones gave 0.76 to 1.20: this path's CPU overhead (B1 L4096 takes 1.0 ms). The kernels
-    alone, in CUDA graphs: forward 0.193 ms, fused backward 0.277 with the shipped tiles ((8, 256, 2)
-    0.279, 128 steps a program 0.292, 512 steps 0.373, (4, 256, 1) 0.363), two-pass backward 1.272."""
+    """The training kernels' tiles (`tuning.tuned(conv=...)`). H200, B8 E4096 bf16, the kernels alone in
+    CUDA graphs (2026-12-02; benchmarks/bench_conv.py times them through autograd against causal_conv1d).
+    The forward a step at a time, the next rows in flight: 0.154 ms at L4096 and 0.561 at L16384 as
+    shipped, against 0.192 / 0.736 for the [64 steps, 128 channels] tiles it replaced, whose K taps were
+    K loads (24 settings: 4/8 rows, 2/4 channels a thread, 1/2 warps, 256 to 1024 steps a program; the
+    best 0.148 / 0.553). The fused backward: 0.241 / 0.914 ms, against 0.312 / 1.169 before its warm-up
+    outputs left the main loop and its sigmoid took exp2 (10 settings timed, 8 of them loading the next
+    rows ahead: 0.254 / 0.997 at best). The two-pass backward: 1.27 ms at L4096."""
 
-    fwd_tile: tuple[int, int, int] = (64, 128, 4)
+    fwd_tile: tuple[int, int, int] = (8, 256, 2)
+    """The forward's (rows loaded ahead, BLOCK_E, warps): 4 channels a thread."""
+    fwd_tiles_per_program: int = 32
+    """Blocks of BLOCK_T steps that one forward program computes (here 256 steps, and K-1 inputs
+    before them)."""
     bwd_tile: tuple[int, int, int] = (64, 64, 4)
-    """The two-pass backward's, both kernels."""
+    """The two-pass backward's (BLOCK_T, BLOCK_E, warps), both kernels."""
     fused_backward: bool = True
     """The one-kernel backward; off: the two passes (tests, the benchmark)."""
     fused_tile: tuple[int, int, int] = (8, 128, 1)
     """The fused backward's (rows loaded ahead, BLOCK_E, warps): 4 channels a thread, its window and
     accumulators in registers."""
     fused_tiles_per_program: int = 32
-    """Blocks of BLOCK_T steps that one program of the fused backward walks (here 256 steps, each
-    program 2(K-1) more; B8 L4096 E4096 runs 17 programs a row and channel block)."""
+    """Blocks of BLOCK_T steps that one program of the fused backward walks (here 256 steps, and the
+    K-1 outputs and 2(K-1) inputs before them; B8 L4096 runs 17 programs a row and channel block)."""
 
 
 def _flags(reset, fallback):
@@ -330,19 +422,18 @@ def _flags(reset, fallback):
 def conv_forward(x, weight, bias, initial_state, reset):
     batch, T, E = x.shape
     K = weight.shape[1]
-    block_t, block_e, warps = tuning.current("conv").fwd_tile
+    t = tuning.current("conv")
+    block_t, block_e, warps = t.fwd_tile
+    steps = block_t * t.fwd_tiles_per_program
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(E, block_e), triton.cdiv(T, block_t), batch)  # channels fastest: whole rows at a time
-    _conv_fwd_kernel[grid](x, weight.contiguous(), bias if bias is not None else y,
-                           initial_state.contiguous() if initial_state is not None else y, _flags(reset, y), y, T, E,
-                           x.stride(0), x.stride(1), K=K, HAS_BIAS=bias is not None,
-                           HAS_STATE=initial_state is not None, HAS_RESET=reset is not None,
-                           BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
-    past = initial_state.to(x.dtype) if initial_state is not None else x.new_zeros(batch, E, K - 1)
-    final = torch.cat([past, x[:, max(0, T - (K - 1)):].transpose(1, 2)], dim=-1)[..., -(K - 1):].contiguous()
-    if reset is not None:  # a chunk continuing the last document must not see the inputs before it
-        final = final.masked_fill(slots_before_last_reset(reset, K), 0.0)
+    final = torch.empty(batch, E, K - 1, device=x.device, dtype=x.dtype)
+    _conv_fwd_kernel[(triton.cdiv(E, block_e), triton.cdiv(T, steps), batch)](  # channels fastest
+        x, weight.contiguous(), bias if bias is not None else y,
+        initial_state.contiguous() if initial_state is not None else y, _flags(reset, y), y, final, T, E,
+        x.stride(0), x.stride(1), K=K, HAS_BIAS=bias is not None, HAS_STATE=initial_state is not None,
+        HAS_RESET=reset is not None, BLOCK_T=block_t, BLOCK_E=block_e, TILES=t.fwd_tiles_per_program,
+        num_warps=warps)
     return y, final
 
 
@@ -431,15 +522,36 @@ def _setup(ctx, inputs, output):
     ctx.tuning = tuning.current("conv")
 
 
-def _backward(ctx, dy, d_final):
+def _gradients(ctx, dy, d_final, backward):
     x, weight, bias, initial_state, reset = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy.contiguous()  # None: only the final state was used
     with tuning.tuned(conv=ctx.tuning):  # the forward's: autograd's CUDA thread sees the defaults
-        dx, dw, db, ds = _conv_bwd_op(dy.contiguous(), d_final, x, weight, bias, initial_state, reset)
+        dx, dw, db, ds = backward(dy, d_final, x, weight, bias, initial_state, reset)
     return (dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None,
             ds.to(initial_state.dtype) if initial_state is not None else None, None)
 
 
+def _backward(ctx, dy, d_final):
+    return _gradients(ctx, dy, d_final, _conv_bwd_op)
+
+
 torch.library.register_autograd("samba_lm::causal_conv1d_fwd", _backward, setup_context=_setup)
+
+
+class _EagerConv(torch.autograd.Function):
+    """The op's forward and backward without the custom ops' dispatch, for eager calls: that dispatch
+    cost more host time than both kernels take on an H200 at B8 L4096 (about 0.5 of 0.87 ms a
+    forward+backward). torch.compile and dispatch modes (opcheck, fake tensors) get the ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, reset):
+        ctx.set_materialize_grads(False)  # an unused final state: no d_final to read
+        _setup(ctx, (x, weight, bias, initial_state, reset), None)
+        return conv_forward(x, weight, bias, initial_state, reset)
+
+    @staticmethod
+    def backward(ctx, dy, d_final):
+        return _gradients(ctx, dy, d_final, conv_backward)
 
 
 @torch.library.custom_op("samba_lm::causal_conv1d_step", mutates_args=("state",))
@@ -466,4 +578,8 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, reset=None):
             and x.stride(-1) == 1):
         # Decode: one step, the state shifted in place and returned (see ops.causal_conv1d).
         return _conv_step_op(x, weight, bias, initial_state, reset), initial_state
-    return _conv_fwd_op(x, weight, bias, initial_state, reset)
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return _conv_fwd_op(x, weight, bias, initial_state, reset)
+    if not needs_grad:
+        return conv_forward(x, weight, bias, initial_state, reset)
+    return _EagerConv.apply(x, weight, bias, initial_state, reset)

@@ -8,11 +8,11 @@ the latter with each backward (fused and two-pass) at its shipped tiles (`ConvTu
 ops/triton_conv.py). At the first shape it sweeps each field on its own, the others as shipped: the
 forward's (rows loaded ahead, BLOCK_E, warps) and then, with the best of those, its steps a program
 (fwd_tiles_per_program x rows); the two-pass backward's (BLOCK_T, BLOCK_E, warps); the fused
-backward's tile and steps a program as the forward's; it reports the best of each against the shipped tiles and the peer, and writes
-bench_conv.json, with the host time of one forward+backward at a tiny shape (ours and the peer's).
-Floors: bytes / measured copy bandwidth, with the forward reading x and writing y,
-the backward reading x and dy and writing dx (bf16 each; the float32 dpre of our two-pass backward
-is extra traffic the floor does not grant).
+backward's tile and steps a program as the forward's. It reports the best of each against the shipped
+tiles and the peer, and writes bench_conv.json, with the host time of one forward+backward at a tiny
+shape (ours and the peer's). Floors: bytes / measured copy bandwidth, with the forward reading x and
+writing y, the backward reading x and dy and writing dx (bf16 each; the float32 dpre of our two-pass
+backward is extra traffic the floor does not grant).
 """
 
 from __future__ import annotations

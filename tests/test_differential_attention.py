@@ -151,7 +151,7 @@ def naive_mix(out, lq1, lk1, lq2, lk2, lambda_init, weight, eps):
     """SAMBAY.md's mix of the two halves, in float64: lambda, the difference, RMSNorm, the scale."""
     out, lq1, lk1, lq2, lk2, weight = (t.double() for t in (out, lq1, lk1, lq2, lk2, weight))
     lam = torch.exp((lq1 * lk1).sum()) - torch.exp((lq2 * lk2).sum()) + lambda_init
-    a1, a2 = out.chunk(2, dim=2)
+    a1, a2 = out[:, :, 0::2], out[:, :, 1::2]  # the heads interleaved, as the model's
     diff = a1 - lam * a2
     return diff / torch.sqrt((diff * diff).mean(-1, keepdim=True) + eps) * weight * (1 - lambda_init)
 

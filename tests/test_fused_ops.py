@@ -1,4 +1,4 @@
-"""The fused residual add + RMSNorm and SwiGLU ops: the references against naive float64 formulas, the
+"""The fused residual add + RMSNorm (and + LayerNorm) and SwiGLU ops: the references against naive float64 formulas, the
 Triton kernels against float64 (on CPUs through TRITON_INTERPRET=1, on GPUs natively).
 
 Kernel tolerances follow flash-attention's rule: the kernel's error against float64 may be a small
@@ -24,6 +24,12 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 def naive_add_rmsnorm(h, delta, weight, eps):
     s = h if delta is None else h + delta
     return s, s / torch.sqrt((s * s).mean(-1, keepdim=True) + eps) * weight
+
+
+def naive_add_layernorm(h, delta, weight, bias, eps):
+    s = h if delta is None else h + delta
+    centred = s - s.mean(-1, keepdim=True)
+    return s, centred / torch.sqrt((centred * centred).mean(-1, keepdim=True) + eps) * weight + bias
 
 
 def naive_swiglu(x):
@@ -120,6 +126,44 @@ def low_inputs(shape, dtypes, with_delta, strided, seed):
 def test_add_rmsnorm_triton_values_and_gradients(dtypes, shape, with_delta, strided):
     h, delta, weight, grads = low_inputs(shape, dtypes, with_delta, strided, seed=shape[-1])
     assert_kernel_close(lambda h, d, w: ops.add_rmsnorm(h, d, w, EPS), [h, delta, weight], grads)
+
+
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_layernorm_reference_matches_naive_and_gradcheck(with_delta):
+    g = torch.Generator().manual_seed(3)
+    h, delta = (torch.randn(2, 5, 24, generator=g, **f64) for _ in range(2))
+    weight, bias = torch.rand(24, generator=g, **f64) + 0.5, torch.randn(24, generator=g, **f64)
+    delta = delta if with_delta else None
+    expected = naive_add_layernorm(h, delta, weight, bias, EPS)
+    for got, want in zip(ops.add_layernorm(h, delta, weight, bias, EPS), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = [t[..., :6].clone().requires_grad_(True) for t in (h, weight, bias)]
+    assert torch.autograd.gradcheck(lambda h, w, b: ops.add_layernorm(h, None, w, b, EPS), leaves)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtypes", [(fp32, fp32, fp32), (fp32, bf16, bf16), (bf16, bf16, bf16)],
+                         ids=["fp32", "bf16", "bf16-stream"])
+@pytest.mark.parametrize("shape, with_delta, strided", [((2, 5, 48), True, False), ((2, 3, 80), True, True),
+                                                        ((3, 1, 48), False, False)])
+def test_add_layernorm_triton_against_float64(dtypes, shape, with_delta, strided):
+    """The kernel (no gradients) against float64; with gradients the reference's composition runs."""
+    h, delta, weight, _ = low_inputs(shape, dtypes, with_delta, strided, seed=shape[-1])
+    bias = torch.randn(shape[-1], generator=torch.Generator().manual_seed(1), **f64).to(DEVICE, dtypes[2])
+    exact = naive_add_layernorm(*(t.double().cpu() if t is not None else None for t in (h, delta, weight, bias)), EPS)
+    ref = ops.add_layernorm_reference(h, delta, weight, bias, EPS)
+    with torch.no_grad(), ops.use_kernels("triton"):
+        got = ops.add_layernorm(h, delta, weight, bias, EPS)
+    slack = 1e-6 if dtypes == (fp32, fp32, fp32) else 1e-3
+    for t, r, e in zip(got, ref, exact):
+        assert t.dtype == r.dtype and t.shape == r.shape and t.is_contiguous()
+        assert rel_err(t, e) <= 3 * rel_err(r, e) + slack
+    leaves = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
+    with ops.use_kernels("triton"):
+        s, y = ops.add_layernorm(leaves[0], delta, *leaves[1:], EPS)
+    y.float().sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    torch.testing.assert_close(y.detach(), ref[1])
 
 
 @needs_triton
@@ -220,6 +264,9 @@ def _norm_args(**change):
     (lambda: ops.add_rmsnorm(**_norm_args(eps=0.0)), "add_rmsnorm: eps must be a positive float"),
     (lambda: ops.add_rmsnorm(**_norm_args(eps="1e-5")), "add_rmsnorm: eps must be a positive float"),
     (lambda: ops.add_rmsnorm(**_norm_args(eps=True)), "add_rmsnorm: eps must be a positive float"),
+    (lambda: ops.add_layernorm(**_norm_args(bias=torch.ones(9))), "add_layernorm: bias has shape"),
+    (lambda: ops.add_layernorm(**_norm_args(bias=None)), "add_layernorm: bias is required"),
+    (lambda: ops.add_layernorm(**_norm_args(eps=-1.0, bias=torch.ones(8))), "add_layernorm: eps must be a positive"),
     (lambda: ops.swiglu(torch.randn(2, 7)), r"swiglu: x must have layout \[..., 2H\]"),
     (lambda: ops.swiglu(torch.ones(2, 8, dtype=torch.int32)), "swiglu: x must be a floating"),
 ])

@@ -169,6 +169,12 @@ def differential_mix_inference():
         ops.differential_mix(r(2, 3, 4, 32), *(r(16) * 0.1 for _ in range(4)), 0.2, r(32), 1e-5)
 
 
+def layernorm_inference():
+    with torch.no_grad():
+        ops.add_layernorm(r(2, 3, 32), r(2, 3, 32, dtype=torch.bfloat16), r(32), r(32), 1e-5)
+        ops.add_layernorm(r(2, 3, 32), None, r(32), r(32), 1e-5)
+
+
 SCENARIOS = {
     "scan, chunked, training": scan_train,
     "scan, step at a time, training": scan_step_at_a_time_train,
@@ -187,6 +193,7 @@ SCENARIOS = {
     "choose tokens": choose,
     "linear cross-entropy, training and evaluation": cross_entropy_train_and_eval,
     "differential attention's mix, inference": differential_mix_inference,
+    "add_layernorm, inference": layernorm_inference,
 }
 # The tuning that takes a scenario's path at interpreter sizes; its opchecks run under it too, as the
 # launchers read it again.

@@ -383,7 +383,7 @@ def test_opcheck_with_q_start():
     calls = recorded(attention_ops_with_documents)
     names = {func._schema.name for func, _, _ in calls}
     assert names == {f"samba_lm::attention_{op}" for op in ("fwd", "bwd", "decode", "prefill_cached",
-                                                            "decode_append")}, names
+                                                            "decode_cached")}, names
     for func, args, kwargs in calls:
         names = [a.name for a in func._schema.arguments]
         assert args[names.index("q_start")] is not None, func

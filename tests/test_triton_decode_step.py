@@ -24,14 +24,18 @@ def mamba_args(batch, E, N, K, R, g):
                 D=r(E), conv_state=r(batch, E, K - 1), ssm_state=r(batch, E, N))
 
 
-@pytest.mark.parametrize("batch", [3, 17])
-def test_mamba_decode_step_matches_the_reference(batch):
+@pytest.mark.parametrize("batch, tiles", [
+    # two conv channel blocks (two partials of x_proj), two x_proj tiles, three scan channel blocks
+    (3, dict(tile=(16, 8, 4, 8, 2))), (17, dict(tile=(16, 8, 4, 8, 2))),
+    # the shape's own tile (d_inner 24, x_proj's 5 + 2 * 4 outputs) over `tile`: three partials, one scan block
+    (3, dict(tile=(64, 16, 1, 64, 1), shape_tiles={(24, 13): (8, 8, 1, 32, 1)})),
+])
+def test_mamba_decode_step_matches_the_reference(batch, tiles):
     g = torch.Generator().manual_seed(batch)
     exact = mamba_args(batch, 24, 4, 4, 5, g)
     low = {k: v.to(DEVICE, torch.float32) if v.is_floating_point() else v.to(DEVICE) for k, v in exact.items()}
     y_ref, conv_ref, ssm_ref = ops.mamba_inner_reference(**exact)
-    # two conv channel blocks (two partials of x_proj), two x_proj tiles, three scan channel blocks
-    with torch.no_grad(), ops.use_kernels("triton"), ops.tuned(mamba_step=dict(tile=(16, 8, 4, 8, 2))):
+    with torch.no_grad(), ops.use_kernels("triton"), ops.tuned(mamba_step=tiles):
         conv, ssm = low["conv_state"], low["ssm_state"]
         y, conv_out, ssm_out = ops.mamba_inner(**low)
     assert conv_out is conv and ssm_out is ssm  # updated in place
@@ -109,13 +113,18 @@ def test_attention_with_cache_without_append_reads_below_the_chunk(T):
         assert torch.equal(x, c)
 
 
+@pytest.mark.parametrize("splits", [{}, dict(block_v=32, programs_per_sm=100)], ids=["shipped", "ten-splits"])
 @pytest.mark.parametrize("temperature, top", [(0.0, {}), (0.7, {}), (1.3, dict(top_k=7, top_p=0.8))])
-def test_choose_tokens_matches_the_reference(temperature, top):
+def test_choose_tokens_matches_the_reference(temperature, top, splits):
+    """The kernel's choice is the reference's, whatever the vocabulary's splits (ties: the first index,
+    here a tie across two splits)."""
     from samba_lm.sampling import Sampling, row_seeds
 
     g = torch.Generator().manual_seed(3)
     batch, V = 5, 300
-    logits = torch.randn(batch, V, generator=g).to(DEVICE) * 3
+    logits = torch.randn(batch, V, generator=g) * 3
+    logits[0, [40, 250]] = 100.0
+    logits = logits.to(DEVICE)
     positions = torch.arange(batch, device=DEVICE) * 1000 + 7
     sampling = Sampling.empty(batch, DEVICE).set(temperature, top.get("top_k"), top.get("top_p"), row_seeds(11, batch))
     stops = torch.tensor([4, -1, -1, -1], device=DEVICE)
@@ -123,7 +132,7 @@ def test_choose_tokens_matches_the_reference(temperature, top):
     for backend in ("reference", "triton"):
         tokens = torch.tensor([[1], [2], [4], [5], [6]], device=DEVICE)
         finished = torch.tensor([False, True, False, False, False], device=DEVICE)
-        with ops.use_kernels(backend):
+        with ops.use_kernels(backend), ops.tuned(sample=splits):
             sampling.next_tokens(logits, positions, tokens, finished, stops)
         chosen.append((tokens.clone(), finished.clone()))
     assert torch.equal(chosen[0][0], chosen[1][0]) and torch.equal(chosen[0][1], chosen[1][1])
@@ -151,18 +160,23 @@ def test_the_segmented_scan_matches_the_reference(T, with_h0):
     assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
 
 
-@pytest.mark.parametrize("M, N, K, dtype", [(1, 48, 64, torch.bfloat16), (5, 40, 80, torch.float16),
-                                            (20, 64, 96, torch.bfloat16)])
-def test_the_rows_matmul_matches_the_reference(M, N, K, dtype):
-    """Decode-sized projections: one to 64 rows; N and K multiples of the tile or not."""
+@pytest.mark.parametrize("M, N, K, dtype, with_bias", [(1, 48, 64, torch.bfloat16, False),
+                                                       (5, 40, 80, torch.float16, True),
+                                                       (20, 64, 96, torch.bfloat16, True)])
+def test_the_rows_matmul_matches_the_reference(M, N, K, dtype, with_bias):
+    """Decode-sized projections: one to 64 rows; N and K multiples of the tile or not; with a bias or not."""
     g = torch.Generator().manual_seed(M + N)
     x = torch.randn(M, 1, K, generator=g, dtype=torch.float64)
     w = torch.randn(N, K, generator=g, dtype=torch.float64)
+    b = torch.randn(N, generator=g, dtype=torch.float64) * 4 if with_bias else None
+    low_b = b.to(DEVICE, dtype) if with_bias else None
     with torch.no_grad(), ops.use_kernels("triton"):
-        y = ops.linear(x.to(DEVICE, dtype), w.to(DEVICE, dtype))
-    low = ops.linear_reference(x.to(dtype).double(), w.to(dtype).double())  # the same rounded inputs, exactly
+        y = ops.linear(x.to(DEVICE, dtype), w.to(DEVICE, dtype), low_b)
+    low = ops.linear_reference(x.to(dtype).double(), w.to(dtype).double(),  # the same rounded inputs, exactly
+                               b.to(dtype).double() if with_bias else None)
     assert y.shape == (M, 1, N) and y.dtype == dtype and rel_err(y, low) < 1e-2
-    torch.library.opcheck(torch.ops.samba_lm.rows_matmul.default, (x[:, 0].to(DEVICE, dtype), w.to(DEVICE, dtype)))
+    torch.library.opcheck(torch.ops.samba_lm.rows_matmul.default,
+                          (x[:, 0].to(DEVICE, dtype), w.to(DEVICE, dtype), low_b))
 
 
 @pytest.mark.parametrize("split", [2, 3, 8])
@@ -176,8 +190,9 @@ def test_the_split_k_rows_matmul_sums_its_splits_once(split):
     w = torch.randn(40, 200, generator=g, dtype=torch.float64)
     xs, ws = x.to(DEVICE, torch.bfloat16), w.to(DEVICE, torch.bfloat16)
     tile = (16, 32, 4, 2, split)
-    first, second = triton_linear.rows_matmul(xs, ws, tile), triton_linear.rows_matmul(xs, ws, tile)
+    bs = torch.randn(40, generator=g, dtype=torch.float64).to(DEVICE, torch.bfloat16)
+    first, second = triton_linear.rows_matmul(xs, ws, bs, tile), triton_linear.rows_matmul(xs, ws, bs, tile)
     assert torch.equal(first, second)
-    assert rel_err(first, xs.double() @ ws.double().T) < 1e-2
+    assert rel_err(first, xs.double() @ ws.double().T + bs.double()) < 1e-2
     assert not triton_linear._COUNTERS[xs.device].any()
 

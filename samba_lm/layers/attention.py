@@ -13,7 +13,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import attention, attention_with_cache, differential_mix, linear, qkv_rope
@@ -30,12 +29,12 @@ class Attention(nn.Module):
         self.window, self.rope_base, self.rope = window, rope_base, rope  # window 0: full causal attention
         self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
-        self.cache_dim = head_dim  # the width of a cached key and value
+        self.cache_heads, self.cache_dim = n_kv_heads, head_dim  # cached keys (and values) a position, their width
 
     def init_state(self, batch_size: int, device=None, dtype=None, capacity: int | None = None, length: int = 0):
         """SWA: a ring of window-1 slots. Full attention: `capacity` slots to start with (they grow)."""
         slots = self.window - 1 if self.window else (capacity or GROWING_INITIAL_CAPACITY)
-        kv = torch.zeros(batch_size, slots, self.n_kv_heads, self.cache_dim, device=device, dtype=dtype)
+        kv = torch.zeros(batch_size, slots, self.cache_heads, self.cache_dim, device=device, dtype=dtype)
         pos = torch.full((batch_size, slots), -1, device=device, dtype=torch.long)
         return KVCache(kv, kv.clone(), pos, grows=not self.window, length=length)
 
@@ -70,16 +69,17 @@ class DifferentialAttention(Attention):
         lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init,
         lambda_init = 0.8 - 0.6 exp(-0.3 depth)   (depth: the block's index, mixer + MLP a block).
 
-    Both halves are one call of the attention op: H query heads over Hkv key heads, every key head
-    holding [v1 | v2]. The op takes one head width for q, k and v, so q and k are zero-padded to
-    2 Dh (q scaled by sqrt 2, which keeps the softmax scale at Dh^-0.5); the scores are exactly
-    those of Dh-wide heads. The cost: a cache entry is 2 Dh wide in k and holds [v1 | v2] for both
-    halves, twice the keys and values the model computes."""
+    Both halves are one call of the attention op, over Hkv/2 key/value heads of 2 Dh: the model's
+    own k and v, adjacent heads paired, [k1 | k2] and [v1 | v2], as computed (and cached) with no copy.
+    Each query head is zero-padded to 2 Dh on the side of its half, [q1 | 0] or [0 | q2], so its
+    scores are exactly those of its half's Dh-wide keys (q scaled by sqrt 2 keeps the softmax scale at
+    Dh^-0.5), and the model's interleaved head order is already the op's grouping (phi4-mini-flash's
+    40/20 heads: query heads 4j..4j+3 read pair j). Only the queries grow, never the cache."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int,
                  rope_base: float, rope: bool, bias: bool, depth: int, eps: float):
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, window, rope_base, rope, bias)
-        self.cache_dim, self.eps = 2 * head_dim, eps
+        self.cache_heads, self.cache_dim, self.eps = n_kv_heads // 2, 2 * head_dim, eps
         _differential_parameters(self, head_dim, depth)
 
     def reset_parameters(self):
@@ -89,10 +89,7 @@ class DifferentialAttention(Attention):
 
     def forward(self, x, positions, state=None, documents=None):
         q, k, v = self._heads(x, positions, documents)
-        q = _padded_query(q, self.head_dim)
-        k = F.pad(_halves(k), (0, self.head_dim))
-        v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], -1)  # [B, T, Hkv/2, 2 Dh]: [v1 | v2]
-        v = torch.cat([v12, v12], 2)
+        q, k, v = _padded_query(q), _paired(k), _paired(v)
         cache = state.reserve(q.shape[1]) if state is not None else None
         shared = SharedKV(k, v, positions, cache) if self.share_kv else None
         out = _differential(self, self._attend(q, k, v, positions, documents, cache))
@@ -101,7 +98,7 @@ class DifferentialAttention(Attention):
 
 class SharedKV(NamedTuple):
     """A full differential layer's keys and values as its cross layers read them (SambaY): the chunk's
-    (padded and duplicated, as the layer's op call takes them), and with a state its cache buffers
+    (heads paired, as the layer's op call takes them), and with a state its cache buffers
     (k, v, positions), which by the time the cross layers read them hold the chunk too."""
     k: torch.Tensor
     v: torch.Tensor
@@ -132,7 +129,7 @@ class CrossDifferentialAttention(nn.Module):
     def forward(self, x, positions, state=None, documents=None, kv: SharedKV | None = None):
         if kv is None:
             raise ValueError("a cross layer needs the keys and values of a 'dattn' layer before it")
-        q = _padded_query(_project(x, self.q_proj).unflatten(-1, (self.n_heads, self.head_dim)), self.head_dim)
+        q = _padded_query(_project(x, self.q_proj).unflatten(-1, (self.n_heads, self.head_dim)))
         extra = {} if documents is None else {"q_start": documents.start}
         early = kv.k.shape[1] - q.shape[1]  # YOCO: queries for the chunk's last positions only
         k, v = kv.k[:, early:], kv.v[:, early:]
@@ -163,24 +160,25 @@ def _reset_differential(layer: nn.Module):
     nn.init.ones_(layer.subln_weight)
 
 
-def _padded_query(q, head_dim: int):
-    """q [B, T, H, Dh] as the op call takes it: halves regrouped, scaled by sqrt 2, zero-padded to 2 Dh."""
-    return F.pad(_halves(q) * math.sqrt(2), (0, head_dim))
+def _padded_query(q):
+    """q [B, T, H, Dh] (heads interleaved: even the first half) as the op call takes it, [B, T, H, 2 Dh]:
+    scaled by sqrt 2, the first half's heads [q1 | 0], the second's [0 | q2]."""
+    pairs = (q * math.sqrt(2)).unflatten(2, (-1, 2)).transpose(-1, -2)  # [B, T, H/2, Dh, half]
+    return torch.diag_embed(pairs, dim1=-3, dim2=-2).flatten(2, 3).flatten(-2)  # [.., H/2, half, slot, Dh]
+
+
+def _paired(t):
+    """k or v [B, T, Hkv, Dh] as [B, T, Hkv/2, 2 Dh]: heads 2j and 2j + 1 side by side, [k1 | k2] (a view)."""
+    return t.flatten(-2).unflatten(-1, (-1, 2 * t.shape[-1]))
 
 
 def _differential(layer, out):
-    """The attention op's [B, T, H, 2 Dh] (both halves over [v1 | v2]) to the layer's output."""
+    """The attention op's [B, T, H, 2 Dh] (each head over [v1 | v2]) to the layer's output."""
     batch, T = out.shape[:2]
     normed = differential_mix(out, layer.lambda_q1, layer.lambda_k1, layer.lambda_q2, layer.lambda_k2,
                               layer.lambda_init, layer.subln_weight, layer.eps)
     return _project(normed.reshape(batch, T, layer.n_heads * layer.head_dim), layer.out_proj)
 
 
-def _halves(t):
-    """Heads [B, T, h, d] regrouped as [even heads | odd heads]: the first half, then the second."""
-    return torch.cat([t[:, :, 0::2], t[:, :, 1::2]], 2)
-
-
 def _project(x, proj: nn.Linear):
-    y = linear(x, proj.weight)
-    return y if proj.bias is None else y + proj.bias.to(y.dtype)
+    return linear(x, proj.weight, proj.bias)

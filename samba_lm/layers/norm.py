@@ -1,16 +1,13 @@
 """The residual stream's norms, each with the previous sub-layer's output added in the same call and
-computed in float32 whatever the input dtype: RMSNorm (weight only, the paper's; one op,
-`ops.add_rmsnorm`) and LayerNorm (weight and bias, `config.norm="layer"`; plain torch ops, which
-torch.compile fuses)."""
+computed in float32 whatever the input dtype: RMSNorm (weight only, the paper's; `ops.add_rmsnorm`)
+and LayerNorm (weight and bias, `config.norm="layer"`; `ops.add_layernorm`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops import add_rmsnorm
-from ..ops._checks import compute_dtype
+from ..ops import add_layernorm, add_rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -41,10 +38,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, layer_norm(s)) with s = h + delta, as RMSNorm.forward."""
-        s = h if delta is None else h + delta.to(h.dtype)
-        cdt = compute_dtype(s.dtype)
-        y = F.layer_norm(s.to(cdt), s.shape[-1:], self.weight.to(cdt), self.bias.to(cdt), self.eps)
-        return s, y.to(self.weight.dtype)
+        return add_layernorm(h, delta, self.weight, self.bias, self.eps)
 
 
 def build_norm(kind: str, dim: int, eps: float) -> nn.Module:

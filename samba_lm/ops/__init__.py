@@ -17,7 +17,7 @@ from .dispatch import use_kernels
 from .linear import linear, linear_reference
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .mamba import mamba_inner, mamba_inner_reference, mamba_inner_ungated
-from .norm import add_rmsnorm, add_rmsnorm_reference
+from .norm import add_layernorm, add_layernorm_reference, add_rmsnorm, add_rmsnorm_reference
 from .rope import qkv_rope, qkv_rope_reference
 from .sample import choose_tokens, choose_tokens_reference
 from .scan import selective_scan, selective_scan_reference
@@ -25,7 +25,8 @@ from .swiglu import swiglu, swiglu_reference
 from .triton_common import interpreting
 from .tuning import tuned
 
-__all__ = ["add_rmsnorm", "add_rmsnorm_reference", "attention", "attention_reference", "attention_with_cache",
+__all__ = ["add_layernorm", "add_layernorm_reference", "add_rmsnorm", "add_rmsnorm_reference", "attention",
+           "attention_reference", "attention_with_cache",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
            "choose_tokens_reference", "differential_mix", "differential_mix_reference", "linear", "linear_reference",
            "linear_cross_entropy", "linear_cross_entropy_reference", "mamba_inner", "mamba_inner_reference",
@@ -65,7 +66,7 @@ else:
     from .triton_differential import differential_mix_triton
     from .triton_linear import linear_triton
     from .triton_mamba import mamba_inner_triton
-    from .triton_norm import add_rmsnorm_triton
+    from .triton_norm import add_layernorm_triton, add_rmsnorm_triton
     from .triton_rope import qkv_rope_triton
     from .triton_sample import choose_tokens_triton
     from .triton_scan import selective_scan_triton
@@ -81,6 +82,7 @@ else:
     dispatch.register("choose_tokens", "triton", choose_tokens_triton, _triton_supports)
     # add_rmsnorm resolves with the widest of its inputs' dtypes: float64 anywhere means the reference.
     dispatch.register("add_rmsnorm", "triton", add_rmsnorm_triton, _triton_supports)
+    dispatch.register("add_layernorm", "triton", add_layernorm_triton, _triton_supports)
     dispatch.register("swiglu", "triton", swiglu_triton, _triton_supports)
     dispatch.register("linear_cross_entropy", "triton", linear_cross_entropy_triton, _triton_supports)
     dispatch.register("differential_mix", "triton", differential_mix_triton, _triton_supports)

@@ -2,12 +2,12 @@
 normalised output, before out_proj.
 
 Shapes (H query heads, Dh the head dim; the op's heads are 2 Dh wide, each half's softmax over [v1 | v2]):
-    out [B, T, H, 2 Dh] (heads [first half | second half], as `layers.attention` calls the op)
+    out [B, T, H, 2 Dh] (heads interleaved as the model's: even heads the first half, odd the second)
     lambda_q1, lambda_k1, lambda_q2, lambda_k2 [Dh]   lambda_init (float)   weight [2 Dh]   eps > 0
     -> y [B, T, H/2, 2 Dh] (weight's dtype)
 
     lambda = exp(sum(lambda_q1 * lambda_k1)) - exp(sum(lambda_q2 * lambda_k2)) + lambda_init
-    diff   = out[:, :, :H/2] - lambda * out[:, :, H/2:]        (float32, rounded to out's dtype)
+    diff   = out[:, :, 0::2] - lambda * out[:, :, 1::2]        (float32, rounded to out's dtype)
     y      = RMSNorm(diff) * weight * (1 - lambda_init)        (add_rmsnorm's roundings, then the scale)
 
 The reference composes torch ops and `add_rmsnorm`; the Triton backend runs one kernel per call
@@ -26,7 +26,7 @@ from .norm import add_rmsnorm
 
 
 def differential_mix_reference(out, lambda_q1, lambda_k1, lambda_q2, lambda_k2, lambda_init, weight, eps):
-    a1, a2 = out.chunk(2, dim=2)
+    a1, a2 = out[:, :, 0::2], out[:, :, 1::2]
     cdt = compute_dtype(out.dtype)
     lam = (torch.exp((lambda_q1 * lambda_k1).to(cdt).sum()) - torch.exp((lambda_q2 * lambda_k2).to(cdt).sum())
            + lambda_init)

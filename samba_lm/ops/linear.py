@@ -1,7 +1,7 @@
-"""The projections: y = x @ weight^T, no bias (every Samba linear layer).
+"""The projections: y = x @ weight^T (+ bias: none in Samba, SambaY's attention has them).
 
 Shapes (any leading dims, K inputs, N outputs):
-    x [..., K]   weight [N, K] (nn.Linear's layout)   -> y [..., N] in x's dtype
+    x [..., K]   weight [N, K] (nn.Linear's layout)   bias [N] or None   -> y [..., N] in x's dtype
 
 The reference is `F.linear` (cuBLAS on a GPU, autocast-aware). A decode step multiplies a few rows
 by every weight matrix once: the step is a stream of the weights, and there the Triton backend runs
@@ -13,19 +13,20 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from . import dispatch
-from ._checks import check_projection
+from ._checks import check_float, check_projection
 
 
-def linear_reference(x, weight):
-    return F.linear(x, weight)
+def linear_reference(x, weight, bias=None):
+    return F.linear(x, weight, bias)
 
 
-def linear(x, weight):
-    """x @ weight^T (see module docstring)."""
+def linear(x, weight, bias=None):
+    """x @ weight^T + bias (see module docstring)."""
     op = "linear"
     check_projection(op, x, weight)
+    check_float(op, "bias", bias, (weight.shape[0],), optional=True)
     fn = dispatch.resolve(op, x.device, x.dtype)
-    return fn(x, weight)
+    return fn(x, weight, bias)
 
 
 dispatch.register("linear", "reference", linear_reference)

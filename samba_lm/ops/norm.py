@@ -1,4 +1,5 @@
-"""Residual add + RMSNorm (weight only), fused: a pre-norm block's `h = h + mixer(...)`, then `norm(h)`.
+"""Residual add + RMSNorm (weight only), fused: a pre-norm block's `h = h + mixer(...)`, then `norm(h)`;
+and residual add + LayerNorm (weight and bias: SambaY's norms), the same with y centred first.
 
 Shapes (D model width; any leading dims, in the model [B, T, D]):
     h [..., D] (the residual stream: float32, float64 in a float64 model)   delta [..., D] or None
@@ -12,6 +13,10 @@ s is added in h's dtype so the residual stream keeps its precision whatever the 
 under autocast); y is computed in float32 (float64 for float64) and rounded once to the weight's
 dtype, exactly as `layers.norm.RMSNorm` computes it. Returns (s, y): s is the next residual stream, y
 the normalised input of the next sub-layer.
+
+`add_layernorm(h, delta, weight, bias, eps)` returns (s, y) with
+    y = (s - mean(s)) * rsqrt(var(s) + eps) * weight + bias      (var: the biased variance)
+computed the same way (float32, rounded once), as `layers.norm.LayerNorm` computes it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,14 @@ def add_rmsnorm_reference(h, delta, weight, eps):
     return s, (y * weight.to(y.dtype)).to(weight.dtype)
 
 
-def add_rmsnorm(h, delta, weight, eps):
-    """s = h + delta and y = RMSNorm(s) * weight (see module docstring); returns (s, y)."""
-    op = "add_rmsnorm"
+def add_layernorm_reference(h, delta, weight, bias, eps):
+    s = h if delta is None else h + delta.to(h.dtype)
+    cdt = compute_dtype(s.dtype)
+    y = torch.nn.functional.layer_norm(s.to(cdt), s.shape[-1:], weight.to(cdt), bias.to(cdt), eps)
+    return s, y.to(weight.dtype)
+
+
+def _check_norm(op, h, delta, weight, eps):
     check_float(op, "h", h)
     if h.dim() == 0:
         raise ValueError(f"{op}: h must have layout [..., D], got a scalar")
@@ -41,12 +51,31 @@ def add_rmsnorm(h, delta, weight, eps):
     check_float(op, "weight", weight, (h.shape[-1],))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
-    # One dtype for the dispatcher: float64 if any input is float64 (the kernels run fp16/bf16/fp32).
-    dtype = h.dtype
-    for t in (delta, weight):
+
+
+def _widest(*tensors):
+    """One dtype for the dispatcher: float64 if any input is float64 (the kernels run fp16/bf16/fp32)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
         dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
-    fn = dispatch.resolve("add_rmsnorm", h.device, dtype)
+    return dtype
+
+
+def add_rmsnorm(h, delta, weight, eps):
+    """s = h + delta and y = RMSNorm(s) * weight (see module docstring); returns (s, y)."""
+    _check_norm("add_rmsnorm", h, delta, weight, eps)
+    fn = dispatch.resolve("add_rmsnorm", h.device, _widest(h, delta, weight))
     return fn(h, delta, weight, eps)
 
 
+def add_layernorm(h, delta, weight, bias, eps):
+    """s = h + delta and y = LayerNorm(s) * weight + bias (see module docstring); returns (s, y)."""
+    op = "add_layernorm"
+    _check_norm(op, h, delta, weight, eps)
+    check_float(op, "bias", bias, (h.shape[-1],))
+    fn = dispatch.resolve(op, h.device, _widest(h, delta, weight, bias))
+    return fn(h, delta, weight, bias, eps)
+
+
 dispatch.register("add_rmsnorm", "reference", add_rmsnorm_reference)
+dispatch.register("add_layernorm", "reference", add_layernorm_reference)

@@ -64,7 +64,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch, tuning
 from .attention import attention_reference, cache_append, cache_before
-from .triton_attention_decode import attention_decode, attention_decode_append
+from .triton_attention_decode import attention_decode, attention_decode_cached
 from .triton_common import interpreting
 
 # ----------------------------------------------------------------------------- kernels
@@ -650,15 +650,15 @@ def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("samba_lm::attention_decode_append", mutates_args=("k_cache", "v_cache", "cache_pos"))
-def _attention_decode_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
+@torch.library.custom_op("samba_lm::attention_decode_cached", mutates_args=("k_cache", "v_cache", "cache_pos"))
+def _attention_decode_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int,
                                 k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor,
-                                q_start: torch.Tensor | None = None) -> torch.Tensor:
-    return attention_decode_append(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
+                                q_start: torch.Tensor | None = None, append: bool = True) -> torch.Tensor:
+    return attention_decode_cached(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, append)
 
 
-@_attention_decode_append_op.register_fake
-def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None):
+@_attention_decode_cached_op.register_fake
+def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None, append=True):
     return torch.empty_like(q)
 
 
@@ -671,11 +671,7 @@ def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_
                                q_start)
     elif q.shape[1] == 1 and k_cache.dtype == q.dtype and all(
             t.stride(-1) == 1 for t in (k_cache, v_cache, cache_pos)):
-        if not append:  # the split kernel's slot ranges over the cache's keys before the token (measured faster
-            # than its positional ranges for SambaY's cross layers: H200, batch 16 after 4K, 7.06 against 7.89 ms a step)
-            return _attention_decode_op(q, k, v, q_pos, window, k_cache, v_cache, cache_before(cache_pos, q_pos),
-                                        q_start)
-        return _attention_decode_append_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start)
+        return _attention_decode_cached_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, append)
     else:
         out = _attention_prefill_cached_op(q, k, v, q_pos, window, k_cache.to(k.dtype), v_cache.to(v.dtype), cache_pos,
                                            q_start)

@@ -2,9 +2,9 @@
 in some fifteen launches (see `differential.py`).
 
 Layout: out [B, T, H, 2 Dh] with the last dim contiguous (batch, time and head strides are free); y
-[B, T, H/2, 2 Dh] contiguous in weight's dtype. One program per (row, head of the first half) makes
+[B, T, H/2, 2 Dh] contiguous in weight's dtype. One program per (row, output head h) makes
 lambda from the four [Dh] vectors (their products rounded in the parameters' dtype, as the reference
-multiplies them, then summed in fp32), reads its head and the matching head of the second half,
+multiplies them, then summed in fp32), reads heads 2h (first half) and 2h + 1 (second half),
 rounds the difference to out's dtype, normalises it in fp32 and rounds where add_rmsnorm does, then
 scales by 1 - lambda_init and rounds once more. A call that needs gradients runs the reference's
 composition (its add_rmsnorm is a Triton op). What the reference covers that this does not: float64,
@@ -41,8 +41,8 @@ def _mix_kernel(out_ptr, lq1_ptr, lk1_ptr, lq2_ptr, lk2_ptr, w_ptr, y_ptr, T, H2
     d = tl.arange(0, BLOCK_D)
     dm = d < 2 * DH
     base = out_ptr + b * s_b + t * s_t + d
-    a1 = tl.load(base + h * s_h, mask=dm, other=0.0)
-    a2 = tl.load(base + (h + H2) * s_h, mask=dm, other=0.0)
+    a1 = tl.load(base + 2 * h * s_h, mask=dm, other=0.0)
+    a2 = tl.load(base + (2 * h + 1) * s_h, mask=dm, other=0.0)
     diff = (a1.to(tl.float32) - lam * a2.to(tl.float32)).to(a1.dtype).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / (2 * DH) + eps)
     w = tl.load(w_ptr + d, mask=dm, other=0.0)

@@ -28,6 +28,7 @@ so it steps as a fresh stream; the shifted conv state then holds zeros before th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import triton
@@ -134,6 +135,19 @@ class MambaStepTuning(tuning.Tuning):
     H200, 2026-12-01: conv + scan 18.4 / 34.5 us at batch 16 / 64, the best there (the previous (256,
     32, 4, 64, 4): 23.5 / 47.6); at batch 1 the best tile of its own, (64, 32, 4, 16, 4), took 13.4 us
     against the previous 19.4."""
+    shape_tiles: Mapping[tuple[int, int], tuple[int, int, int, int, int]] = tuning.table({
+        (5120, 192): (256, 32, 2, 64, 2),
+    })
+    """Tiles of their own by (d_inner, x_proj outputs = dt_rank + 2 d_state), the others take `tile`.
+    phi4-mini-flash (5120, 160 + 32), H200, 2026-12-02, the whole decode step after a 4K prompt (scratch
+    sweep of seven tiles through `tuned(mamba_step=...)`): 3.968 / 3.982 ms at batch 16 and 3.10 at
+    batch 1 against `tile`'s 4.013 / 4.038 and 3.13; its scan reads 20 partials of 192 per program."""
+
+
+def _step_tile(E: int, x_proj_outputs: int) -> tuple[int, int, int, int, int]:
+    t = tuning.current("mamba_step")
+    # int(): weight shapes, symbolic only when a fake implementation traces with dynamic shapes
+    return t.shape_tiles.get((int(E), int(x_proj_outputs)), t.tile)
 
 
 @torch.library.custom_op("samba_lm::mamba_conv_step", mutates_args=("conv_state",))
@@ -146,7 +160,7 @@ def _conv_step_op(xz: torch.Tensor, positions: torch.Tensor | None, conv_weight:
 def conv_step(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, reset=None, tile=None):
     batch = xz.shape[0]
     E, K = conv_weight.shape
-    block_e, o_chunk, warps = (tile or tuning.current("mamba_step").tile)[:3]
+    block_e, o_chunk, warps = (tile or _step_tile(E, x_proj_weight.shape[0]))[:3]
     x, part = _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e)
     _conv_step_kernel[(part.shape[0], batch)](
         xz, positions if positions is not None else conv_state, resets(reset, conv_state), conv_weight.contiguous(),
@@ -166,7 +180,8 @@ def _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e):
 
 @_conv_step_op.register_fake
 def _(xz, positions, conv_weight, conv_bias, conv_state, x_proj_weight, reset):
-    return _conv_step_outputs(xz, conv_weight, x_proj_weight, tuning.current("mamba_step").tile[0])
+    block_e = _step_tile(conv_weight.shape[0], x_proj_weight.shape[0])[0]
+    return _conv_step_outputs(xz, conv_weight, x_proj_weight, block_e)
 
 
 @torch.library.custom_op("samba_lm::mamba_scan_step", mutates_args=("ssm_state",))
@@ -180,7 +195,7 @@ def scan_step(xz, x, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, re
     batch = xz.shape[0]
     E, N = A_log.shape
     R = dt_proj_weight.shape[1]
-    block_e, warps = (tile or tuning.current("mamba_step").tile)[3:]
+    block_e, warps = (tile or _step_tile(E, R + 2 * N))[3:]
     y = x.new_empty(batch, 1, E)
     _scan_step_kernel[(triton.cdiv(E, block_e), batch)](
         xz, x, part, dt_proj_weight.contiguous(), dt_proj_bias, A_log.contiguous(), D if D is not None else dt_proj_bias,

@@ -1,4 +1,5 @@
-"""Residual add + RMSNorm in Triton: forward and backward, one kernel each.
+"""Residual add + RMSNorm in Triton: forward and backward, one kernel each; residual add + LayerNorm
+through the same forward kernel (CENTER), without gradients.
 
 Layout (as `norm.py`): h and delta [..., D] with the last dim contiguous; a 3-D input [B, T, D] is
 read in place through its batch and time strides (a slice of time or of the batch needs no copy),
@@ -15,6 +16,10 @@ Backward: a program owns a run of rows and recomputes n = s * rstd from the save
 dx is written as d h (h's dtype) and d delta (delta's dtype) by the same kernel; d weight is summed
 per program into a [programs, D] fp32 buffer and then over programs by torch, a fixed order (no
 atomics: deterministic). What the reference covers that this does not: float64, CPUs.
+
+LayerNorm (`add_layernorm`): the forward kernel takes the row's mean out before the same rstd and adds
+the bias after the weight. A call that needs gradients runs the reference's composition (SambaY trains
+through it; torch.compile fuses it); the kernel serves inference, where a norm was six launches.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm import add_layernorm_reference
+
 
 @triton.jit
-def _fwd_kernel(h_ptr, delta_ptr, w_ptr, s_ptr, y_ptr, rstd_ptr, T, D, h_sb, h_st, d_sb, d_st, eps,
-                HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_kernel(h_ptr, delta_ptr, w_ptr, b_ptr, s_ptr, y_ptr, rstd_ptr, T, D, h_sb, h_st, d_sb, d_st, eps,
+                HAS_DELTA: tl.constexpr, CENTER: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * D may pass 2^31
     b, t = row // T, row % T
     d = tl.arange(0, BLOCK_D)
@@ -39,10 +46,14 @@ def _fwd_kernel(h_ptr, delta_ptr, w_ptr, s_ptr, y_ptr, rstd_ptr, T, D, h_sb, h_s
         s = (s.to(tl.float32) + delta.to(tl.float32)).to(s.dtype)
     tl.store(s_ptr + row * D + d, s, mask=dm)
     x = s.to(tl.float32)
+    if CENTER:  # LayerNorm: the row's mean taken out (the masked tail stays 0), a bias added below
+        x = tl.where(dm, x - tl.sum(x, axis=0) / D, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     tl.store(rstd_ptr + row, rstd)
-    w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * D + d, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=dm)
+    y = x * rstd * tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if CENTER:
+        y += tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + d, y.to(y_ptr.dtype.element_ty), mask=dm)
 
 
 @triton.jit
@@ -89,7 +100,8 @@ def _forward_outputs(h, weight):
             h.new_empty(h.shape[:-1], dtype=torch.float32))
 
 
-def norm_forward(h, delta, weight, eps: float):
+def norm_forward(h, delta, weight, eps: float, bias=None):
+    """RMSNorm, or with a bias LayerNorm (its rstd is of the centred row)."""
     s, y, rstd = _forward_outputs(h, weight)
     if s.numel() == 0:
         return s, y, rstd
@@ -97,9 +109,11 @@ def norm_forward(h, delta, weight, eps: float):
     d3 = as_rows(delta) if delta is not None else h3
     D = h.shape[-1]
     block = triton.next_power_of_2(D)
-    _fwd_kernel[(s.numel() // D,)](h3, d3, weight if weight.stride(0) == 1 else weight.contiguous(), s, y, rstd,
+    weight = weight.contiguous()
+    _fwd_kernel[(s.numel() // D,)](h3, d3, weight, bias.contiguous() if bias is not None else weight, s, y, rstd,
                                    h3.shape[1], D, h3.stride(0), h3.stride(1), d3.stride(0), d3.stride(1), eps,
-                                   HAS_DELTA=delta is not None, BLOCK_D=block, num_warps=_warps(block))
+                                   HAS_DELTA=delta is not None, CENTER=bias is not None, BLOCK_D=block,
+                                   num_warps=_warps(block))
     return s, y, rstd
 
 
@@ -173,3 +187,23 @@ def add_rmsnorm_triton(h, delta, weight, eps):
     # With delta None the kernel copies h into s: a custom op's outputs may not alias its inputs.
     s, y, _ = _norm_fwd_op(h, delta, weight, float(eps))
     return s, y
+
+
+@torch.library.custom_op("samba_lm::add_layernorm", mutates_args=())
+def _layernorm_op(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s, y, _ = norm_forward(h, delta, weight, eps, bias)
+    return s, y
+
+
+@_layernorm_op.register_fake
+def _(h, delta, weight, bias, eps):
+    return _forward_outputs(h, weight)[:2]
+
+
+def add_layernorm_triton(h, delta, weight, bias, eps):
+    """One kernel without gradients (a decode step: six launches a norm become one); with them the
+    reference's composition, which torch.compile fuses."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, delta, weight, bias)):
+        return add_layernorm_reference(h, delta, weight, bias, eps)
+    return _layernorm_op(h, delta, weight, bias, float(eps))

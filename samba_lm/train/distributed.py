@@ -8,6 +8,7 @@ is wrapped in DDP, or sharded with FSDP2 (`fully_shard` on every residual sub-la
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -62,6 +63,10 @@ def _store(rank: int, world: int) -> dist.Store:
 
 def teardown():
     if dist.is_initialized():
+        # Free what still holds the group (DDP's reducer, in a reference cycle) while the group lives: a
+        # collection at exit destroyed it under the GIL while a gloo thread, releasing a finished work's
+        # tensors, waited for the GIL (a hung rank 0 after a 4-process run: py-spy, 2026-12-02).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -139,8 +139,8 @@ class MambaStepTuning(tuning.Tuning):
         (5120, 192): (256, 32, 2, 64, 2),
     })
     """Tiles of their own by (d_inner, x_proj outputs = dt_rank + 2 d_state), the others take `tile`.
-    phi4-mini-flash (5120, 160 + 32), H200, 2026-12-02, the whole decode step after a 4K prompt (scratch
-    sweep of seven tiles through `tuned(mamba_step=...)`): 3.968 / 3.982 ms at batch 16 and 3.10 at
+    phi4-mini-flash (5120, 160 + 32), H200, 2026-12-02, the whole decode step after a 4K prompt (seven
+    tiles, `benchmarks/sweep_sambay_decode.py --mamba-tiles`): 3.968 / 3.982 ms at batch 16 and 3.10 at
     batch 1 against `tile`'s 4.013 / 4.038 and 3.13; its scan reads 20 partials of 192 per program."""
 
 

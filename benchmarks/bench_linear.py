@@ -38,8 +38,9 @@ SHAPES = {  # (N, K) of each distinct decode projection
                         "attention out, cross q": (2560, 2560), "tied head": (200064, 2560)},
 }
 TILES = [(bn, bk, w, s, 1) for bn in (16, 32, 64) for bk in (256, 512) for w, s in ((4, 4), (4, 6), (8, 4))]
+TILES += [(bn, 128, 4, s, 1) for bn in (32, 64, 128) for s in (3, 4, 6)]  # shorter K steps, more in flight
 # K splits where the columns alone give too few programs to keep every SM streaming
-SPLIT_TILES = [(bn, bk, 4, 4, split) for bn in (16, 32, 64) for bk in (256, 512) for split in (2, 4, 8)]
+SPLIT_TILES = [(bn, bk, 4, 4, split) for bn in (16, 32, 64) for bk in (128, 256, 512) for split in (2, 4, 8)]
 SPLIT_MAX_N = 4096
 L2_BYTES = 512 * 2**20  # the copies of a weight that one timing walks through: several times the 60 MB L2
 

@@ -110,6 +110,9 @@ def attention_with_caches():
                                  k_cache, v_cache, cache_pos, append=False)
         ops.attention_with_cache(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), pos[:, -1:] + 1, 0,
                                  k_cache, v_cache, cache_pos, append=False)
+        # differential (half-width) queries, which the decode kernels read as they are
+        ops.attention_with_cache(r(2, 1, 4, 8), r(2, 1, 2, 16), r(2, 1, 2, 16), pos[:, -1:] + 1, 0,
+                                 k_cache, v_cache, cache_pos, append=False)
 
 
 def attention_decode_over_prefix():

@@ -142,6 +142,27 @@ def test_attention_matches_naive_causal(window, monkeypatch):
     torch.testing.assert_close(out, naive_attention(q, k, v, pos, pos, window))
 
 
+def test_differential_queries_score_each_half_of_the_keys():
+    """Queries half as wide as the keys: head h (of an even count) against half h mod 2 of its key head,
+    scale 1/sqrt(Dh/2), the whole value; through a prefix too, and with gradients."""
+    q = torch.randn(2, 5, 8, 4, **f64, requires_grad=True)
+    k, v = attn_inputs(Tq=5, Tk=5, Hkv=2, Dh=8)[1:]
+    kp, vp = attn_inputs(Tq=1, Tk=3, Hkv=2, Dh=8)[1:]
+    prefix_pos, q_pos = torch.tensor([[0, 1, -1]] * 2), torch.arange(2, 7).expand(2, 5)
+    out = ops.attention(q, k, v, q_pos, 4, kp, vp, prefix_pos)
+    assert out.shape == (2, 5, 8, 8)
+    keys, values, k_pos = torch.cat([kp, k], 1), torch.cat([vp, v], 1), torch.cat([prefix_pos, q_pos], 1)
+    for b in range(2):
+        for i in range(5):
+            seen = (k_pos[b] >= 0) & (q_pos[b, i] - k_pos[b] >= 0) & (q_pos[b, i] - k_pos[b] < 4)
+            for h in range(8):  # G = 4: key head h // 4, its half h % 2
+                half = keys[b, seen, h // 4, 4 * (h % 2):4 * (h % 2) + 4]
+                p = (half @ q[b, i, h] / 2.0).softmax(0)  # 1/sqrt(Dh/2) = 1/2
+                torch.testing.assert_close(out[b, i, h], p @ values[b, seen, h // 4])
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
 def test_attention_exact_window_edge():
     """Query i sees i-W+1 .. i: with one-hot values, the output weights reveal exactly which keys."""
     W, T = 4, 10
@@ -221,6 +242,10 @@ def test_dispatch_env_and_context(monkeypatch):
                            torch.zeros(1, 2).long()), "must divide"),
     (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
                            torch.zeros(1, 2)), "q_pos must be an int64"),
+    (lambda: ops.attention(torch.randn(1, 2, 2, 3), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
+                           torch.zeros(1, 2).long()), "or half of it"),
+    (lambda: ops.attention(torch.randn(1, 2, 3, 2), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4),
+                           torch.zeros(1, 2).long()), "even number of query heads"),
     (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),
                            torch.zeros(1, 2).long(), -1), "window"),
     (lambda: ops.attention(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4),

@@ -112,6 +112,17 @@ def test_decode_matches_reference(dtype, Dh, H, Hkv, window, P, q_pos, tiling):
     check(decode_args(q_pos, prefix_pos, H, Hkv, Dh, seed=P), window, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_differential_queries(dtype, tiling):
+    """Queries half as wide as the keys (`ops.attention`'s differential queries): the kernels read each
+    into its half, against the reference (which widens them) in float64; the own key and the cache."""
+    q_pos, P = [30, 9], 24
+    args = decode_args(q_pos, ring_positions(q_pos, P, torch.Generator().manual_seed(1)), 8, 2, 128, seed=1)
+    args["q"] = args["q"][..., :64].contiguous()
+    out = check(args, 16, dtype)
+    assert out.shape == (2, 1, 8, 128)
+
+
 def test_window_edges(tiling):
     """Positions exactly at i - window + 1 (visible) and i - window (not), the query's own position
     in the cache (visible), a later one (not), and invisible keys that would dominate if counted."""
@@ -171,6 +182,9 @@ def test_splits_heuristic(monkeypatch):
     (dict(q=torch.zeros(2, 2, 4, 64)), "q must have layout"),
     (dict(q=torch.zeros(2, 1, 4, 24), k=torch.zeros(2, 1, 2, 24), v=torch.zeros(2, 1, 2, 24)), "power of two"),
     (dict(k=torch.zeros(2, 1, 3, 64)), "must divide"),
+    (dict(q=torch.zeros(2, 1, 4, 48)), "or half of it"),
+    (dict(q=torch.zeros(2, 1, 3, 32), k=torch.zeros(2, 1, 1, 64), v=torch.zeros(2, 1, 1, 64),
+          k_prefix=torch.zeros(2, 5, 1, 64), v_prefix=torch.zeros(2, 5, 1, 64)), "even number"),
     (dict(v=torch.zeros(2, 1, 2, 64, dtype=torch.float16)), "v must be"),
     (dict(q_pos=torch.zeros(2, 1, dtype=torch.int32)), "q_pos must be"),
     (dict(window=-1), "window"),

@@ -71,10 +71,11 @@ class DifferentialAttention(Attention):
 
     Both halves are one call of the attention op, over Hkv/2 key/value heads of 2 Dh: the model's
     own k and v, adjacent heads paired, [k1 | k2] and [v1 | v2], as computed (and cached) with no copy.
-    Each query head is zero-padded to 2 Dh on the side of its half, [q1 | 0] or [0 | q2], so its
-    scores are exactly those of its half's Dh-wide keys (q scaled by sqrt 2 keeps the softmax scale at
-    Dh^-0.5), and the model's interleaved head order is already the op's grouping (phi4-mini-flash's
-    40/20 heads: query heads 4j..4j+3 read pair j). Only the queries grow, never the cache."""
+    The queries stay Dh wide: the op's differential queries, head h scored against half h mod 2 of
+    its 2 Dh-wide key head (even heads k1, odd k2) at scale Dh^-0.5, so the model's interleaved head
+    order is already the op's grouping (phi4-mini-flash's 40/20 heads: query heads 4j..4j+3 read pair
+    j). The layer pads nothing: the decode kernels read such queries as they are (the other paths of
+    the op widen them)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int,
                  rope_base: float, rope: bool, bias: bool, depth: int, eps: float):
@@ -89,7 +90,7 @@ class DifferentialAttention(Attention):
 
     def forward(self, x, positions, state=None, documents=None):
         q, k, v = self._heads(x, positions, documents)
-        q, k, v = _padded_query(q), _paired(k), _paired(v)
+        k, v = _paired(k), _paired(v)
         cache = state.reserve(q.shape[1]) if state is not None else None
         shared = SharedKV(k, v, positions, cache) if self.share_kv else None
         out = _differential(self, self._attend(q, k, v, positions, documents, cache))
@@ -129,7 +130,7 @@ class CrossDifferentialAttention(nn.Module):
     def forward(self, x, positions, state=None, documents=None, kv: SharedKV | None = None):
         if kv is None:
             raise ValueError("a cross layer needs the keys and values of a 'dattn' layer before it")
-        q = _padded_query(_project(x, self.q_proj).unflatten(-1, (self.n_heads, self.head_dim)))
+        q = _project(x, self.q_proj).unflatten(-1, (self.n_heads, self.head_dim))
         extra = {} if documents is None else {"q_start": documents.start}
         early = kv.k.shape[1] - q.shape[1]  # YOCO: queries for the chunk's last positions only
         k, v = kv.k[:, early:], kv.v[:, early:]
@@ -158,13 +159,6 @@ def _reset_differential(layer: nn.Module):
     for p in (layer.lambda_q1, layer.lambda_k1, layer.lambda_q2, layer.lambda_k2):
         nn.init.normal_(p, std=0.1)
     nn.init.ones_(layer.subln_weight)
-
-
-def _padded_query(q):
-    """q [B, T, H, Dh] (heads interleaved: even the first half) as the op call takes it, [B, T, H, 2 Dh]:
-    scaled by sqrt 2, the first half's heads [q1 | 0], the second's [0 | q2]."""
-    pairs = (q * math.sqrt(2)).unflatten(2, (-1, 2)).transpose(-1, -2)  # [B, T, H/2, Dh, half]
-    return torch.diag_embed(pairs, dim1=-3, dim2=-2).flatten(2, 3).flatten(-2)  # [.., H/2, half, slot, Dh]
 
 
 def _paired(t):

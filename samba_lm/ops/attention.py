@@ -3,7 +3,7 @@ grouped-query heads.
 
 Shapes (B batch, T chunk length, P prefix length, H query heads, Hkv key/value heads dividing H,
 Dh head dim):
-    q [B, T, H, Dh]   k, v [B, T, Hkv, Dh]   q_pos [B, T] (int64)   out like q
+    q [B, T, H, Dh]   k, v [B, T, Hkv, Dh]   q_pos [B, T] (int64)   out [B, T, H, Dh]
     k_prefix, v_prefix [B, P, Hkv, Dh]   prefix_pos [B, P] (int64)   (optional, all three or none)
     q_start [B, T] (int64, optional)
 
@@ -12,6 +12,13 @@ start negative: left padding). The prefix holds cached keys (a ring buffer of th
 or every earlier position for full attention) in any order; a negative position marks an empty slot.
 A key at position p is visible to a query at position i when p >= 0 and 0 <= i - p < window
 (window 0: no limit). A query that sees no key returns zeros. Softmax scale is 1/sqrt(Dh).
+
+Differential queries (SambaY's differential attention, whose key and value heads come in pairs, seen as
+one head of 2 x the width): q may be half as wide as the keys, [B, T, H, Dh/2] with H even. Query head
+h is then scored against half h mod 2 of its key head (dims [0, Dh/2) for even h, [Dh/2, Dh) for odd),
+scale 1/sqrt(Dh/2), and takes the whole value: out is [B, T, H, Dh]. That is the attention of the
+queries `widen_queries` pads with zeros on the other half and scales by sqrt 2; a kernel that does not
+read half queries itself runs those.
 
 Packed documents: q_start[b, t] is the first position of query t's document; a key at position p
 (in the chunk or the prefix) is visible to it only if also p >= q_start[b, t], so a document never
@@ -36,6 +43,8 @@ is: SambaY's cross layers read their full layer's cache after that layer has sto
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import dispatch
@@ -44,10 +53,18 @@ from ._checks import check_float, check_positions, check_query_starts, check_ran
 QUERY_BLOCK = 128
 
 
+def widen_queries(q):
+    """Differential queries [B, T, H, Dh/2] (module docstring) as full-width ones [B, T, H, Dh] that score
+    the same: even heads [q | 0], odd [0 | q], scaled by sqrt 2 (the scale 1/sqrt(Dh) is then theirs)."""
+    pairs = (q * math.sqrt(2)).unflatten(2, (-1, 2)).transpose(-1, -2)  # [B, T, H/2, Dh/2, half]
+    return torch.diag_embed(pairs, dim1=-3, dim2=-2).flatten(2, 3).flatten(-2)  # [.., H/2, half, slot, Dh/2]
+
+
 def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
     cdt = compute_dtype(q.dtype)
-    batch, T, H, Dh = q.shape
-    Hkv = k.shape[2]
+    batch, T, H = q.shape[:3]
+    Hkv, Dh = k.shape[2:]
+    half = q.shape[-1] != Dh  # differential queries, widened in the compute dtype
     k_pos = q_pos
     if k_prefix is not None:
         k, v, k_pos = (torch.cat([k_prefix.to(k.dtype), k], 1), torch.cat([v_prefix.to(v.dtype), v], 1),
@@ -56,6 +73,7 @@ def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, 
     out = []
     for t0 in range(0, T, QUERY_BLOCK):
         qb = q[:, t0:t0 + QUERY_BLOCK].to(cdt)
+        qb = widen_queries(qb) if half else qb
         tq = qb.shape[1]
         scores = torch.einsum("bqhgd,bkhd->bhgqk", qb.view(batch, tq, Hkv, H // Hkv, Dh), kf) * Dh**-0.5
         dist = q_pos[:, t0:t0 + QUERY_BLOCK, None] - k_pos[:, None, :]  # [B, tq, P + T]
@@ -75,13 +93,16 @@ def attention_reference(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, 
 
 
 def _check_chunk(op, q, k, v, q_pos, window):
-    check_rank(op, "q", q, 4, "[B, T, H, Dh]")
+    check_rank(op, "q", q, 4, "[B, T, H, Dh] (or [B, T, H, Dh/2], differential)")
     check_rank(op, "k", k, 4, "[B, T, Hkv, Dh]")
-    batch, T, H, Dh = q.shape
-    Hkv = k.shape[2]
+    batch, T, H, Dq = q.shape
+    Hkv, Dh = k.shape[2:]
     check_float(op, "q", q)
     check_float(op, "k", k, (batch, T, Hkv, Dh))
     check_float(op, "v", v, (batch, T, Hkv, Dh))
+    if Dq != Dh and (2 * Dq != Dh or H % 2):
+        raise ValueError(f"{op}: q's head dim ({Dq}) must be the keys' ({Dh}), or half of it with an even number "
+                         f"of query heads (differential queries), got {H} heads")
     if H % Hkv:
         raise ValueError(f"{op}: key/value heads ({Hkv}) must divide query heads ({H})")
     check_positions(op, "q_pos", q_pos, (batch, T))
@@ -99,7 +120,7 @@ def _check_prefix(op, names, batch, Hkv, Dh, k_prefix, v_prefix, prefix_pos):
 
 
 def attention(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
-    """Masked softmax attention (see module docstring); returns [B, T, H, Dh]."""
+    """Masked softmax attention (see module docstring); returns [B, T, H, Dh], Dh the values' head dim."""
     op = "attention"
     batch, Hkv, Dh = _check_chunk(op, q, k, v, q_pos, window)
     given = [x is not None for x in (k_prefix, v_prefix, prefix_pos)]

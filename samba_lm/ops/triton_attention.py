@@ -46,6 +46,9 @@ blocks that see the key block, in one loop over (head, query block) pairs so tha
 across heads (no atomics: deterministic). Each kernel visits the unmasked blocks in one loop and the
 masked ones at both ends of the range in another: fewer loops, fewer live registers.
 
+Differential (half-width) queries, `attention.py`: the decode kernels read them as they are; the
+other paths widen them first (`widen_queries`, a few elementwise launches: nothing next to a chunk).
+
 What the reference covers that this does not: float64, CPUs (except under TRITON_INTERPRET=1), head
 dims that are not a power of two in [16, 256], fp32 at head dim 256: the public function sends those
 to the reference.
@@ -63,8 +66,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch, tuning
-from .attention import attention_reference, cache_append, cache_before
-from .triton_attention_decode import attention_decode, attention_decode_cached
+from .attention import attention_reference, cache_append, cache_before, widen_queries
+from .triton_attention_decode import attention_decode, attention_decode_cached, decode_output
 from .triton_common import interpreting
 
 # ----------------------------------------------------------------------------- kernels
@@ -635,7 +638,7 @@ def _attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_po
 
 @_attention_decode_op.register_fake
 def _(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=None):
-    return torch.empty_like(q)
+    return decode_output(q, v)
 
 
 @torch.library.custom_op("samba_lm::attention_prefill_cached", mutates_args=())
@@ -659,12 +662,12 @@ def _attention_decode_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 @_attention_decode_cached_op.register_fake
 def _(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None, append=True):
-    return torch.empty_like(q)
+    return decode_output(q, v)
 
 
 def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start=None, append=True):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad or not supported(q.shape[-1], q.dtype) or k_cache.shape[1] == 0:
+    if needs_grad or not supported(k.shape[-1], q.dtype) or k_cache.shape[1] == 0:
         # Training through a state (or an unsupported shape): the general op over a snapshot of the
         # cache (the part before the chunk), which autograd may keep while the cache is overwritten below.
         out = attention_triton(q, k, v, q_pos, window, k_cache.clone(), v_cache.clone(), cache_before(cache_pos, q_pos),
@@ -673,17 +676,22 @@ def attention_with_cache_triton(q, k, v, q_pos, window, k_cache, v_cache, cache_
             t.stride(-1) == 1 for t in (k_cache, v_cache, cache_pos)):
         return _attention_decode_cached_op(q, k, v, q_pos, window, k_cache, v_cache, cache_pos, q_start, append)
     else:
-        out = _attention_prefill_cached_op(q, k, v, q_pos, window, k_cache.to(k.dtype), v_cache.to(v.dtype), cache_pos,
-                                           q_start)
+        out = _attention_prefill_cached_op(_full_width(q, k), k, v, q_pos, window, k_cache.to(k.dtype),
+                                           v_cache.to(v.dtype), cache_pos, q_start)
     if append:
         cache_append(k, v, q_pos, k_cache, v_cache, cache_pos)
     return out
 
 
+def _full_width(q, k):
+    """q, or its differential (half-width) queries widened: only the decode kernels read those."""
+    return widen_queries(q) if q.shape[-1] != k.shape[-1] else q
+
+
 def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, prefix_pos=None, q_start=None):
-    if not supported(q.shape[-1], q.dtype):
+    if not supported(k.shape[-1], q.dtype):
         if dispatch.forced() == "triton":  # asked for the kernel: say it cannot, never run something else
-            raise RuntimeError(f"kernel backend 'triton' for op 'attention' does not run head_dim {q.shape[-1]} with "
+            raise RuntimeError(f"kernel backend 'triton' for op 'attention' does not run head_dim {k.shape[-1]} with "
                                f"{q.dtype}: head dims {sorted(tuning.current('attention').fwd_tiles)} "
                                f"(float32: up to 128)")
         return attention_reference(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
@@ -694,4 +702,4 @@ def attention_triton(q, k, v, q_pos, window=0, k_prefix=None, v_prefix=None, pre
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_prefix, v_prefix))
     if q.shape[1] == 1 and not needs_grad:  # decode: the cache split across programs
         return _attention_decode_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)
-    return _attention_fwd_op(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)[0]
+    return _attention_fwd_op(_full_width(q, k), k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start)[0]

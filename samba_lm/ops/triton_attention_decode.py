@@ -1,7 +1,7 @@
 """Attention decode in Triton: one query token per sequence against its key/value cache, split-K
 (flash-decoding), the query heads of a group together. Inference only: no gradient.
 
-Layout (shape alphabet of `attention.py`, T = 1): q [B, 1, H, Dh]; k, v [B, 1, Hkv, Dh], the new
+Layout (shape alphabet of `attention.py`, T = 1): q [B, 1, H, Dh] (or Dh/2: differential queries); k, v [B, 1, Hkv, Dh], the new
 token's own key and value at position q_pos [B, 1]; k_prefix, v_prefix [B, P, Hkv, Dh] with
 prefix_pos [B, P], the cache in any slot order (a ring buffer; a negative position is an empty slot),
 or all three None; q_start [B, 1] or None, the first position of the query's document. Last dims
@@ -24,6 +24,10 @@ cache preallocated for a whole generation is then read only as far as it is fill
 one captured graph. Its merge kernel then (`append`) writes the new key, value and position into slot
 i mod P: the splits have all read the cache by then, and the slot's old key (i - P) may have been
 visible. Without `append` the cache is only read (SambaY's cross layers, over their full layer's cache).
+
+Differential queries (`ops.attention`: [B, 1, H, Dh/2], head h against half h mod 2 of its key head,
+scale 1/sqrt(Dh/2)), the constexpr HALF: both kernels load a query into the other half's zeros, so a
+differential layer's decode step pads nothing (it took three launches a layer as torch ops).
 
 Masking follows the reference: key at p is visible to the query at i when p >= 0 and 0 <= i - p <
 window (window 0: no limit), and p >= q_start with documents (HAS_START, a constexpr: none, no cost);
@@ -67,12 +71,22 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _query_dims(h, d, D: tl.constexpr, HALF: tl.constexpr):
+    """Where a query head h's values sit along the key dims d: all of them, or (HALF) dims
+    [0, D/2) for even h, [D/2, D) for odd; (its offsets, which of d it fills)."""
+    shift = D // 2 if HALF else 0
+    width = D // 2 if HALF else D
+    dq = d - (h % 2) * shift
+    return dq, (dq >= 0) & (dq < width)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kp_ptr, vp_ptr, pp_ptr, qpos_ptr, qs_ptr, m_ptr, l_ptr, acc_ptr,
     P, keys_per_split, reach, qk_scale,
     s_qb, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_pb, s_qpos, s_qs,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr,
-    POSITIONAL: tl.constexpr, HAS_START: tl.constexpr,
+    POSITIONAL: tl.constexpr, HAS_START: tl.constexpr, HALF: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # the cache may pass 2**31 elements
     hk = tl.program_id(1)
@@ -81,7 +95,8 @@ def _decode_split_kernel(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     heads = hk * G + g  # the group's query heads; rows past G are padding for tl.dot
-    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    dq, dm = _query_dims(heads[:, None], d[None, :], D, HALF)
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + dq, mask=(g < G)[:, None] & dm, other=0.0)
     i = tl.load(qpos_ptr + b * s_qpos)
     lowest = 0  # the first visible position: empty slots are negative
     if HAS_START:  # and keys of earlier documents are not seen
@@ -124,6 +139,7 @@ def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, qpos_ptr, qs_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, kc_ptr, vc_ptr, pc_ptr,
     n_splits, qk_scale, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_qpos, s_qs, P, s_kcb, s_kcn, s_kch, s_vcb, s_vcn, s_vch,
     s_pcb, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, APPEND: tl.constexpr, HAS_START: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -141,7 +157,8 @@ def _decode_merge_kernel(
     own = i >= 0
     if HAS_START:
         own = own & (i >= tl.load(qs_ptr + b * s_qs))
-    q = tl.load(q_ptr + b * s_qb + h * s_qh + d).to(tl.float32)
+    dq, dm = _query_dims(h, d, D, HALF)
+    q = tl.load(q_ptr + b * s_qb + h * s_qh + dq, mask=dm, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + b * s_kb + (h // G) * s_kh + d).to(tl.float32)
     v = tl.load(v_ptr + b * s_vb + (h // G) * s_vh + d).to(tl.float32)
     s_own = tl.where(own, tl.sum(q * k, axis=0) * qk_scale, float("-inf"))
@@ -252,14 +269,17 @@ def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=N
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"attention_decode: q must have layout [B, 1, H, Dh], got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-    batch, _, H, Dh = q.shape
+    batch, _, H, Dq = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention_decode: q must be fp16, bf16 or fp32, got {q.dtype}")
-    if Dh < 16 or Dh & (Dh - 1):
-        raise ValueError(f"attention_decode: head dim Dh must be a power of two >= 16, got {Dh}")
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
         raise ValueError("attention_decode: k must have layout [B, 1, Hkv, Dh]")
-    Hkv = k.shape[2]
+    Hkv, Dh = k.shape[2:]
+    if Dh < 16 or Dh & (Dh - 1):
+        raise ValueError(f"attention_decode: head dim Dh must be a power of two >= 16, got {Dh}")
+    if Dq != Dh and (2 * Dq != Dh or H % 2):
+        raise ValueError(f"attention_decode: q's head dim ({Dq}) must be the keys' ({Dh}), or half of it with an "
+                         f"even number of query heads (differential queries), got {H} heads")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"attention_decode: key/value heads ({Hkv}) must divide query heads ({H})")
     _check("k", k, (batch, 1, Hkv, Dh), q.dtype)
@@ -285,12 +305,17 @@ def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=N
             raise ValueError(f"attention_decode: {name} is on {t.device}, q on {q.device}")
 
 
+def decode_output(q, v):
+    """The decode ops' output, [B, 1, H, Dh] (Dh the values'), empty: also their fake implementation."""
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
 def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cached: bool, append: bool):
-    batch, _, H, Dh = q.shape
-    Hkv = k.shape[2]
+    batch, _, H, Dq = q.shape
+    Hkv, Dh = k.shape[2:]
     P = k_prefix.shape[1] if k_prefix is not None else 0
     q, k, v = (row_stride(x) for x in (q, k, v))
-    qk_scale = LOG2E / math.sqrt(Dh)
+    qk_scale = LOG2E / math.sqrt(Dq)  # a differential query's scale is its own width's
     reach = window or 2**63 - 1  # visible distances are < reach; window 0 has no limit
     G = H // Hkv
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -310,9 +335,9 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cac
             q.stride(0), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
             v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), prefix_pos.stride(0), q_pos.stride(0),
             qs.stride(0), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=Dh,
-            DOT_F32=interpreting(), POSITIONAL=cached, HAS_START=q_start is not None,
+            DOT_F32=interpreting(), POSITIONAL=cached, HAS_START=q_start is not None, HALF=Dq != Dh,
             num_warps=t.split_warps or _split_warps(G), **({"num_stages": stages} if stages else {}))
-    out = torch.empty(batch, 1, H, Dh, device=q.device, dtype=q.dtype)
+    out = decode_output(q, v)
     block_s = triton.next_power_of_2(max(n_splits, 1))
     warps = min(16, max(4, block_s * Dh // 2048))  # the [SPLITS, Dh] fp32 partials: ~64 registers a thread
     append = append and P > 0
@@ -322,5 +347,5 @@ def _decode(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start, cac
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), q_pos.stride(0), qs.stride(0),
         max(P, 1), *(kc.stride()[:3] if append else (0, 0, 0)), *(vc.stride()[:3] if append else (0, 0, 0)),
         pc.stride(0) if append else 0, G=G, D=Dh, BLOCK_S=block_s, APPEND=append, HAS_START=q_start is not None,
-        num_warps=warps)
+        HALF=Dq != Dh, num_warps=warps)
     return out

@@ -220,7 +220,9 @@ def run_entry(name, mode, args, env, matmul) -> dict:
 
 
 def profile_step(step, device: torch.device, path: Path):
-    """One more step under torch.profiler: its kernels by GPU time, to see where a step goes."""
+    """One more step under torch.profiler: its kernels by GPU time, to see where a step goes, and its
+    Chrome trace (.trace.json.gz beside the table: chrome://tracing or ui.perfetto.dev), to see when
+    the GPU waits for the host."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -229,7 +231,9 @@ def profile_step(step, device: torch.device, path: Path):
         sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=90) + "\n")
-    print(f"  profile: {path}", flush=True)
+    trace = path.with_suffix(".trace.json.gz")
+    prof.export_chrome_trace(str(trace))
+    print(f"  profile: {path}, {trace}", flush=True)
 
 
 def free_memory(device: torch.device):
@@ -326,7 +330,8 @@ def main():
     p.add_argument("--matmul-size", type=int, default=0,
                    help="n of the n^3 matmul whose rate MFU is against; 0: 8192 on a GPU, 1024 on a CPU")
     p.add_argument("--profile", action="store_true",
-                   help="profile one extra step per entry; its kernel table goes beside --out (_<model>_<mode>_profile.txt)")
+                   help="profile one extra step per entry; its kernel table and Chrome trace go beside --out "
+                        "(_<model>_<mode>_profile.txt, .trace.json.gz)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "bench_train.json"), metavar="PATH.json",
                    help="the JSON results; the markdown table goes beside it (default: $OUT/bench_train.json)")

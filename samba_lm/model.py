@@ -23,7 +23,7 @@ from .config import DIFFERENTIAL_KINDS, WINDOWED_KINDS, SambaConfig
 from .documents import check_document_ids, document_starts
 from .layers import (GMU, Attention, CrossDifferentialAttention, DifferentialAttention, LayerNorm, Mamba, RMSNorm,
                      SwiGLU, build_norm)
-from .ops import linear, linear_cross_entropy, recomputed
+from .ops import autocast_dtype, linear, linear_cross_entropy, recomputed
 from .state import SambaState, start_positions
 
 
@@ -89,7 +89,8 @@ class Residual(nn.Module):
     def forward(self, h, delta, positions, state=None, documents=None, shared=Shared()):
         """(h + delta, this sub-layer's output, `Shared` for the layers above): delta is the previous
         sub-layer's output (None first)."""
-        h, x = self.norm(h, delta)
+        # Every mixer starts with a matmul: under autocast the norm writes the bf16 it would cast to.
+        h, x = self.norm(h, delta, autocast_dtype(h))
         if self.kind == "gmu":
             return h, self.mixer(x, positions, state, documents, memory=shared.memory), shared
         if self.kind == "dcross":

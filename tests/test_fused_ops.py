@@ -95,6 +95,36 @@ def test_add_rmsnorm_reference_dtypes_and_the_unfused_rmsnorm():
     assert ops.add_rmsnorm(h, None, weight, EPS)[0] is h
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_norm_out_dtype_gives_the_cast_of_y_and_the_same_gradients(backend, norm):
+    """y in out_dtype (autocast's, as the model asks for it) is bit for bit the weight-dtype y cast to
+    it, the cast that the next matmul would make; and the gradients are those through that cast."""
+    g = torch.Generator().manual_seed(3)
+    h, delta = torch.randn(2, 5, 80, generator=g).to(DEVICE), torch.randn(2, 5, 80, generator=g).to(DEVICE, bf16)
+    weight, bias = (torch.rand(80, generator=g) + 0.5).to(DEVICE), (torch.randn(80, generator=g) * 0.1).to(DEVICE)
+    gy = torch.randn(2, 5, 80, generator=g).to(DEVICE, bf16)
+    extra = (bias,) if norm == "layer" else ()
+    fn = ops.add_layernorm if norm == "layer" else ops.add_rmsnorm
+
+    def run(out_dtype):
+        leaves = [t.clone().requires_grad_(True) for t in (h, delta, weight, *extra)]
+        s, y = fn(*leaves[:3], *leaves[3:], EPS, out_dtype)
+        (s.sum() + (y.to(bf16).float() * gy.float()).sum()).backward()  # to(bf16): a no-op for bf16
+        return [y.detach()] + [t.grad for t in leaves]
+
+    with ops.use_kernels(backend):
+        cast, direct = run(None), run(bf16)
+    assert cast[0].dtype == fp32 and direct[0].dtype == bf16
+    y32 = cast[0]
+    if backend == "triton" and ops.interpreting() and norm == "rms":
+        # Triton's CPU interpreter truncates fp32 -> bf16 where a GPU rounds (as torch's cast does).
+        y32 = (y32.view(torch.int32) & -65536).view(fp32)
+    assert torch.equal(direct[0], y32.to(bf16))
+    for a, b in zip(cast[1:], direct[1:]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("shape", [(7, 48), (2, 5, 80)])
 def test_swiglu_reference_matches_naive_and_gradcheck(shape):
     x = torch.randn(shape, **f64)
@@ -236,9 +266,10 @@ def test_custom_op_registration():
     h = torch.randn(2, 3, 48, device=DEVICE, requires_grad=True)
     delta = torch.randn(2, 3, 48, device=DEVICE, dtype=bf16, requires_grad=True)
     weight = torch.rand(48, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(lib.add_rmsnorm_fwd.default, (h, delta, weight, EPS))
-    torch.library.opcheck(lib.add_rmsnorm_fwd.default, (h, None, weight, EPS))
-    s, y, rstd = lib.add_rmsnorm_fwd(h.detach(), delta.detach(), weight.detach(), EPS)
+    torch.library.opcheck(lib.add_rmsnorm_fwd.default, (h, delta, weight, EPS, None))
+    torch.library.opcheck(lib.add_rmsnorm_fwd.default, (h, None, weight, EPS, None))
+    torch.library.opcheck(lib.add_rmsnorm_fwd.default, (h, delta, weight, EPS, bf16))
+    s, y, rstd = lib.add_rmsnorm_fwd(h.detach(), delta.detach(), weight.detach(), EPS, None)
     torch.library.opcheck(lib.add_rmsnorm_bwd.default, (torch.randn_like(y), torch.randn_like(s), s, rstd,
                                                          weight.detach(), bf16))
     torch.library.opcheck(lib.add_rmsnorm_bwd.default, (torch.randn_like(y), torch.randn_like(s), s, rstd,
@@ -264,6 +295,8 @@ def _norm_args(**change):
     (lambda: ops.add_rmsnorm(**_norm_args(eps=0.0)), "add_rmsnorm: eps must be a positive float"),
     (lambda: ops.add_rmsnorm(**_norm_args(eps="1e-5")), "add_rmsnorm: eps must be a positive float"),
     (lambda: ops.add_rmsnorm(**_norm_args(eps=True)), "add_rmsnorm: eps must be a positive float"),
+    (lambda: ops.add_rmsnorm(**_norm_args(out_dtype=torch.int32)), "add_rmsnorm: out_dtype must be a floating"),
+    (lambda: ops.add_layernorm(**_norm_args(out_dtype="bf16", bias=torch.ones(8))), "add_layernorm: out_dtype must"),
     (lambda: ops.add_layernorm(**_norm_args(bias=torch.ones(9))), "add_layernorm: bias has shape"),
     (lambda: ops.add_layernorm(**_norm_args(bias=None)), "add_layernorm: bias is required"),
     (lambda: ops.add_layernorm(**_norm_args(eps=-1.0, bias=torch.ones(8))), "add_layernorm: eps must be a positive"),

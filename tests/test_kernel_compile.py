@@ -15,7 +15,7 @@ FWD = {"x_ptr": "*bf16", "w_ptr": "*fp32", "bias_ptr": "*fp32", "s_ptr": "*bf16"
        "f_ptr": "*bf16", "T": "i32", "E": "i32", "s_xb": "i32", "s_xt": "i32"}
 BWD = {"x_ptr": "*bf16", "w_ptr": "*fp32", "bias_ptr": "*fp32", "s_ptr": "*bf16", "r_ptr": "*u8", "dy_ptr": "*bf16",
        "dfinal_ptr": "*fp32", "dx_ptr": "*bf16", "ds_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "T": "i32",
-       "E": "i32", "s_xb": "i32", "s_xt": "i32", "s_yb": "i32", "s_yt": "i32"}
+       "E": "i32", "s_xb": "i32", "s_xt": "i32", "s_yb": "i32", "s_yt": "i32", "s_dxt": "i32"}
 
 
 def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int):

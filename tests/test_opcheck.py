@@ -131,7 +131,8 @@ def rope_train():
 def norm_and_swiglu_train():
     h, d, w = r(2, 3, 32, grad=True), r(2, 3, 32, grad=True), r(32, grad=True)
     s, y = ops.add_rmsnorm(h, d, w, 1e-5)
-    (s.sum() + y.sum() + ops.swiglu(r(2, 3, 48, grad=True)).sum()).backward()
+    _, y16 = ops.add_rmsnorm(h, d, w, 1e-5, torch.bfloat16)  # y in autocast's dtype
+    (s.sum() + y.sum() + y16.float().sum() + ops.swiglu(r(2, 3, 48, grad=True)).sum()).backward()
 
 
 def mamba_decode_step():
@@ -142,6 +143,14 @@ def mamba_decode_step():
             for k, v in mamba_args(3, 24, 4, 4, 5, g).items()}
     with torch.no_grad():
         ops.mamba_inner(**args)
+
+
+def mamba_inner_train():
+    from test_triton_mamba_train import inputs
+
+    args = inputs(F32)
+    y, conv_state, ssm_state = ops.mamba_inner(args["xz"], None, *list(args.values())[1:])
+    (y.sum() + conv_state.sum() + ssm_state.sum()).backward()
 
 
 def rows_matmul():
@@ -176,6 +185,7 @@ def layernorm_inference():
     with torch.no_grad():
         ops.add_layernorm(r(2, 3, 32), r(2, 3, 32, dtype=torch.bfloat16), r(32), r(32), 1e-5)
         ops.add_layernorm(r(2, 3, 32), None, r(32), r(32), 1e-5)
+        ops.add_layernorm(r(2, 3, 32), None, r(32), r(32), 1e-5, torch.bfloat16)
 
 
 SCENARIOS = {
@@ -191,6 +201,7 @@ SCENARIOS = {
     "rope, training": rope_train,
     "add_rmsnorm and swiglu, training": norm_and_swiglu_train,
     "mamba decode step": mamba_decode_step,
+    "mamba mixer, training": mamba_inner_train,
     "attention over a positional cache": attention_with_caches,
     "rows matmul": rows_matmul,
     "choose tokens": choose,
@@ -208,6 +219,7 @@ TUNING = {
     "scan, time segments, inference": dict(scan=dict(sequential_min_segment=8,
                                                      sequential_segment_programs_per_sm=10**6)),
     "conv, two-pass backward, training": dict(conv=dict(fused_backward=False)),
+    "mamba mixer, training": dict(scan=dict(sequential_min_programs_per_sm=1)),
     # On a GPU only tabled shapes take the few-rows kernel (the others go to cuBLAS): table this one, split in two.
     "rows matmul": dict(linear=dict(tiles={(16, 40, 64): (32, 64, 4, 1, 2)})),
 }

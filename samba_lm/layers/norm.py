@@ -19,10 +19,11 @@ class RMSNorm(nn.Module):
     def reset_parameters(self):
         nn.init.ones_(self.weight)
 
-    def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, norm(s)) with s = h + delta (h when delta is None). The norm comes in the weight's dtype:
-        a bf16 model gets bf16; under autocast the next matmul casts."""
-        return add_rmsnorm(h, delta, self.weight, self.eps)
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) with s = h + delta (h when delta is None). The norm comes in `dtype`, by default
+        the weight's: a bf16 model gets bf16; a sub-layer under autocast asks for autocast's dtype."""
+        return add_rmsnorm(h, delta, self.weight, self.eps, dtype)
 
 
 class LayerNorm(nn.Module):
@@ -36,9 +37,10 @@ class LayerNorm(nn.Module):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
 
-    def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, layer_norm(s)) with s = h + delta, as RMSNorm.forward."""
-        return add_layernorm(h, delta, self.weight, self.bias, self.eps)
+        return add_layernorm(h, delta, self.weight, self.bias, self.eps, dtype)
 
 
 def build_norm(kind: str, dim: int, eps: float) -> nn.Module:

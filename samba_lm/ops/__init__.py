@@ -14,7 +14,7 @@ from .attention import attention, attention_reference, attention_with_cache, att
 from .conv import causal_conv1d, causal_conv1d_reference
 from .differential import differential_mix, differential_mix_reference
 from .dispatch import use_kernels
-from .linear import linear, linear_reference
+from .linear import autocast_dtype, linear, linear_reference
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .mamba import mamba_inner, mamba_inner_reference, mamba_inner_ungated
 from .norm import add_layernorm, add_layernorm_reference, add_rmsnorm, add_rmsnorm_reference
@@ -26,7 +26,7 @@ from .triton_common import interpreting
 from .tuning import tuned
 
 __all__ = ["add_layernorm", "add_layernorm_reference", "add_rmsnorm", "add_rmsnorm_reference", "attention",
-           "attention_reference", "attention_with_cache",
+           "attention_reference", "attention_with_cache", "autocast_dtype",
            "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
            "choose_tokens_reference", "differential_mix", "differential_mix_reference", "linear", "linear_reference",
            "linear_cross_entropy", "linear_cross_entropy_reference", "mamba_inner", "mamba_inner_reference",

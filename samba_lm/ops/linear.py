@@ -10,10 +10,20 @@ a kernel made for it (`triton_linear.py`) where it reads the weights faster than
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import check_float, check_projection
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts x to for a matmul, or None: autocast off on x's device, or x float64
+    (which autocast leaves alone)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def linear_reference(x, weight, bias=None):

@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from ._checks import check_projection, compute_dtype
+from .linear import autocast_dtype
 
 CHUNK_ELEMENTS = 2**26  # float32 logits per chunk: 256 MB
 REDUCTIONS = ("mean", "sum", "none")
@@ -51,10 +52,6 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def default_chunk_tokens(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
-
-
-def _autocasting(device: torch.device) -> bool:
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def _no_autocast(device: torch.device):
@@ -66,9 +63,7 @@ def _no_autocast(device: torch.device):
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype F.linear(x, weight) would compute in: autocast's (which leaves float64 alone), else x's."""
-    if _autocasting(x.device) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return autocast_dtype(x) or x.dtype
 
 
 def _rows_reference(logits, targets, scale, ignore_index):
@@ -204,7 +199,7 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, chunk_tokens=Non
     check_projection(op, x, weight, "[V, D]")
     if x.device != weight.device:
         raise ValueError(f"{op}: x is on {x.device} but weight on {weight.device}")
-    if x.dtype != weight.dtype and not _autocasting(x.device):
+    if x.dtype != weight.dtype and autocast_dtype(x) is None:
         raise ValueError(f"{op}: x ({x.dtype}) and weight ({weight.dtype}) must have one dtype outside autocast")
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
         got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__

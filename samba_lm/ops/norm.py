@@ -3,16 +3,18 @@ and residual add + LayerNorm (weight and bias: SambaY's norms), the same with y 
 
 Shapes (D model width; any leading dims, in the model [B, T, D]):
     h [..., D] (the residual stream: float32, float64 in a float64 model)   delta [..., D] or None
-    weight [D]   eps > 0
-    -> s [..., D] (h's dtype)   y [..., D] (weight's dtype)
+    weight [D]   eps > 0   out_dtype: y's dtype, or None for the weight's
+    -> s [..., D] (h's dtype)   y [..., D] (out_dtype)
 
     s = h + delta              (delta upcast to h's dtype; s = h when delta is None)
     y = s * rsqrt(mean(s^2) + eps) * weight
 
 s is added in h's dtype so the residual stream keeps its precision whatever the mixers' dtype (bf16
 under autocast); y is computed in float32 (float64 for float64) and rounded once to the weight's
-dtype, exactly as `layers.norm.RMSNorm` computes it. Returns (s, y): s is the next residual stream, y
-the normalised input of the next sub-layer.
+dtype (or out_dtype), exactly as `layers.norm.RMSNorm` computes it. Returns (s, y): s is the next
+residual stream, y the normalised input of the next sub-layer. Under autocast the model asks for y in
+autocast's dtype (`out_dtype`): the bits the next matmul would have cast it to, without an fp32 y
+written, read back and cast (and its gradient cast back) around every norm.
 
 `add_layernorm(h, delta, weight, bias, eps)` returns (s, y) with
     y = (s - mean(s)) * rsqrt(var(s) + eps) * weight + bias      (var: the biased variance)
@@ -29,21 +31,21 @@ from . import dispatch
 from ._checks import check_float, compute_dtype
 
 
-def add_rmsnorm_reference(h, delta, weight, eps):
+def add_rmsnorm_reference(h, delta, weight, eps, out_dtype=None):
     s = h if delta is None else h + delta.to(h.dtype)
     xf = s.to(compute_dtype(s.dtype))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return s, (y * weight.to(y.dtype)).to(weight.dtype)
+    return s, (y * weight.to(y.dtype)).to(out_dtype or weight.dtype)
 
 
-def add_layernorm_reference(h, delta, weight, bias, eps):
+def add_layernorm_reference(h, delta, weight, bias, eps, out_dtype=None):
     s = h if delta is None else h + delta.to(h.dtype)
     cdt = compute_dtype(s.dtype)
     y = torch.nn.functional.layer_norm(s.to(cdt), s.shape[-1:], weight.to(cdt), bias.to(cdt), eps)
-    return s, y.to(weight.dtype)
+    return s, y.to(out_dtype or weight.dtype)
 
 
-def _check_norm(op, h, delta, weight, eps):
+def _check_norm(op, h, delta, weight, eps, out_dtype):
     check_float(op, "h", h)
     if h.dim() == 0:
         raise ValueError(f"{op}: h must have layout [..., D], got a scalar")
@@ -51,6 +53,8 @@ def _check_norm(op, h, delta, weight, eps):
     check_float(op, "weight", weight, (h.shape[-1],))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"{op}: out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
 
 
 def _widest(*tensors):
@@ -61,20 +65,22 @@ def _widest(*tensors):
     return dtype
 
 
-def add_rmsnorm(h, delta, weight, eps):
-    """s = h + delta and y = RMSNorm(s) * weight (see module docstring); returns (s, y)."""
-    _check_norm("add_rmsnorm", h, delta, weight, eps)
+def add_rmsnorm(h, delta, weight, eps, out_dtype=None):
+    """s = h + delta and y = RMSNorm(s) * weight, y in out_dtype (default the weight's dtype; see module
+    docstring); returns (s, y)."""
+    _check_norm("add_rmsnorm", h, delta, weight, eps, out_dtype)
     fn = dispatch.resolve("add_rmsnorm", h.device, _widest(h, delta, weight))
-    return fn(h, delta, weight, eps)
+    return fn(h, delta, weight, eps, out_dtype)
 
 
-def add_layernorm(h, delta, weight, bias, eps):
-    """s = h + delta and y = LayerNorm(s) * weight + bias (see module docstring); returns (s, y)."""
+def add_layernorm(h, delta, weight, bias, eps, out_dtype=None):
+    """s = h + delta and y = LayerNorm(s) * weight + bias, y in out_dtype (default the weight's dtype);
+    returns (s, y)."""
     op = "add_layernorm"
-    _check_norm(op, h, delta, weight, eps)
+    _check_norm(op, h, delta, weight, eps, out_dtype)
     check_float(op, "bias", bias, (h.shape[-1],))
     fn = dispatch.resolve(op, h.device, _widest(h, delta, weight, bias))
-    return fn(h, delta, weight, bias, eps)
+    return fn(h, delta, weight, bias, eps, out_dtype)
 
 
 dispatch.register("add_rmsnorm", "reference", add_rmsnorm_reference)

@@ -23,3 +23,14 @@ def multiprocessors(device: torch.device) -> int:
 def row_stride(x: torch.Tensor) -> torch.Tensor:
     """The kernels take every stride but the last, which must be 1."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def output_rows(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """An output [B, T, E] for a kernel that addresses row (b, t) at (b T + t) times one row stride:
+    `out` if given (a half of a wider [B, T, 2E] gradient, say), else a new tensor like `like`."""
+    if out is None:
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    if out.shape != like.shape or out.stride(2) != 1 or out.stride(0) != out.shape[1] * out.stride(1):
+        raise ValueError(f"an output of shape {tuple(like.shape)} needs rows of one stride and unit channel "
+                         f"stride, got shape {tuple(out.shape)} strides {out.stride()}")
+    return out

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from . import tuning
 from .conv import slots_before_last_reset
+from .triton_common import output_rows
 
 
 @triton.jit
@@ -228,7 +229,7 @@ def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, dy_ptr, dpre_ptr
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(w_ptr, r_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E,
+def _conv_bwd_dx_kernel(w_ptr, r_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E, s_dxt,
                         K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_RESET: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per input tile, from -(K-1) (the state's slots) to T-1: dx_s = sum_j w_j dpre_{s+K-1-j}."""
@@ -255,7 +256,7 @@ def _conv_bwd_dx_kernel(w_ptr, r_ptr, dpre_ptr, dfinal_ptr, dx_ptr, ds_ptr, T, E
         dxcat += tl.load(dfinal_ptr + (b * E + e[None, :]) * (K - 1) + slot[:, None], mask=last[:, None] & em[None, :],
                          other=0.0).to(tl.float32)
     in_x = (s >= 0) & sm
-    tl.store(dx_ptr + (b * T + s[:, None]) * E + e[None, :], dxcat.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + (b * T + s[:, None]) * s_dxt + e[None, :], dxcat.to(dx_ptr.dtype.element_ty),
              mask=in_x[:, None] & em[None, :])
     if HAS_STATE:
         in_state = s < 0
@@ -290,7 +291,7 @@ def _bwd_step(x, dy, start, xwin, gwin, seen, w, bias, K: tl.constexpr, HAS_RESE
 
 @triton.jit
 def _conv_bwd_fused_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, dy_ptr, dfinal_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
-                           T, E, s_xb, s_xt, s_yb, s_yt, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           T, E, s_xb, s_xt, s_yb, s_yt, s_dxt, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_STATE: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_RESET: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, TILES: tl.constexpr):
     """Outputs t0 .. t1-1 (TILES blocks of BLOCK_T steps; the last program's reach T+K-2, where dpre is 0,
@@ -304,7 +305,8 @@ def _conv_bwd_fused_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, dy_ptr, dfinal_
     t1 = tl.minimum(t0 + TILES * BLOCK_T, T + K - 1)
     lo = t0 - (K - 1)  # this program's first input
     # The row's pointers at step 0 (the state's and the final state's at their slots for input 0).
-    x_row, dy_row, dx_row, r_row = x_ptr + b * s_xb + e, dy_ptr + b * s_yb + e, dx_ptr + b * T * E + e, r_ptr + b * T
+    x_row, dy_row, r_row = x_ptr + b * s_xb + e, dy_ptr + b * s_yb + e, r_ptr + b * T
+    dx_row = dx_ptr + b * T * s_dxt + e
     s_row = s_ptr + (b * E + e) * (K - 1) + K - 1
     ds_row, df_row = ds_ptr + (b * E + e) * (K - 1) + K - 1, dfinal_ptr + (b * E + e) * (K - 1) - (T - (K - 1))
     zero = tl.zeros([BLOCK_E], dtype=tl.float32)
@@ -350,7 +352,7 @@ def _conv_bwd_fused_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, r_ptr, dy_ptr, dfinal_
             sv = s + zi
             if HAS_DFINAL:  # the final state is the last K-1 inputs: its gradient lands on them directly
                 g += tl.load(df_row + s, mask=em & (sv >= T - (K - 1)) & (sv < T), other=0.0).to(tl.float32)
-            tl.store(dx_row + s * E, g.to(dx_ptr.dtype.element_ty), mask=em & (sv >= 0) & (sv < T))
+            tl.store(dx_row + s * s_dxt, g.to(dx_ptr.dtype.element_ty), mask=em & (sv >= 0) & (sv < T))
             if HAS_STATE:
                 tl.store(ds_row + s, g, mask=em & (sv < 0))
     part = (b * tl.num_programs(1) + pid_t) * E + e
@@ -437,9 +439,10 @@ def conv_forward(x, weight, bias, initial_state, reset):
     return y, final
 
 
-def conv_backward(dy, d_final, x, weight, bias, initial_state, reset):
+def conv_backward(dy, d_final, x, weight, bias, initial_state, reset, dx_out=None):
     """dx, d weight, d bias (partials per (row, time block) summed in a fixed order: deterministic) and
-    d initial_state, by the fused kernel or the two passes (`ConvTuning.fused_backward`)."""
+    d initial_state, by the fused kernel or the two passes (`ConvTuning.fused_backward`). dx_out: where
+    dx goes, x's shape with rows of any stride (the x half of in_proj's gradient, say)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     if d_final is not None and reset is not None:  # the final state's zeroed slots pass no gradient back
@@ -447,28 +450,29 @@ def conv_backward(dy, d_final, x, weight, bias, initial_state, reset):
     args = (dy, d_final.contiguous() if d_final is not None else None, x, weight.contiguous(), bias,
             initial_state.contiguous() if initial_state is not None else None, reset)
     t = tuning.current("conv")
-    return _backward_fused(t, *args) if t.fused_backward else _backward_two_pass(t, *args)
+    dx = output_rows(dx_out, x)
+    return _backward_fused(t, dx, *args) if t.fused_backward else _backward_two_pass(t, dx, *args)
 
 
-def _backward_fused(t, dy, d_final, x, weight, bias, initial_state, reset):
+def _backward_fused(t, dx, dy, d_final, x, weight, bias, initial_state, reset):
     batch, T, E = x.shape
     K = weight.shape[1]
     block_t, block_e, warps = t.fused_tile
     steps = block_t * t.fused_tiles_per_program
     n_e, n_p = triton.cdiv(E, block_e), triton.cdiv(T + K - 1, steps)  # outputs to T+K-2 complete the inputs
     f32 = dict(device=x.device, dtype=torch.float32)
-    dx, ds = torch.empty(batch, T, E, device=x.device, dtype=x.dtype), torch.empty(batch, E, K - 1, **f32)
+    ds = torch.empty(batch, E, K - 1, **f32)
     dw, db = torch.empty(batch, n_p, E, K, **f32), torch.empty(batch, n_p, E, **f32)
     _conv_bwd_fused_kernel[(n_e, n_p, batch)](
         x, weight, bias if bias is not None else dx, initial_state if initial_state is not None else dx,
         _flags(reset, dx), dy, d_final if d_final is not None else dx, dx, ds, dw, db, T, E,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), K=K, HAS_BIAS=bias is not None,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(1), K=K, HAS_BIAS=bias is not None,
         HAS_STATE=initial_state is not None, HAS_DFINAL=d_final is not None, HAS_RESET=reset is not None,
         BLOCK_T=block_t, BLOCK_E=block_e, TILES=t.fused_tiles_per_program, num_warps=warps)
     return dx, dw.sum((0, 1)), db.sum((0, 1)), ds
 
 
-def _backward_two_pass(t, dy, d_final, x, weight, bias, initial_state, reset):
+def _backward_two_pass(t, dx, dy, d_final, x, weight, bias, initial_state, reset):
     batch, T, E = x.shape
     K = weight.shape[1]
     block_t, block_e, warps = t.bwd_tile
@@ -483,10 +487,9 @@ def _backward_two_pass(t, dy, d_final, x, weight, bias, initial_state, reset):
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), K=K, HAS_BIAS=bias is not None,
         HAS_STATE=initial_state is not None, HAS_RESET=reset is not None,
         BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
-    dx = torch.empty(batch, T, E, device=x.device, dtype=x.dtype)
     ds = torch.empty(batch, E, K - 1, device=x.device, dtype=torch.float32)
     _conv_bwd_dx_kernel[(n_e, triton.cdiv(T + K - 1, block_t), batch)](
-        weight, flags, dpre, d_final if d_final is not None else dpre, dx, ds, T, E, K=K,
+        weight, flags, dpre, d_final if d_final is not None else dpre, dx, ds, T, E, dx.stride(1), K=K,
         HAS_STATE=initial_state is not None, HAS_DFINAL=d_final is not None, HAS_RESET=reset is not None,
         BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
     return dx, dw.sum((0, 1)), db.sum((0, 1)), ds

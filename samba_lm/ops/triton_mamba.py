@@ -18,7 +18,8 @@ samba-1.7b) is a long reduction over channels with few outputs: as a matmul it r
 rides along. dt_proj is a per-channel dot product (R terms), so it fuses into the scan step without
 any reduction across programs. One program per (channel block, row): a loop over rows inside a
 program, to reuse its weight tiles, serialised their loads (H200: the scan step at batch 64 went from
-22 to 76 us), and 16-row tl.dot tiles ran the conv step at 30 us at batch 1, against 4. Chunks (T > 1) and gradients take the reference's composition of the conv and scan ops. What
+22 to 76 us), and 16-row tl.dot tiles ran the conv step at 30 us at batch 1, against 4. Chunks (T > 1) take the reference's composition of the conv and scan ops, and so do gradients, but for
+calls from fresh streams (training), which `triton_mamba_train.py` runs. What
 the reference covers that this does not: float64, CPUs (except under TRITON_INTERPRET=1), T > 1.
 
 A row whose document starts at this token (reset, HAS_RESET) takes its conv and ssm states as zeros,
@@ -36,6 +37,7 @@ import triton.language as tl
 
 from . import tuning
 from .mamba import mamba_inner_reference
+from .triton_mamba_train import mamba_inner_train
 from .triton_scan import resets
 
 
@@ -221,6 +223,9 @@ def mamba_inner_triton(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_
                        conv_state=None, ssm_state=None, reset=None):
     params = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, conv_state, ssm_state)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    if needs_grad and positions is None and conv_state is None and ssm_state is None and xz.shape[1] > 0:
+        return mamba_inner_train(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+                                 reset)
     if not _decodes(xz, positions, conv_state, ssm_state, needs_grad):
         return mamba_inner_reference(xz, positions, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                                      dt_proj_bias, A_log, D, conv_state, ssm_state, reset)

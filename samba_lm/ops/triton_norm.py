@@ -94,15 +94,15 @@ def _warps(block: int) -> int:
     return min(16, max(1, block // 256))  # about 8 fp32 values per thread for wide rows
 
 
-def _forward_outputs(h, weight):
+def _forward_outputs(h, weight, out_dtype):
     """s, y [..., D] and rstd [...] (fp32): the launcher's outputs, also the fake implementation's."""
-    return (h.new_empty(h.shape), h.new_empty(h.shape, dtype=weight.dtype),
+    return (h.new_empty(h.shape), h.new_empty(h.shape, dtype=out_dtype or weight.dtype),
             h.new_empty(h.shape[:-1], dtype=torch.float32))
 
 
-def norm_forward(h, delta, weight, eps: float, bias=None):
+def norm_forward(h, delta, weight, eps: float, out_dtype=None, bias=None):
     """RMSNorm, or with a bias LayerNorm (its rstd is of the centred row)."""
-    s, y, rstd = _forward_outputs(h, weight)
+    s, y, rstd = _forward_outputs(h, weight, out_dtype)
     if s.numel() == 0:
         return s, y, rstd
     h3 = as_rows(h)
@@ -145,14 +145,14 @@ def norm_backward(dy, ds, s, rstd, weight, delta_dtype):
 
 
 @torch.library.custom_op("samba_lm::add_rmsnorm_fwd", mutates_args=())
-def _norm_fwd_op(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return norm_forward(h, delta, weight, eps)
+def _norm_fwd_op(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return norm_forward(h, delta, weight, eps, out_dtype)
 
 
 @_norm_fwd_op.register_fake
-def _(h, delta, weight, eps):
-    return _forward_outputs(h, weight)
+def _(h, delta, weight, eps, out_dtype):
+    return _forward_outputs(h, weight, out_dtype)
 
 
 @torch.library.custom_op("samba_lm::add_rmsnorm_bwd", mutates_args=())
@@ -167,7 +167,7 @@ def _(dy, ds, s, rstd, weight, delta_dtype):
 
 
 def _setup(ctx, inputs, output):
-    h, delta, weight, eps = inputs
+    h, delta, weight, eps, _ = inputs
     s, y, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(s, rstd, weight)
@@ -177,33 +177,33 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, ds, dy, drstd):
     s, rstd, weight = ctx.saved_tensors
     grads = _norm_bwd_op(dy, ds, s, rstd, weight, ctx.delta_dtype)
-    return grads[0], grads[1] if ctx.delta_dtype is not None else None, grads[-1], None
+    return grads[0], grads[1] if ctx.delta_dtype is not None else None, grads[-1], None, None
 
 
 torch.library.register_autograd("samba_lm::add_rmsnorm_fwd", _backward, setup_context=_setup)
 
 
-def add_rmsnorm_triton(h, delta, weight, eps):
+def add_rmsnorm_triton(h, delta, weight, eps, out_dtype=None):
     # With delta None the kernel copies h into s: a custom op's outputs may not alias its inputs.
-    s, y, _ = _norm_fwd_op(h, delta, weight, float(eps))
+    s, y, _ = _norm_fwd_op(h, delta, weight, float(eps), out_dtype)
     return s, y
 
 
 @torch.library.custom_op("samba_lm::add_layernorm", mutates_args=())
 def _layernorm_op(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s, y, _ = norm_forward(h, delta, weight, eps, bias)
+                  eps: float, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    s, y, _ = norm_forward(h, delta, weight, eps, out_dtype, bias)
     return s, y
 
 
 @_layernorm_op.register_fake
-def _(h, delta, weight, bias, eps):
-    return _forward_outputs(h, weight)[:2]
+def _(h, delta, weight, bias, eps, out_dtype):
+    return _forward_outputs(h, weight, out_dtype)[:2]
 
 
-def add_layernorm_triton(h, delta, weight, bias, eps):
+def add_layernorm_triton(h, delta, weight, bias, eps, out_dtype=None):
     """One kernel without gradients (a decode step: six launches a norm become one); with them the
     reference's composition, which torch.compile fuses."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, delta, weight, bias)):
-        return add_layernorm_reference(h, delta, weight, bias, eps)
-    return _layernorm_op(h, delta, weight, bias, float(eps))
+        return add_layernorm_reference(h, delta, weight, bias, eps, out_dtype)
+    return _layernorm_op(h, delta, weight, bias, float(eps), out_dtype)

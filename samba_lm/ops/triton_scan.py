@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .triton_common import interpreting, multiprocessors, row_stride
+from .triton_common import interpreting, multiprocessors, output_rows, row_stride
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -395,8 +395,8 @@ def _scan_bwd_seq_q_kernel(
 def _scan_bwd_seq_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, r_ptr, carry_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, h_ptr, qs_ptr, dts_ptr,
-    T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_Bn, s_Cn, zero,
-    SEGC, SEGS, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
+    T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_dzt, s_Bn, s_Cn,
+    zero, SEGC, SEGS, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
     HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
     WARP_SUMS: tl.constexpr,
 ):
@@ -482,7 +482,7 @@ def _scan_bwd_seq_kernel(
                 y_pre = tl.sum(h * Cv, axis=0)[None, :] + Dv * uu
                 sig = tl.sigmoid(zz)
                 dz = dyy * y_pre * sig * (1.0 + zz * (1.0 - sig))
-                tl.store(dz_ptr + (b * T + t) * E + e, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                tl.store(dz_ptr + (b * T + t) * s_dzt + e, dz.to(dz_ptr.dtype.element_ty), mask=m)
                 dyy = dyy * zz * sig
             g = dyy * Cv + q
             q = decay * g
@@ -523,7 +523,7 @@ def _scan_bwd_seq_kernel(
 def _scan_bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, r_ptr, carry_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr, g_ptr,
-    T, E, N, N_SUB, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt,
+    T, E, N, N_SUB, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_dzt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
     HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -594,7 +594,7 @@ def _scan_bwd_kernel(
                     y_pre += Dv[None, :] * uu
                 sig = tl.sigmoid(zz)
                 dz = dyy * y_pre * sig * (1.0 + zz * (1.0 - sig))
-                tl.store(dz_ptr + (b * T + t[:, None]) * E + e[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+                tl.store(dz_ptr + (b * T + t[:, None]) * s_dzt + e[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
                 dyy = dyy * zz * sig
             # g_t = dy'_t C_t + a_{t+1} g_{t+1}; the chunk's last step takes g of the next chunk's first.
             cc = dyy[:, :, None] * Ct[:, None, :]
@@ -856,10 +856,11 @@ def backward_path(batch: int, T: int, E: int, N: int, device) -> tuple[int, bool
     return _carry_steps(t, batch, E, N, T, device), _sequential_backward(t, batch, E, T, device)
 
 
-def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset=None, path=None):
+def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, reset=None, path=None, dz_out=None):
     """The gradients. `path`: the forward's `backward_path` (what autograd passes, since a backward may
     run where the forward's tuning is not seen); None: the current tuning's, which must agree with the
-    states saved. Tiles come from the current tuning either way."""
+    states saved. Tiles come from the current tuning either way. dz_out: where dz goes, z's shape with
+    rows of any stride (the z half of in_proj's gradient, say); a new tensor when None."""
     batch, T, E = u.shape
     N = A.shape[1]
     u, delta, B, C, dy = (row_stride(x) for x in (u, delta, B, C, dy))
@@ -881,7 +882,7 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, res
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
-    dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    dz = output_rows(dz_out, z) if z is not None else None
     if sequential:  # time segments of whole carry segments; their partial sums are added up below
         carry_segments = triton.cdiv(T, carry_t)
         per_segment = triton.cdiv(carry_segments, _segments(t, batch, E, T, u.device, training=True, backward=True))
@@ -899,7 +900,7 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, res
             du, ddelta, dz if dz is not None else dummy, dA, dD, dbias, dB, dC, dh0)
     strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
                C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-               dy.stride(0), dy.stride(1))
+               dy.stride(0), dy.stride(1), dz.stride(1) if dz is not None else 0)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_DHT=d_final is not None, HAS_RESET=reset is not None, BLOCK_N=block_n)
     if sequential:

@@ -26,8 +26,8 @@ from .triton_common import interpreting
 from .tuning import tuned
 
 __all__ = ["add_layernorm", "add_layernorm_reference", "add_rmsnorm", "add_rmsnorm_reference", "attention",
-           "attention_reference", "attention_with_cache", "autocast_dtype",
-           "attention_with_cache_reference", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
+           "attention_reference", "attention_with_cache",
+           "attention_with_cache_reference", "autocast_dtype", "causal_conv1d", "causal_conv1d_reference", "choose_tokens",
            "choose_tokens_reference", "differential_mix", "differential_mix_reference", "linear", "linear_reference",
            "linear_cross_entropy", "linear_cross_entropy_reference", "mamba_inner", "mamba_inner_reference",
            "mamba_inner_ungated", "qkv_rope", "qkv_rope_reference", "selective_scan", "selective_scan_reference",

@@ -71,3 +71,10 @@ def check_query_starts(op: str, name: str, t: torch.Tensor | None, q_pos: torch.
     if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool(((t > q_pos) & (q_pos >= 0)).any()):
         raise ValueError(f"{op}: {name} must be <= q_pos where q_pos >= 0 (a query's document starts at or "
                          f"before the query)")
+
+
+def check_query_width(op: str, heads: int, q_dim: int, k_dim: int):
+    """q's head dim: the keys', or half of it over an even number of heads (differential queries)."""
+    if q_dim != k_dim and (2 * q_dim != k_dim or heads % 2):
+        raise ValueError(f"{op}: q's head dim ({q_dim}) must be the keys' ({k_dim}), or half of it with an even "
+                         f"number of query heads (differential queries), got {heads} heads")

@@ -48,7 +48,8 @@ import math
 import torch
 
 from . import dispatch
-from ._checks import check_float, check_positions, check_query_starts, check_rank, compute_dtype
+from ._checks import (check_float, check_positions, check_query_starts, check_query_width, check_rank,
+                      compute_dtype)
 
 QUERY_BLOCK = 128
 
@@ -100,9 +101,7 @@ def _check_chunk(op, q, k, v, q_pos, window):
     check_float(op, "q", q)
     check_float(op, "k", k, (batch, T, Hkv, Dh))
     check_float(op, "v", v, (batch, T, Hkv, Dh))
-    if Dq != Dh and (2 * Dq != Dh or H % 2):
-        raise ValueError(f"{op}: q's head dim ({Dq}) must be the keys' ({Dh}), or half of it with an even number "
-                         f"of query heads (differential queries), got {H} heads")
+    check_query_width(op, H, Dq, Dh)
     if H % Hkv:
         raise ValueError(f"{op}: key/value heads ({Hkv}) must divide query heads ({H})")
     check_positions(op, "q_pos", q_pos, (batch, T))

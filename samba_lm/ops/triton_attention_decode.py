@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from ._checks import check_query_width
 from .triton_common import interpreting, multiprocessors, row_stride
 
 # ----------------------------------------------------------------------------- kernels
@@ -277,9 +278,7 @@ def _check_all(q, k, v, q_pos, window, k_prefix, v_prefix, prefix_pos, q_start=N
     Hkv, Dh = k.shape[2:]
     if Dh < 16 or Dh & (Dh - 1):
         raise ValueError(f"attention_decode: head dim Dh must be a power of two >= 16, got {Dh}")
-    if Dq != Dh and (2 * Dq != Dh or H % 2):
-        raise ValueError(f"attention_decode: q's head dim ({Dq}) must be the keys' ({Dh}), or half of it with an "
-                         f"even number of query heads (differential queries), got {H} heads")
+    check_query_width("attention_decode", H, Dq, Dh)
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"attention_decode: key/value heads ({Hkv}) must divide query heads ({H})")
     _check("k", k, (batch, 1, Hkv, Dh), q.dtype)

@@ -244,6 +244,9 @@ def sweep_segments():
     return results
 
 
+ONE_TARGET = (float("inf"), 0)  # the sweeps set backward_segment_programs_per_sm for every row count
+
+
 def sweep_training_segments():
     """Training with few rows (forward+backward): time segments, the backward's programs per SM
     targeted, against one walk and the chunked kernels, to place `training_segment_below_programs_per_sm`
@@ -255,8 +258,9 @@ def sweep_training_segments():
         configs = [("chunked", dict(sequential_min_programs_per_sm=10**9, training_segment_below_programs_per_sm=0)),
                    ("one walk", dict(sequential_min_programs_per_sm=0, training_segment_below_programs_per_sm=0))]
         configs += [(f"segments: backward {pps} programs/SM", dict(training_segment_below_programs_per_sm=10**6,
-                                                                  backward_segment_programs_per_sm=pps))
-                    for pps in (4, 8, 16, 32)]
+                                                                  backward_segment_programs_per_sm=pps,
+                                                                  backward_segment_programs_per_sm_above=ONE_TARGET))
+                    for pps in (4, 8, 16, 32, 64, 128)]
         for label, scan in configs:
             with ops.use_kernels("triton"), ops.tuned(scan=scan):
                 f = median_ms(lambda: ops.selective_scan(**args), rep=50)
@@ -303,7 +307,9 @@ def sweep_occupancy():
                                                sequential_segment_programs_per_sm=target,
                                                training_max_registers=(regs, 0)))[0]
                     fwd, fb = times(dict(training_segment_below_programs_per_sm=10**6,
-                                         backward_segment_programs_per_sm=target, training_max_registers=(0, regs)))
+                                         backward_segment_programs_per_sm=target,
+                                         backward_segment_programs_per_sm_above=ONE_TARGET,
+                                         training_max_registers=(0, regs)))
                     row["bwd_ms"] = fb - fwd
                 except Exception as err:  # out of resources
                     row["error"] = f"{type(err).__name__}: {err}"[:200]

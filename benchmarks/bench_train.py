@@ -323,7 +323,7 @@ def main():
                         """'{"d_model": 256}' for a small smoke run""")
     p.add_argument("--tuning", type=json_object, default={}, metavar="JSON",
                    help="kernel tuning over the defaults for every entry, as samba_lm.ops.tuned(**JSON) takes it, "
-                        """e.g. '{"scan": {"backward_segment_programs_per_sm": 20}}' (default: none)""")
+                        """e.g. '{"scan": {"backward_segment_programs_per_sm_above": [4, 20]}}' (default: none)""")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first; compiling happens here (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the tokens (default: 0)")

@@ -1,7 +1,8 @@
-"""The conv's walking kernels compiled for sm_90 on any machine (ptxas ships in the triton wheel): the
+"""The conv's walking kernels and the scan's step-at-a-time kernels compiled for sm_90 on any machine (ptxas ships in the triton wheel): the
 interpreter runs code the compiler rejects (a loop-carried tuple that changes length, say), so the CPU
 tests alone would not see it. The compiler needs the kernels as `triton.jit` makes them without
-TRITON_INTERPRET, so the compiling runs in a process of its own (this file as a script)."""
+TRITON_INTERPRET, so the compiling runs in a process of its own (this file as a script). The scan's L2
+prefetches and warp sums are PTX, which the interpreter skips: here they are compiled, as shipped."""
 
 import os
 import subprocess
@@ -42,14 +43,40 @@ def compile_conv_kernels(flags: bool):
                             BLOCK_T=bwd_t, BLOCK_E=bwd_e, TILES=4), bwd_w)
 
 
-@pytest.mark.parametrize("flags", [False, True], ids=["plain", "bias-state-dfinal-reset"])
-def test_conv_kernels_compile_for_hopper(flags):
+SCAN_INPUTS = ("u_ptr", "dl_ptr", "z_ptr", "dy_ptr", "du_ptr", "ddl_ptr", "dz_ptr", "y_ptr")  # bf16 in training
+
+
+def compile_scan_kernels(flags: bool):
+    """The step-at-a-time forward (both passes), the backward's PASS 1 and the backward, at the
+    shipped tiles and prefetch distance, with the PTX warp sums; every HAS_* flag set to `flags`."""
+    from samba_lm.ops import triton_scan
+
+    tuning = triton_scan.ScanTuning()
+    block_e, warps = tuning.sequential_forward
+    common = dict(N=16, BLOCK_N=16, BLOCK_E=block_e, HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, HAS_RESET=flags,
+                  HAS_H0=flags, HAS_DHT=flags, SAVE_CARRIES=True, CARRY_T=tuning.sequential_carry_t,
+                  STEPS=tuning.sequential_steps, WARP_SUMS=True)
+    kernels = [(triton_scan._scan_fwd_seq_kernel, dict(PASS=1, PREFETCH=tuning.prefetch_steps)),
+               (triton_scan._scan_fwd_seq_kernel, dict(PASS=2, PREFETCH=tuning.prefetch_steps)),
+               (triton_scan._scan_bwd_seq_q_kernel, dict(PREFETCH=tuning.prefetch_steps)),
+               (triton_scan._scan_bwd_seq_kernel, dict(PREFETCH=1))]
+    for fn, extra in kernels:
+        constexprs = {k: v for k, v in {**common, **extra}.items() if k in fn.arg_names}
+        signature = {a: ("*bf16" if a in SCAN_INPUTS else "*u8" if a == "r_ptr" else "*fp32") if a.endswith("_ptr")
+                     else "i32" for a in fn.arg_names if a not in constexprs}
+        compile_for_hopper(fn, signature, constexprs, warps)
+
+
+@pytest.mark.parametrize("kernels", ["conv", "scan"])
+@pytest.mark.parametrize("flags", [False, True], ids=["plain", "every-flag"])
+def test_kernels_compile_for_hopper(kernels, flags):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    done = subprocess.run([sys.executable, __file__, str(flags)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, __file__, kernels, str(flags)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
 if __name__ == "__main__":
-    compile_conv_kernels(sys.argv[1] == "True")
+    {"conv": compile_conv_kernels, "scan": compile_scan_kernels}[sys.argv[1]](sys.argv[2] == "True")

@@ -322,3 +322,29 @@ def test_pack_documents_trains_each_document_on_its_own():
     assert step(None) != pytest.approx(step(eos), rel=1e-6)
     with pytest.raises(ValueError, match="TrainConfig.pack"):
         TrainConfig(task="passkey", init_from="somewhere", pack="documents")
+
+
+@pytest.mark.parametrize("clip, scale", [(1.0, 10.0), (1.0, 1e-3), (0.0, 10.0)], ids=["clipped", "under", "no-clip"])
+def test_clip_folded_into_the_fused_step_equals_clip_grad_norm(clip, scale):
+    """clip_and_step hands the clip to the fused AdamW as its grad_scale: the same step as
+    clip_grad_norm_ then step, the same norm returned, and no grad_scale left on the optimizer."""
+    from samba_lm.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(m, 1e-2, 0.1, (0.9, 0.95), 1e-8, exempt_from_decay=True) for m in models]
+    x = torch.randn(16, 8)
+    for _ in range(2):
+        for m in models:
+            (m(x).pow(2).sum() * scale).backward()
+        folded = trainer_module.clip_and_step(models[0], optimizers[0], clip)
+        plain = torch.nn.utils.clip_grad_norm_(models[1].parameters(), clip or float("inf"))
+        optimizers[1].step()
+        assert torch.allclose(folded, plain)
+        assert not hasattr(optimizers[0], "grad_scale")
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+    assert folded > 1.0 if scale > 1 else folded < 1.0, "each case sits on its side of the clip"

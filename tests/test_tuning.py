@@ -142,3 +142,15 @@ def test_the_scan_backward_refuses_states_saved_under_other_tuning():
         y, _, carries = triton_scan.scan_forward(*x.values(), None, None, None, None, save_carries=True)
     with pytest.raises(RuntimeError, match="saved 3 states for 21 steps.*one every 16: run it under its forward's"):
         triton_scan.scan_backward(torch.ones_like(y), None, *x.values(), None, None, None, carries)
+
+
+@pytest.mark.parametrize("batch, E, segments", [(1, 4096, 33), (4, 4096, 9), (8, 3072, 11)])
+def test_the_backward_segments_aim_higher_with_many_rows(monkeypatch, batch, E, segments):
+    """Below `backward_segment_programs_per_sm_above`'s 4 programs per SM (rows x 32-channel blocks)
+    the backward's time segments aim at 32 programs per SM, from it at 64 (an H200's 132 SMs)."""
+    monkeypatch.setattr(triton_scan, "multiprocessors", lambda device: 132)
+    t = tuning.current("scan")
+    assert triton_scan._segments(t, batch, E, 4096, torch.device("cpu"), training=True, backward=True) == segments
+    with ops.tuned(scan=dict(backward_segment_programs_per_sm_above=(float("inf"), 0))):  # one target for all
+        assert triton_scan._segments(tuning.current("scan"), 8, 3072, 4096, torch.device("cpu"), training=True,
+                                     backward=True) == 6

@@ -38,12 +38,15 @@ Decode: a one-token call without gradients runs `_scan_step_kernel`, which reads
 state once, in place, and returns it as the final state.
 
 Backward, step at a time (when the forward is): one warp per (batch row, 32 channels) walks the
-`sequential_carry_t`-step segments last first. It recomputes a segment's states from the saved carry
-into a per-program scratch (16 KB, meant to stay in L2), then walks the segment in reverse carrying
-q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1} needs no shifted decay: one exponential per step and
-pass. Each step's dB and dC are summed over the warp's channels and written per program: with
-d_state 16, by a reduce-scatter in PTX (31 shuffles: lane l ends with the sum of value l of the 32)
-where `tl.sum` would reduce each of the 32 values over the lanes (160 shuffles).
+`sequential_carry_t`-step segments last first. It recomputes a segment's states and dt from the saved
+carry into a per-program scratch (17 KB, meant to stay in L2), then walks the segment in reverse
+carrying q_t = a_t g_t, so g_t = dy'_t C_t + q_{t+1} needs no shifted decay: one exponential per
+step and pass, and no second softplus. While it walks, it asks L2 for the next segment's carry and
+inputs (`prefetch.global.L2`), which the recompute would otherwise wait for from DRAM; the forward
+and the backward's PASS 1 ask `prefetch_steps` ahead. Each step's dB and dC are summed over the
+warp's channels and written per program: with d_state 16, by a reduce-scatter in PTX (31 shuffles:
+lane l ends with the sum of value l of the 32) where `tl.sum` would reduce each of the 32 values
+over the lanes (160 shuffles).
 
 Backward, chunked: one program per (batch row, superblock of channels) walks the chunks in reverse;
 inside a chunk it visits the superblock's channel blocks, recomputes the chunk's states from the saved
@@ -81,6 +84,7 @@ from .triton_common import interpreting, multiprocessors, output_rows, row_strid
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _reduce_scatter_ptx(n: int) -> str:
@@ -198,6 +202,33 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _prefetch(ptrs, ON: tl.constexpr):
+    """Asks L2 for the lines holding ptrs, without waiting or a register: a load of them some steps
+    later then hits L2 instead of waiting on DRAM. The addresses must be in bounds (callers clamp).
+    ON false (the interpreter runs no PTX): nothing."""
+    if ON:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _seq_prefetch(u_ptr, dl_ptr, z_ptr, dy_ptr, b, t, T, e, E, s_ub, s_ut, s_db, s_dt, s_zb, s_zt, s_yb, s_yt,
+                  HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_DY: tl.constexpr, ON: tl.constexpr):
+    """Step t's per-channel inputs asked of L2 (delta, and u, z, dy as the flags say), t clamped into
+    [0, T) and the channels into [0, E): the step-at-a-time kernels ask some steps ahead of their loads."""
+    if ON:
+        t = tl.minimum(tl.maximum(t, 0), T - 1)
+        e = tl.minimum(e, E - 1)
+        _prefetch(dl_ptr + b * s_db + t * s_dt + e, ON)
+        if HAS_U:
+            _prefetch(u_ptr + b * s_ub + t * s_ut + e, ON)
+        if HAS_Z:
+            _prefetch(z_ptr + b * s_zb + t * s_zt + e, ON)
+        if HAS_DY:
+            _prefetch(dy_ptr + b * s_yb + t * s_yt + e, ON)
+
+
+@triton.jit
 def _seq_channels(A_ptr, D_ptr, bias_ptr, pid, E, N: tl.constexpr, zero, HAS_D: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program `pid`'s channels e [1, E] and states n [N, 1], their masks, [N, E]-major offsets (see
@@ -263,7 +294,7 @@ def _scan_fwd_seq_kernel(
     dts_ptr, T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_Bn, s_Cn, zero,
     SEG, SEGS, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_RESET: tl.constexpr, SAVE_CARRIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-    CARRY_T: tl.constexpr, STEPS: tl.constexpr, PASS: tl.constexpr,
+    CARRY_T: tl.constexpr, STEPS: tl.constexpr, PASS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One step at a time: a thread owns one channel and its N states in registers, so the state
     update and the C.h sum never leave the thread. The loop takes STEPS (1 or 2) steps per iteration
@@ -302,6 +333,9 @@ def _scan_fwd_seq_kernel(
                                            s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn, s_zb, s_zt,
                                            HAS_Z, HAS_RESET)
     for t in range(t_begin, t_end, STEPS):
+        for k in tl.static_range(STEPS if PREFETCH > 0 else 0):  # L2 gets the inputs PREFETCH steps ahead
+            _seq_prefetch(u_ptr, dl_ptr, z_ptr, u_ptr, b, t + PREFETCH + k, T, e, E, s_ub, s_ut, s_db, s_dt,
+                          s_zb, s_zt, 0, 0, True, HAS_Z, False, True)
         if SAVE_CARRIES:
             if t % CARRY_T == 0:  # CARRY_T is a multiple of STEPS, SEG of CARRY_T
                 tl.store(carry_ptr + (b * tl.cdiv(T, CARRY_T) + t // CARRY_T) * E * N + ne_offs, h, mask=ne)
@@ -354,7 +388,7 @@ def _scan_bwd_seq_q_kernel(
     dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, r_ptr, dy_ptr, qs_ptr, dts_ptr, T, E, N: tl.constexpr,
     s_db, s_dt, s_Cb, s_Ct, s_Cn, s_zb, s_zt, s_yb, s_yt, zero, SEG, SEGS,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """PASS 1 of the backward in time segments, for segment s >= 1: the walk in reverse from a zero
     state gradient, q_t = a_t (dy'_t C_t + q_{t+1}), keeping q at the segment's first step and its sum
@@ -373,6 +407,8 @@ def _scan_bwd_seq_q_kernel(
     nxt = _q_load(dl_ptr, C_ptr, z_ptr, dy_ptr, r_ptr, b, t_end - 1, T, e, n, em, nm, s_db, s_dt, s_Cb, s_Ct, s_Cn,
                   s_zb, s_zt, s_yb, s_yt, HAS_Z, HAS_RESET)
     for i in range(0, t_end - t_begin):
+        _seq_prefetch(dl_ptr, dl_ptr, z_ptr, dy_ptr, b, t_end - 1 - i - PREFETCH, T, e, E, 0, 0, s_db, s_dt, s_zb,
+                      s_zt, s_yb, s_yt, False, HAS_Z, True, PREFETCH > 0)
         raw, dyy, zz, Cv, rr = nxt
         # the earlier step's inputs load during this one (the segment's first step loads itself again)
         nxt = _q_load(dl_ptr, C_ptr, z_ptr, dy_ptr, r_ptr, b, tl.maximum(t_end - 2 - i, t_begin), T, e, n, em, nm,
@@ -398,7 +434,7 @@ def _scan_bwd_seq_kernel(
     T, E, N: tl.constexpr, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zt, s_yb, s_yt, s_dzt, s_Bn, s_Cn,
     zero, SEGC, SEGS, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
     HAS_RESET: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_T: tl.constexpr,
-    WARP_SUMS: tl.constexpr,
+    WARP_SUMS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """The step-at-a-time backward: a thread owns one channel's N states. Each CARRY_T-step segment,
     last first, is recomputed forward from its saved carry (states parked in a per-program scratch
@@ -428,8 +464,10 @@ def _scan_bwd_seq_kernel(
     dA_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dD_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
     db_acc = tl.zeros([1, BLOCK_E], dtype=tl.float32)
-    scratch = (h_ptr + (row * n_prog + pid) * CARRY_T * BLOCK_N * BLOCK_E + n * BLOCK_E
-               + tl.arange(0, BLOCK_E)[None, :] + zero)
+    # The scratch holds a carry segment's states and its dt: per step N + 1 rows of the program's channels.
+    per_step: tl.constexpr = (BLOCK_N + 1) * BLOCK_E
+    scratch = h_ptr + (row * n_prog + pid) * CARRY_T * per_step + n * BLOCK_E + tl.arange(0, BLOCK_E)[None, :] + zero
+    dt_scratch = h_ptr + (row * n_prog + pid) * CARRY_T * per_step + BLOCK_N * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
     n_seg = tl.cdiv(T, CARRY_T)
     seg_end = tl.minimum(n_seg, (s + 1) * SEGC)
     for i in range(0, seg_end - s * SEGC):
@@ -450,29 +488,37 @@ def _scan_bwd_seq_kernel(
             if HAS_RESET:
                 h = tl.where(rr, 0.0, h)
             h = tl.exp2(dt * A2) * h + (dt * uu) * Bv
-            tl.store(scratch + j * BLOCK_N * BLOCK_E, h)
-        # Walk it in reverse, again loading the next (earlier) step's inputs during this one.
+            tl.store(scratch + j * per_step, h)
+            tl.store(dt_scratch + j * per_step, dt)  # the reverse walk reads it, no second softplus
+        # Walk it in reverse, again loading the next (earlier) step's inputs during this one, and
+        # asking L2 for the next segment's carry and inputs (their loads would wait on DRAM).
+        if PREFETCH:
+            ne_in = n * E + tl.minimum(e, E - 1) + zero
+            _prefetch(carry_ptr + (b * n_seg + tl.maximum(seg - 1, 0)) * E * N + ne_in, True)
         t1 = t0 + CARRY_T - 1
         u_n, raw_n, z_n, B_n, C_n, r_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t1, T, e, n, em,
                                                    nm, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct, s_Cn,
                                                    s_zb, s_zt, HAS_Z, HAS_RESET)
         dy_n = tl.load(dy_ptr + b * s_yb + tl.minimum(t1, T - 1) * s_yt + e, mask=em, other=0.0)
-        h_n = tl.load(scratch + (CARRY_T - 1) * BLOCK_N * BLOCK_E)
+        h_n = tl.load(scratch + (CARRY_T - 1) * per_step)
+        dt_n = tl.load(dt_scratch + (CARRY_T - 1) * per_step)
         for jj in range(0, CARRY_T):
             j = CARRY_T - 1 - jj
             t = t0 + j
             ok = (zero_e + t) < T
             m = em & ok
-            uu, raw, Bv, Cv, rr, h = u_n.to(tl.float32), raw_n.to(tl.float32) + bias, B_n, C_n, r_n, h_n
+            uu, raw, Bv, Cv, rr, h, dt = u_n.to(tl.float32), raw_n.to(tl.float32) + bias, B_n, C_n, r_n, h_n, dt_n
             dyy = tl.where(ok, dy_n.to(tl.float32), 0.0)
             zz = z_n.to(tl.float32)
+            _seq_prefetch(u_ptr, dl_ptr, z_ptr, dy_ptr, b, t - CARRY_T, T, e, E, s_ub, s_ut, s_db, s_dt, s_zb, s_zt,
+                          s_yb, s_yt, True, HAS_Z, True, PREFETCH)
             jp = tl.maximum(j - 1, 0)  # the segment's first step loads itself again, unused
             u_n, raw_n, z_n, B_n, C_n, r_n = _seq_load(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, r_ptr, b, t0 + jp, T, e, n,
                                                        em, nm, s_ub, s_ut, s_db, s_dt, s_Bb, s_Bt, s_Bn, s_Cb, s_Ct,
                                                        s_Cn, s_zb, s_zt, HAS_Z, HAS_RESET)
             dy_n = tl.load(dy_ptr + b * s_yb + tl.minimum(t0 + jp, T - 1) * s_yt + e, mask=em, other=0.0)
-            h_n = tl.load(scratch + jp * BLOCK_N * BLOCK_E)
-            dt = tl.where(ok, _softplus(raw), 0.0)
+            h_n = tl.load(scratch + jp * per_step)
+            dt_n = tl.load(dt_scratch + jp * per_step)
             decay = tl.exp2(dt * A2)
             if HAS_RESET:
                 decay = tl.where(rr, 0.0, decay)
@@ -490,7 +536,7 @@ def _scan_bwd_seq_kernel(
             if HAS_RESET:  # exactly 0, where an FMA would leave the rounding of b_t
                 g_ah = tl.where(rr, 0.0, g_ah)
             d_dtu = tl.sum(g * Bv, axis=0)[None, :]
-            ddt = d_dtu * uu + tl.sum(g_ah * A, axis=0)[None, :]
+            ddt = d_dtu * uu + tl.sum(g_ah * A2, axis=0)[None, :] * LN2  # A2's registers serve: A itself is dead
             dA_acc += g_ah * dt
             ddl = tl.where(ok, ddt * tl.sigmoid(raw), 0.0)
             db_acc += ddl
@@ -699,7 +745,7 @@ class ScanTuning(tuning.Tuning):
     """The step-at-a-time backward after a step-at-a-time forward; off: the chunked one (tests, sweep)."""
     sequential_carry_t: int = 8
     """Steps between saved states when both step-at-a-time kernels run: the backward's scratch (8 x N
-    x 32 fp32, 16 KB per program) then stays in L2. H100, B=8 L=4096, kernels alone: fwd+bwd 8.15 ms
+    x 32 fp32 and dt, 17 KB per program) then stays in L2. H100, B=8 L=4096, kernels alone: fwd+bwd 8.15 ms
     against 9.87 ms with 16 steps, for twice the carries memory (4 N E bytes per 8 steps: 1.07 GB per
     layer there)."""
     sequential_segment_programs_per_sm: int = 32
@@ -718,11 +764,23 @@ class ScanTuning(tuning.Tuning):
     8.10), one walk at 7.8."""
     backward_segment_programs_per_sm: int = 32
     """The backward's time segments, until rows x channel blocks x segments reach this many programs
-    per SM. H200, L=4096, forward+backward, bench_scan.py --sweep-training-segments, 4 / 8 / 16 / 32
+    per SM (or `backward_segment_programs_per_sm_above`'s). H200, L=4096, forward+backward, bench_scan.py --sweep-training-segments, 4 / 8 / 16 / 32
     programs per SM against one walk: B1 E4096 2.03 / 1.93 / 2.07 / 1.59 ms against 6.68 (chunked
     6.17); B2 E4096 3.40 / 3.46 / 3.00 / 2.74 against 6.87; B4 E4096 and B8 E2048 (3.9 programs per
     SM) 5.46 / 5.93 / 5.38 / 5.24 against 7.24; B8 E3072 (5.8) 8.04 / 8.83 / 8.54 / 7.75 against
-    8.15; B8 E4096 (7.8, above the threshold) 9.13 / 9.95 / 9.64 / 9.80 against 8.62."""
+    8.15; B8 E4096 (7.8, above the threshold) 9.13 / 9.95 / 9.64 / 9.80 against 8.62. With the L2
+    prefetches and dt in the scratch (H200, 2026-12-03, bench_scan's fwd_bwd under do_bench): B8
+    E3072 16 / 32 / 64 7.90 / 7.25 / 6.92 ms, one walk 7.66 (one call), and in a later call 32 / 64
+    7.25 / 6.97 at B8 E3072 but 1.78 / 2.18 at B1 E4096: hence the target below for many rows."""
+    backward_segment_programs_per_sm_above: tuple[float, int] = (4.0, 64)
+    """(rows x channel blocks per SM, target): from that many programs per SM (samba-421m's B8 E3072
+    has 5.8), the backward's segments aim at this many programs per SM instead; the measurements
+    above. Below it (B1, B2, B4 at d_inner 4096) the target stays where it was measured best."""
+    prefetch_steps: int = 8
+    """How many steps ahead the step-at-a-time kernels ask L2 for their per-channel inputs (0: never):
+    the forward and the backward's PASS 1 that many steps ahead, the backward one carry segment
+    ahead (its states' recompute reads u and delta first, and would wait on DRAM: Nsight Compute,
+    H200, B8 E3072, a third of the backward's stalls were such waits)."""
     training_max_registers: tuple[int, int] = (0, 0)
     """Registers per thread the step-at-a-time training kernels may use, (forward, backward); 0: the
     compiler's choice. Fewer registers would let more one-warp programs share an SM, and these kernels
@@ -779,6 +837,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
         ends = torch.empty(batch, segments, N, E, device=u.device, dtype=torch.float32)
         dts = torch.empty(batch, segments, E, device=u.device, dtype=torch.float32)
         launch = dict(BLOCK_E=seq_e, CARRY_T=carry_t, STEPS=t.sequential_steps, num_warps=seq_warps,
+                      PREFETCH=_prefetch_steps(t),
                       **_max_registers(t.training_max_registers[0] if save_carries else 0))
         tail = (B.stride(2), C.stride(2), 0, seg, segments)
         programs = (batch, triton.cdiv(E, seq_e))
@@ -792,6 +851,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, save_carrie
         _scan_fwd_kernel[(batch, triton.cdiv(E, block_e))](
             *args, *strides, **flags, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=warps)
     return y, final, carries
+
+
+def _prefetch_steps(t: ScanTuning) -> int:
+    """The tuning's prefetch distance, or 0 in the interpreter (which runs no PTX)."""
+    return 0 if interpreting() else t.prefetch_steps
 
 
 def _max_registers(n: int) -> dict:
@@ -831,7 +895,10 @@ def _segments(t: ScanTuning, batch: int, E: int, T: int, device, training: bool 
     below = t.training_segment_below_programs_per_sm if training else t.segment_below_programs_per_sm
     if programs >= below * sms or (training and not t.sequential_backward):
         return 1
-    target = t.backward_segment_programs_per_sm if backward else t.sequential_segment_programs_per_sm
+    target = t.sequential_segment_programs_per_sm
+    if backward:
+        many, target_many = t.backward_segment_programs_per_sm_above
+        target = target_many if programs >= many * sms else t.backward_segment_programs_per_sm
     return max(1, min(triton.cdiv(target * sms, programs), T // t.sequential_min_segment))
 
 
@@ -904,7 +971,7 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, res
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_DHT=d_final is not None, HAS_RESET=reset is not None, BLOCK_N=block_n)
     if sequential:
-        scratch = torch.empty(batch * segments, n_sb, carry_t, block_n, seq_e, **f32)  # a carry segment's states
+        scratch = torch.empty(batch * segments, n_sb, carry_t, block_n + 1, seq_e, **f32)  # a carry segment's states, dt
         qs = torch.empty(batch, segments, N, E, **f32)  # PASS 1: each segment's state gradient, and sum of dt
         dts = torch.empty(batch, segments, E, **f32)
         tile = dict(BLOCK_E=seq_e, num_warps=seq_warps, **_max_registers(t.training_max_registers[1]))
@@ -914,11 +981,12 @@ def scan_backward(dy, d_final, u, delta, A, B, C, D, z, delta_bias, carries, res
                 delta_bias if delta_bias is not None else dummy, resets(reset, dummy), dy, qs, dts, T, E, N,
                 delta.stride(0), delta.stride(1), C.stride(0), C.stride(1), C.stride(2), strides[8], strides[9],
                 dy.stride(0), dy.stride(1), 0, per_segment * carry_t, segments, HAS_Z=z is not None,
-                HAS_BIAS=delta_bias is not None, HAS_RESET=reset is not None, BLOCK_N=block_n, **tile)
+                HAS_BIAS=delta_bias is not None, HAS_RESET=reset is not None, BLOCK_N=block_n,
+                PREFETCH=_prefetch_steps(t), **tile)
         warp_sums = block_n == 16 and seq_e == 32 and seq_warps == 1 and not interpreting()
         _scan_bwd_seq_kernel[(batch, n_sb, segments)](
             *args, scratch, qs, dts, T, E, N, *strides, B.stride(2), C.stride(2), 0, per_segment, segments,
-            **flags, CARRY_T=carry_t, WARP_SUMS=warp_sums, **tile)
+            **flags, CARRY_T=carry_t, WARP_SUMS=warp_sums, PREFETCH=int(_prefetch_steps(t) > 0), **tile)
         dA, dh0 = dA.transpose(1, 2).contiguous(), dh0.transpose(1, 2).contiguous()
     else:
         g = torch.empty(batch, E, N, **f32)  # the reverse scan's carry between chunks

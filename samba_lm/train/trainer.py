@@ -283,11 +283,27 @@ def train_step(model, optimizer, loader, micro, accum, autocast, env, clip, eos=
             loss = model(inputs, labels=block[:, 1:], document_ids=_documents(inputs, eos)).loss / accum
             loss.backward()
         total += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
+    grad_norm = clip_and_step(model, optimizer, clip)
     optimizer.zero_grad(set_to_none=True)
     return D.mean_across_ranks(total).item(), grad_norm.item()
+
+
+def clip_and_step(model, optimizer, clip: float) -> torch.Tensor:
+    """clip_grad_norm_ (clip 0: none) and the optimizer's step; returns the gradients' norm before
+    clipping. The fused AdamW scales the gradients as it reads them (GradScaler's protocol: it divides
+    them by `optimizer.grad_scale`), so the clipping makes no pass over them of its own; FSDP2's
+    DTensor gradients take the plain clip."""
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    sharded = hasattr(grad_norm, "full_tensor")
+    if clip and sharded:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, grad_norm)
+    elif clip:  # clip_grad_norm_'s factor min(1, clip / (norm + 1e-6)), as a divisor
+        optimizer.grad_scale = torch.clamp((grad_norm + 1e-6) / clip, min=1.0)
+    try:
+        optimizer.step()
+    finally:
+        optimizer.__dict__.pop("grad_scale", None)
+    return grad_norm.full_tensor() if sharded else grad_norm
 
 
 @torch.no_grad()

@@ -219,13 +219,13 @@ def _seq_prefetch(u_ptr, dl_ptr, z_ptr, dy_ptr, b, t, T, e, E, s_ub, s_ut, s_db,
     if ON:
         t = tl.minimum(tl.maximum(t, 0), T - 1)
         e = tl.minimum(e, E - 1)
-        _prefetch(dl_ptr + b * s_db + t * s_dt + e, ON)
+        _prefetch(dl_ptr + b * s_db + t * s_dt + e, True)
         if HAS_U:
-            _prefetch(u_ptr + b * s_ub + t * s_ut + e, ON)
+            _prefetch(u_ptr + b * s_ub + t * s_ut + e, True)
         if HAS_Z:
-            _prefetch(z_ptr + b * s_zb + t * s_zt + e, ON)
+            _prefetch(z_ptr + b * s_zb + t * s_zt + e, True)
         if HAS_DY:
-            _prefetch(dy_ptr + b * s_yb + t * s_yt + e, ON)
+            _prefetch(dy_ptr + b * s_yb + t * s_yt + e, True)
 
 
 @triton.jit

@@ -72,7 +72,10 @@ def scan_inputs(batch, L, dtype=torch.bfloat16, E=E):
 def fwd_bwd(fn, args, grads):
     leaves = {k: v.requires_grad_(True) if k in grads else v for k, v in args.items()}
 
-    def go():
+    def go():  # each call's own gradients: none added into the last call's (a pass over every input)
+        for v in leaves.values():
+            if torch.is_tensor(v):
+                v.grad = None
         y = fn(**leaves)
         y = y[0] if isinstance(y, tuple) else y
         if y.shape not in dy_cache:  # one upstream gradient per shape, made outside the timed calls' work

@@ -15,7 +15,9 @@ at llama2-438m's shape: the same autocast, fused AdamW with the same hyperparame
 labels, backward, clip, step; compiled, the whole model under torch.compile. The data: seeded random
 tokens, the same for every entry of one vocabulary.
 
-Per entry: --warmup steps, then --steps timed steps (torch.cuda.synchronize around each), the median:
+Per entry: --warmup steps, then --steps timed steps, the median. Steps run as the trainer runs them:
+on a GPU each step's loss is read once the next step is queued, and a step's time runs from the
+previous step's read (or its own start, if later) to its own read:
 tokens/s of the global batch (--batch-size sequences of --seq-len tokens), model TFLOP/s
 (3 x `samba_lm.flops.flops_per_token`; recomputation under --activation-checkpointing not counted),
 MFU against the dense matmul rate measured in the same run (bf16 on a GPU, fp32 on a CPU), peak memory
@@ -51,7 +53,7 @@ from samba_lm.options import first_line, json_object  # noqa: E402
 from samba_lm.train import distributed as D  # noqa: E402
 from samba_lm.train.config import TrainConfig  # noqa: E402
 from samba_lm.train.optim import build_optimizer, lr_at  # noqa: E402
-from samba_lm.train.trainer import _autocast, batch_plan, build_model, train_step  # noqa: E402
+from samba_lm.train.trainer import HostCopy, _autocast, batch_plan, build_model, train_step  # noqa: E402
 
 HF = "hf-llama"
 HF_SHAPE = "llama2-438m"  # the preset whose shape hf-llama takes
@@ -174,7 +176,7 @@ def hf_entry(compiled, args, env):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total.item()
+        return total
 
     return step, optimizer, shape, n_params, micro, accum
 
@@ -192,20 +194,32 @@ def run_entry(name, mode, args, env, matmul) -> dict:
     print(f"== {name} {mode}: {n_params / 1e6:.1f}M parameters, micro {micro} x accumulation {accum} x "
           f"{args.seq_len} tokens", flush=True)
     lr_cfg, total = TrainConfig(), args.warmup + args.steps  # the trainer's schedule over this many steps
-    losses, times = [], []
+    losses, times, pending, read_at = [], [], None, -math.inf
+
+    def read(pending, read_at):  # as the trainer reads a step: once the next one is queued
+        i, loss, started = pending
+        losses.append(loss.get()[0])
+        now = time.perf_counter()
+        times.append(now - max(started, read_at))
+        print(f"  step {i + 1}/{total}{' (warmup)' if i < args.warmup else ''}: {times[-1]:.3f} s, "
+              f"loss {losses[-1]:.4f}", flush=True)
+        return now
+
     for i in range(total):
         if i == args.warmup and env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         lr = lr_at(i, total, lr_cfg.lr, round(lr_cfg.warmup_fraction * total), lr_cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sync(env.device)
-        t0 = time.perf_counter()
-        losses.append(step())
-        sync(env.device)
-        times.append(time.perf_counter() - t0)
-        print(f"  step {i + 1}/{total}{' (warmup)' if i < args.warmup else ''}: {times[-1]:.3f} s, "
-              f"loss {losses[-1]:.4f}", flush=True)
+        started = time.perf_counter()
+        loss = HostCopy(step())
+        if pending is not None:
+            read_at = read(pending, read_at)
+        pending = i, loss, started
+        if not loss.in_flight:  # a CPU step is done when it returns
+            read_at, pending = read(pending, read_at), None
+    if pending is not None:
+        read(pending, read_at)
     if args.profile:
         profile_step(step, env.device, Path(args.out).with_name(f"{Path(args.out).stem}_{name}_{mode}_profile.txt"))
     timed = times[args.warmup:]

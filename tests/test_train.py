@@ -85,6 +85,32 @@ def test_resume_after_a_crash_gives_the_same_losses(corpus, tmp_path, monkeypatc
     assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")  # bit-exact, step for step
 
 
+def test_a_step_is_read_once_the_next_is_queued_but_before_a_save_or_eval(corpus, tmp_path, monkeypatch):
+    """On a GPU the trainer waits on a step's numbers only after queueing the next step (the GPU never
+    idles while the host starts one); a step that saves or evaluates is read before the next one runs."""
+    events, real_step = [], trainer_module.train_step
+
+    class LoggedCopy(trainer_module.HostCopy):  # reading a step's numbers is the wait on the device
+        def __init__(self, *values):
+            super().__init__(*values)
+            self.in_flight = True  # as on a GPU
+
+        def get(self):
+            events.append(("read", len([e for e in events if e[0] == "read"]) + 1))
+            return super().get()
+
+    def logged_step(*a, **k):
+        events.append(("queue", len([e for e in events if e[0] == "queue"]) + 1))
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(trainer_module, "HostCopy", LoggedCopy)
+    monkeypatch.setattr(trainer_module, "train_step", logged_step)
+    train(small_run(corpus, tmp_path, steps=5, save_every=3, eval_every=100))
+    assert events == [("queue", 1), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("read", 3),
+                     ("queue", 4), ("queue", 5), ("read", 4), ("read", 5)]  # saves at 3 and 5 (the end)
+    assert len(losses(tmp_path)) == 5
+
+
 def test_activation_checkpointing_gives_the_same_run(corpus, tmp_path, capsys):
     """Bit-exact: the recompute in the backward is the forward's own computation, deterministic on a CPU."""
     train(small_run(corpus, tmp_path / "plain", micro_batch_size=2))
@@ -311,7 +337,7 @@ def test_pack_documents_trains_each_document_on_its_own():
 
     def step(eos):  # no autocast (float64), no clipping
         return trainer_module.train_step(model, optimizer, FixedBlocks(block), 1, 1, contextlib.nullcontext, env, 0.0,
-                                         eos)[0]
+                                         eos)[0].item()
 
     ends = [i + 1 for i, t in enumerate(inputs.tolist()) if t == eos]
     bounds = [0] + ends + [len(inputs)]

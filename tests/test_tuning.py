@@ -154,3 +154,14 @@ def test_the_backward_segments_aim_higher_with_many_rows(monkeypatch, batch, E, 
     with ops.tuned(scan=dict(backward_segment_programs_per_sm_above=(float("inf"), 0))):  # one target for all
         assert triton_scan._segments(tuning.current("scan"), 8, 3072, 4096, torch.device("cpu"), training=True,
                                      backward=True) == 6
+
+
+@pytest.mark.parametrize("batch, E, segments", [(1, 4096, 33), (2, 4096, 17), (8, 3072, 2)])
+def test_the_training_forward_splits_time_less_with_many_rows(monkeypatch, batch, E, segments):
+    """Below `forward_segment_programs_per_sm_above`'s 4 programs per SM a training forward's segments
+    aim at the inference forward's 32 programs per SM, from it at 8 (an H200's 132 SMs)."""
+    monkeypatch.setattr(triton_scan, "multiprocessors", lambda device: 132)
+    t = tuning.current("scan")
+    assert triton_scan._segments(t, batch, E, 4096, torch.device("cpu"), training=True) == segments
+    with ops.tuned(scan=dict(forward_segment_programs_per_sm_above=(float("inf"), 0))):  # one target for all
+        assert triton_scan._segments(tuning.current("scan"), 8, 3072, 4096, torch.device("cpu"), training=True) == 6

@@ -132,7 +132,9 @@ def _warp_sums(x, y):
 
 @triton.jit
 def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # torch's threshold: linear above 20
+    # exp2 is one MUFU.EX2; tl.exp adds a range check and two multiplies for denormal results, which
+    # softplus rounds away (1 + e)
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp2(x * LOG2E)))  # torch's threshold: linear above 20
 
 
 @triton.jit
@@ -756,10 +758,18 @@ class ScanTuning(tuning.Tuning):
     1.22 ms against 1.43 and 6.31."""
     sequential_min_segment: int = 64
     """Steps a time segment keeps at least (the same sweep)."""
+    forward_segment_programs_per_sm_above: tuple[float, int] = (4.0, 8)
+    """(rows x channel blocks per SM, target): from that many programs per SM, a training forward
+    that splits time aims its segments at this many programs per SM, not `sequential_segment_programs_per_sm`.
+    H200, bf16, L=4096, the forward saving its carries (median ms): B8 E3072 (5.8 programs per SM) 8 / 12
+    / 16 / 24 / 32 / 48 programs per SM 1.667 / 1.947 / 1.947 / 1.892 / 1.754 / 1.864 (2, 3, 3, 5, 6, 9
+    segments), forward+backward 6.845 against 6.950 at 32; B1 E4096 0.388 against 0.379 and B2 E4096
+    0.681 against 0.666 at 32, hence 32 below."""
     training_segment_below_programs_per_sm: float = 6.5
     """A training forward and its step-at-a-time backward with fewer programs per SM than this split
     time into segments too (0: never; then the chunked kernels take few rows). The forward's segments
-    are the inference ones, saving their carries; the backward's are below. The sweep below: segments
+    are the inference ones (fewer with many rows: `forward_segment_programs_per_sm_above`), saving
+    their carries; the backward's are below. The sweep below: segments
     win up to 5.8 programs per SM (B8 E3072, samba-421m: 7.75 against 8.15 ms; B6 E4096 7.74 against
     8.10), one walk at 7.8."""
     backward_segment_programs_per_sm: int = 32
@@ -895,10 +905,11 @@ def _segments(t: ScanTuning, batch: int, E: int, T: int, device, training: bool 
     below = t.training_segment_below_programs_per_sm if training else t.segment_below_programs_per_sm
     if programs >= below * sms or (training and not t.sequential_backward):
         return 1
-    target = t.sequential_segment_programs_per_sm
-    if backward:
-        many, target_many = t.backward_segment_programs_per_sm_above
-        target = target_many if programs >= many * sms else t.backward_segment_programs_per_sm
+    target = t.backward_segment_programs_per_sm if backward else t.sequential_segment_programs_per_sm
+    if training:
+        many, target_many = (t.backward_segment_programs_per_sm_above if backward
+                             else t.forward_segment_programs_per_sm_above)
+        target = target_many if programs >= many * sms else target
     return max(1, min(triton.cdiv(target * sms, programs), T // t.sequential_min_segment))
 
 

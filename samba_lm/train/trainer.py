@@ -77,31 +77,46 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
     bar = _progress(cfg, env, step)
     tokens_per_step, last = cfg.batch_size * cfg.seq_len, {}
     saved = None, -math.inf  # (path, time) of this process's last checkpoint
+    # On a GPU a step's loss and gradient norm are read (a wait) only once the next step is queued, so
+    # the GPU never idles while the host starts a step; steps that evaluate, save or stop are read at
+    # once, before any later step changes the weights. A CPU step is done when it returns: read at once.
+    pending, read_at = None, -math.inf
     stop.arm()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.steps, cfg.lr, round(cfg.warmup_fraction * cfg.steps), cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, grad_norm = train_step(model, optimizer, train_loader, micro, accum, autocast, env, cfg.grad_clip, eos)
-        step += 1
-        dt = time.perf_counter() - t0
-        last = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * tokens_per_step, tok_per_s=tokens_per_step / dt)
-        if env.device.type == "cuda":  # this process's, since the run began
-            last["peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-        log.log(step, **last)
-        if val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last["val_loss"] = evaluate(model, val_stream, cfg, micro, autocast, env, eos)
-            log.log(step, val_loss=last["val_loss"], val_ppl=perplexity(last["val_loss"]))
-        _report(bar, step, cfg, last, env.is_main)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            saved = _save(out, step, model, optimizer, train_loader, model_cfg, cfg), time.monotonic()
-        signum = D.max_across_ranks(stop.signum or 0, env.device)  # every rank stops at the same step
-        if signum and step < cfg.steps:  # at the last step the run ends as it would have anyway
-            bar.close()
-            if time.monotonic() - saved[1] > RECENT_SAVE_S:
+    try:
+        while step < cfg.steps:
+            started = time.perf_counter()
+            lr = lr_at(step, cfg.steps, cfg.lr, round(cfg.warmup_fraction * cfg.steps), cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats = HostCopy(*train_step(model, optimizer, train_loader, micro, accum, autocast, env, cfg.grad_clip,
+                                         eos))
+            step += 1
+            if pending is not None:
+                last, read_at = _read_step(pending, read_at, tokens_per_step, env, log, bar, cfg)
+            pending = step, lr, stats, started
+            signum = D.max_across_ranks(stop.signum or 0, env.device)  # every rank stops at the same step
+            evaluate_now = val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
+            save_now = step % cfg.save_every == 0 or step == cfg.steps
+            if stats.in_flight and not (evaluate_now or save_now or signum or step == cfg.steps):
+                continue
+            last, read_at = _read_step(pending, read_at, tokens_per_step, env, log, bar, cfg, report=not evaluate_now)
+            pending = None
+            if evaluate_now:
+                last["val_loss"] = evaluate(model, val_stream, cfg, micro, autocast, env, eos)
+                log.log(step, val_loss=last["val_loss"], val_ppl=perplexity(last["val_loss"]))
+                _report(bar, step, cfg, last, env.is_main)
+            if save_now:
                 saved = _save(out, step, model, optimizer, train_loader, model_cfg, cfg), time.monotonic()
-            raise Interrupted(signum, _stopped(signum, step, saved) if env.is_main else "")
+            if signum and step < cfg.steps:  # at the last step the run ends as it would have anyway
+                bar.close()
+                if time.monotonic() - saved[1] > RECENT_SAVE_S:
+                    saved = _save(out, step, model, optimizer, train_loader, model_cfg, cfg), time.monotonic()
+                raise Interrupted(signum, _stopped(signum, step, saved) if env.is_main else "")
+    except BaseException:
+        if pending is not None:  # a crash while the next step was queued: this step's numbers are kept
+            with contextlib.suppress(Exception):  # unless the GPU itself failed; the first error is raised
+                _read_step(pending, read_at, tokens_per_step, env, log, bar, cfg)
+        raise
     bar.close()
     log.close()
     export(model, model_cfg, RunDir(out).model, RunDir(out).tokenizer, env)
@@ -252,6 +267,46 @@ def _where_it_went(out: Path, step: int, cfg: TrainConfig, png: Path | None):
     print("\n".join(lines), flush=True)
 
 
+def _read_step(pending, read_at, tokens_per_step, env, log, bar, cfg, report=True):
+    """Waits for a queued step's numbers and logs them (and shows them, `report`). Returns its metrics
+    and when they were read. Its time runs from its start, or from the previous step's read when the
+    GPU was still busy with that one then (the host queues ahead)."""
+    step, lr, stats, started = pending
+    loss, grad_norm = stats.get()
+    now = time.perf_counter()
+    last = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * tokens_per_step,
+                tok_per_s=tokens_per_step / (now - max(started, read_at)))
+    if env.device.type == "cuda":  # this process's, since the run began
+        last["peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+    log.log(step, **last)
+    if report:
+        _report(bar, step, cfg, last, env.is_main)
+    return last, now
+
+
+class HostCopy:
+    """0-d device tensors' values on their way to the host: the copy is queued behind the work that
+    makes them, so the host can queue more work before it waits for them (`get`). (`.item()` would
+    wait for everything queued by then, the next step included.)"""
+
+    def __init__(self, *values: torch.Tensor):
+        flat = torch.stack([v.detach().float().reshape(()) for v in values])
+        self._done = None
+        self.in_flight = flat.device.type == "cuda"  # whether the work may still be running
+        if self.in_flight:
+            self._host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = flat
+
+    def get(self) -> list[float]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
 def _report(bar, step, cfg, last, is_main):
     bar.update(1)
     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tok_per_s']:.0f}", refresh=False)
@@ -272,8 +327,10 @@ def _documents(inputs: torch.Tensor, eos: int | None) -> torch.Tensor | None:
     return documents_from_eos(inputs, eos) if eos is not None else None
 
 
-def train_step(model, optimizer, loader, micro, accum, autocast, env, clip, eos=None) -> tuple[float, float]:
-    """One optimizer step; `eos`: the EOS id when documents are packed with resets (--pack documents)."""
+def train_step(model, optimizer, loader, micro, accum, autocast, env, clip, eos=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step, queued: returns its mean loss and the gradients' norm before clipping as
+    0-d tensors on the device, without waiting for them. `eos`: the EOS id when documents are packed
+    with resets (--pack documents)."""
     batch = loader.next_batch(micro * accum * env.world_size)  # this rank's share of the global batch
     total = torch.zeros((), device=env.device)
     for i, block in enumerate(batch.split(micro)):
@@ -285,7 +342,7 @@ def train_step(model, optimizer, loader, micro, accum, autocast, env, clip, eos=
         total += loss.detach()
     grad_norm = clip_and_step(model, optimizer, clip)
     optimizer.zero_grad(set_to_none=True)
-    return D.mean_across_ranks(total).item(), grad_norm.item()
+    return D.mean_across_ranks(total), grad_norm
 
 
 def clip_and_step(model, optimizer, clip: float) -> torch.Tensor:

@@ -769,19 +769,19 @@ class ScanTuning(tuning.Tuning):
     """A training forward and its step-at-a-time backward with fewer programs per SM than this split
     time into segments too (0: never; then the chunked kernels take few rows). The forward's segments
     are the inference ones (fewer with many rows: `forward_segment_programs_per_sm_above`), saving
-    their carries; the backward's are below. The sweep below: segments
-    win up to 5.8 programs per SM (B8 E3072, samba-421m: 7.75 against 8.15 ms; B6 E4096 7.74 against
-    8.10), one walk at 7.8."""
+    their carries; the backward's are below. The sweep below: segments win up to 5.8 programs per SM
+    (B8 E3072, samba-421m: 7.75 against 8.15 ms; B6 E4096 7.74 against 8.10), one walk at 7.8."""
     backward_segment_programs_per_sm: int = 32
     """The backward's time segments, until rows x channel blocks x segments reach this many programs
-    per SM (or `backward_segment_programs_per_sm_above`'s). H200, L=4096, forward+backward, bench_scan.py --sweep-training-segments, 4 / 8 / 16 / 32
-    programs per SM against one walk: B1 E4096 2.03 / 1.93 / 2.07 / 1.59 ms against 6.68 (chunked
-    6.17); B2 E4096 3.40 / 3.46 / 3.00 / 2.74 against 6.87; B4 E4096 and B8 E2048 (3.9 programs per
-    SM) 5.46 / 5.93 / 5.38 / 5.24 against 7.24; B8 E3072 (5.8) 8.04 / 8.83 / 8.54 / 7.75 against
-    8.15; B8 E4096 (7.8, above the threshold) 9.13 / 9.95 / 9.64 / 9.80 against 8.62. With the L2
-    prefetches and dt in the scratch (H200, 2026-12-03, bench_scan's fwd_bwd under do_bench): B8
-    E3072 16 / 32 / 64 7.90 / 7.25 / 6.92 ms, one walk 7.66 (one call), and in a later call 32 / 64
-    7.25 / 6.97 at B8 E3072 but 1.78 / 2.18 at B1 E4096: hence the target below for many rows."""
+    per SM (or `backward_segment_programs_per_sm_above`'s). H200, L=4096, forward+backward,
+    bench_scan.py --sweep-training-segments, 4 / 8 / 16 / 32 programs per SM against one walk: B1
+    E4096 2.03 / 1.93 / 2.07 / 1.59 ms against 6.68 (chunked 6.17); B2 E4096 3.40 / 3.46 / 3.00 / 2.74
+    against 6.87; B4 E4096 and B8 E2048 (3.9 programs per SM) 5.46 / 5.93 / 5.38 / 5.24 against 7.24;
+    B8 E3072 (5.8) 8.04 / 8.83 / 8.54 / 7.75 against 8.15; B8 E4096 (7.8, above the threshold) 9.13 /
+    9.95 / 9.64 / 9.80 against 8.62. With the L2 prefetches and dt in the scratch (H200, 2026-12-03,
+    bench_scan's fwd_bwd under do_bench): B8 E3072 16 / 32 / 64 7.90 / 7.25 / 6.92 ms, one walk 7.66
+    (one call), and in a later call 32 / 64 7.25 / 6.97 at B8 E3072 but 1.78 / 2.18 at B1 E4096: hence
+    the target below for many rows."""
     backward_segment_programs_per_sm_above: tuple[float, int] = (4.0, 64)
     """(rows x channel blocks per SM, target): from that many programs per SM (samba-421m's B8 E3072
     has 5.8), the backward's segments aim at this many programs per SM instead; the measurements

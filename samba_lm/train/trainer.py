@@ -97,7 +97,7 @@ def _run(cfg: TrainConfig, env: D.DistEnv, stop: StopRequest) -> dict:
             signum = D.max_across_ranks(stop.signum or 0, env.device)  # every rank stops at the same step
             evaluate_now = val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
             save_now = step % cfg.save_every == 0 or step == cfg.steps
-            if stats.in_flight and not (evaluate_now or save_now or signum or step == cfg.steps):
+            if stats.in_flight and not (evaluate_now or save_now or signum):  # save_now at the last step too
                 continue
             last, read_at = _read_step(pending, read_at, tokens_per_step, env, log, bar, cfg, report=not evaluate_now)
             pending = None
@@ -327,7 +327,8 @@ def _documents(inputs: torch.Tensor, eos: int | None) -> torch.Tensor | None:
     return documents_from_eos(inputs, eos) if eos is not None else None
 
 
-def train_step(model, optimizer, loader, micro, accum, autocast, env, clip, eos=None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model, optimizer, loader, micro, accum, autocast, env, clip,
+               eos=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step, queued: returns its mean loss and the gradients' norm before clipping as
     0-d tensors on the device, without waiting for them. `eos`: the EOS id when documents are packed
     with resets (--pack documents)."""
